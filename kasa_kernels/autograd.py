@@ -1,0 +1,112 @@
+"""The autograd.Functions: the one place that owns saved tensors and the dtype/autocast policy.
+
+Policy:
+- Under autocast, x, W and b are cast to the autocast dtype, as F.linear would; the adapters keep their dtype
+  (fp32 adapters beside bf16/fp16 activations are the PEFT default). The op itself then runs with autocast off.
+- The output is in x's dtype; every gradient is returned in its parameter's dtype.
+- Saved for backward: x as the caller passed it (no reshaped copy), the parameters, H (M x r, fp32) and the dropout
+  seed. Nothing of size M x N or M x K.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _backend
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class KasaLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend):
+        ops = _backend.linear_ops(backend)
+        in_features = x.shape[-1]
+        y2d, h = ops.linear_forward(
+            x.reshape(-1, in_features), weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed
+        )
+        ctx.save_for_backward(x, weight, lora_A, lora_diag, lora_B, h, seed)
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.backend = backend
+        return y2d.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_diag, lora_B, h, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = (need[0], need[3], need[4], need[5])
+        ops = _backend.linear_ops(ctx.backend)
+        dx, da, dd, db = ops.linear_backward(
+            grad_y.reshape(-1, weight.shape[0]),
+            x.reshape(-1, x.shape[-1]),
+            weight,
+            lora_A,
+            lora_diag,
+            lora_B,
+            h,
+            ctx.scaling,
+            ctx.dropout_p,
+            seed,
+            needs,
+        )
+        if dx is not None:
+            dx = dx.view(x.shape).to(x.dtype)
+        return (
+            dx,
+            None,
+            None,
+            _cast(da, lora_A.dtype),
+            _cast(dd, lora_diag.dtype),
+            _cast(db, lora_B.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def kasa_linear_autograd(x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend):
+    """Apply KasaLinearFunction with the autocast policy above. Inputs are already validated."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+        with torch.autocast(device_type, enabled=False):
+            return KasaLinearFunction.apply(
+                x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend
+            )
+    return KasaLinearFunction.apply(x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend)
+
+
+class KasaRegularizerFunction(torch.autograd.Function):
+    """Loss of all layers in one call; backward scales the closed-form gradients saved by forward."""
+
+    @staticmethod
+    def forward(ctx, beta, gamma, form, backend, n_layers, *params):
+        a_s = params[:n_layers]
+        b_s = params[n_layers : 2 * n_layers]
+        d_s = params[2 * n_layers :]
+        loss, ga, gb, gd = _backend.reg_ops(backend).regularizer(a_s, b_s, d_s, beta, gamma, form)
+        grads = [_cast(g, p.dtype) for g, p in zip(list(ga) + list(gb) + list(gd), params)]
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return (None,) * 5 + tuple(g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+
+
+def kasa_regularizer_autograd(
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    lora_diags: Sequence[torch.Tensor],
+    beta: float,
+    gamma: float,
+    form: str,
+    backend: str,
+) -> torch.Tensor:
+    return KasaRegularizerFunction.apply(beta, gamma, form, backend, len(lora_As), *lora_As, *lora_Bs, *lora_diags)

@@ -1,0 +1,243 @@
+"""Functional entry points: validate once at the boundary, pick a backend, call the autograd layer.
+
+kasa_linear(x, W, b, A, d, B, s) = x W^T + b + s ((dropout(x) A^T) * d) B^T     (KASA_MATH.md, "Forward")
+kasa_regularizer(model)          = sum_l beta ||d||^2 + gamma (||B^T B - I|| + ||A A^T - I||)   ("Regularizer")
+svd_truncate(W, r)               = W without its r smallest singular triplets   ("Initialization")
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from . import _backend
+from .autograd import kasa_linear_autograd, kasa_regularizer_autograd
+from .ops.rng import make_seed
+
+_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TORCH_ONLY_DTYPES = (torch.float64,)
+TRUNCATION_MODES = ("peft", "official", "none")
+REGULARIZER_FORMS = ("paper", "official")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def _require_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def check_rank(r, in_features: int, out_features: int) -> None:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r: expected an int, got {type(r).__name__}")
+    k = min(in_features, out_features)
+    if r <= 0 or r >= k:
+        raise ValueError(
+            f"r: expected 1 <= r < min(in_features, out_features) = {k} "
+            f"(in_features={in_features}, out_features={out_features}), got r={r}"
+        )
+
+
+def check_dropout(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(p).__name__}")
+    p = float(p)
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {p}")
+    return p
+
+
+def _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend_name: str) -> None:
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
+        _require_tensor(name, t)
+    if bias is not None:
+        _require_tensor("bias", bias)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D (out_features, in_features) tensor, got {_describe(weight)}")
+    n, k = weight.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x: expected last dim = in_features = {k} (from weight {tuple(weight.shape)}), got {_describe(x)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A: expected (r, {k}), got {_describe(lora_A)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A: expected r >= 1 rows, got {_describe(lora_A)}")
+    if lora_diag.shape != (r,):
+        raise ValueError(f"lora_diag: expected ({r},) to match lora_A {tuple(lora_A.shape)}, got {_describe(lora_diag)}")
+    if lora_B.shape != (n, r):
+        raise ValueError(f"lora_B: expected ({n}, {r}) from weight and lora_A, got {_describe(lora_B)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias: expected ({n},), got {_describe(bias)}")
+    allowed = _ACT_DTYPES + (_TORCH_ONLY_DTYPES if backend_name == "torch" else ())
+    if x.dtype not in allowed:
+        raise TypeError(f"x: expected dtype in {[str(d) for d in allowed]} for backend {backend_name!r}, got {_describe(x)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected x's dtype {x.dtype}, got {_describe(weight)}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias: expected x's dtype {x.dtype}, got {_describe(bias)}")
+    for name, t in (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
+        if t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{name}: expected x's dtype {x.dtype} or torch.float32, got {_describe(t)}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected x's device {x.device}, got {_describe(t)}")
+    if torch.is_grad_enabled():
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.requires_grad:
+                raise ValueError(
+                    f"{name}: the base layer is frozen in KaSA and gets no gradient, but {name}.requires_grad is True; "
+                    f"call {name}.requires_grad_(False) (inject() and KasaLinear do this)"
+                )
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise TypeError(f"scaling: expected a finite Python float, got {scaling!r}")
+
+
+def kasa_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_diag: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    backend: str = "auto",
+    *,
+    dropout_seed: Union[None, int, torch.Tensor] = None,
+) -> torch.Tensor:
+    """y = x W^T + b + scaling * ((dropout(x) A^T) * d) B^T, with W and b frozen.
+
+    x: (..., K), any strides; weight (N, K); bias (N,) or None; lora_A (r, K); lora_diag (r,); lora_B (N, r).
+    x, weight and bias share one dtype (fp32, fp16 or bf16; fp64 on the torch backend); the adapters are in that
+    dtype or fp32. Dropout (inverted, on the adapter input only) applies when training and dropout_p > 0; its mask
+    is a hash of dropout_seed (drawn from torch's generator when None) and the element index, the same on every
+    backend. Returns (..., N) in x's dtype.
+    """
+    _require_tensor("x", x)
+    name = _backend.resolve(backend, x.device)
+    _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name)
+    p = check_dropout(dropout_p) if training else 0.0
+    seed = make_seed(dropout_seed, x.device) if p > 0.0 else None
+    return kasa_linear_autograd(x, weight, bias, lora_A, lora_diag, lora_B, seed, float(scaling), p, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regularizer
+
+
+def _is_kasa_linear(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "lora_diag", None), nn.Parameter) and isinstance(getattr(m, "lora_A", None), nn.Parameter)
+
+
+def _peft_adapters(m: nn.Module) -> List[str]:
+    diag = getattr(m, "lora_diag", None)
+    if not isinstance(diag, nn.ParameterDict):
+        return []
+    active = getattr(m, "active_adapters", None)
+    if active is None:
+        active = list(diag.keys())
+    elif isinstance(active, str):
+        active = [active]
+    return [a for a in active if a in diag]
+
+
+def collect_kasa_layers(model_or_modules) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(A, B, d) for every KasaLinear and every active adapter of every PEFT KaSA layer (a module whose lora_diag is
+    a ParameterDict), each layer once, in module order."""
+    if isinstance(model_or_modules, nn.Module):
+        modules: Iterable[nn.Module] = model_or_modules.modules()
+    else:
+        try:
+            roots = list(model_or_modules)
+        except TypeError:
+            raise TypeError(
+                f"model_or_modules: expected an nn.Module or an iterable of modules, got {type(model_or_modules).__name__}"
+            ) from None
+        for i, m in enumerate(roots):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"model_or_modules[{i}]: expected an nn.Module, got {type(m).__name__}")
+        modules = (sub for m in roots for sub in m.modules())
+    seen = set()
+    layers = []
+    for m in modules:
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if _is_kasa_linear(m):
+            layers.append((m.lora_A, m.lora_B, m.lora_diag))
+        else:
+            for name in _peft_adapters(m):
+                layers.append((m.lora_A[name].weight, m.lora_B[name].weight, m.lora_diag[name]))
+    return layers
+
+
+def kasa_regularizer(
+    model_or_modules,
+    beta: float = 1e-4,
+    gamma: float = 1e-3,
+    form: str = "paper",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The KaSA regularizer over every adapted layer, as a 0-dim fp32 tensor with closed-form gradients.
+
+    form "paper" (PEFT's _get_kasa_loss): sum_l beta ||d||^2 + gamma (||B^T B - I_r||_F + ||A A^T - I_r||_F).
+    form "official" (the official trainer): the K x K / N x N Gram norms, averaged over the L layers, computed
+    through the exact r x r identity of KASA_MATH.md.
+    """
+    if form not in REGULARIZER_FORMS:
+        raise ValueError(f"form: expected one of {REGULARIZER_FORMS}, got {form!r}")
+    for name, v in (("beta", beta), ("gamma", gamma)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise TypeError(f"{name}: expected a finite float, got {v!r}")
+    layers = collect_kasa_layers(model_or_modules)
+    if not layers:
+        raise ValueError(
+            "model_or_modules: found no KaSA layers (KasaLinear modules, or PEFT LoRA layers with lora_diag)"
+        )
+    device = layers[0][0].device
+    for i, (a, b, d) in enumerate(layers):
+        r, k = a.shape
+        if b.dim() != 2 or b.shape[1] != r or d.shape != (r,):
+            raise ValueError(
+                f"layer {i}: inconsistent adapter shapes lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, "
+                f"lora_diag {tuple(d.shape)}"
+            )
+        for t in (a, b, d):
+            if t.device != device:
+                raise ValueError(f"layer {i}: expected every adapter on {device}, got {t.device}")
+    name = _backend.resolve(backend, device)
+    a_s, b_s, d_s = (list(t) for t in zip(*layers))
+    return kasa_regularizer_autograd(a_s, b_s, d_s, float(beta), float(gamma), form, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SVD truncation
+
+
+def svd_truncate(weight: torch.Tensor, r: int, mode: str = "peft") -> torch.Tensor:
+    """W (N, K) without its r smallest singular triplets, computed in fp32 and returned in W's dtype (a new tensor).
+
+    mode "peft" keeps min(N, K) - r triplets (PEFT); "official" keeps K - r (the official code; for K > N it keeps
+    min(N, K) triplets, i.e. truncates nothing unless r > K - N); "none" returns a copy of W.
+    """
+    _require_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D (out_features, in_features) tensor, got {_describe(weight)}")
+    if mode not in TRUNCATION_MODES:
+        raise ValueError(f"mode: expected one of {TRUNCATION_MODES}, got {mode!r}")
+    n, k_in = weight.shape
+    check_rank(r, k_in, n)
+    with torch.no_grad():
+        if mode == "none":
+            return weight.detach().clone()
+        k = min(n, k_in)
+        keep = k - r if mode == "peft" else min(k, k_in - r)
+        w32 = weight.detach().to(torch.float32)
+        u, s, vh = torch.linalg.svd(w32, full_matrices=False)
+        out = (u[:, :keep] * s[:keep]) @ vh[:keep, :]
+        return out.to(weight.dtype)

@@ -1,0 +1,1 @@
+"""Optional integrations (PEFT, transformers). Each module imports its library lazily."""

@@ -1,0 +1,261 @@
+"""KasaLinear: a drop-in KaSA-adapted linear layer, and inject() to put it into a model.
+
+Parameter names follow PEFT's KaSA layer so checkpoints map one to one: weight and bias (the frozen, SVD-truncated
+base), lora_A (r, K), lora_B (N, r) and lora_diag (r,).
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import TRUNCATION_MODES, check_dropout, check_rank, kasa_linear, svd_truncate
+
+
+def _default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # PEFT keeps adapters in fp32 when the base is fp16/bf16 (autocast_adapter_dtype=True, its default).
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: y = x @ weight + bias with weight stored (in_features, out_features).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+class KasaLinear(nn.Module):
+    """y = x W^T + b + scaling * ((dropout(x) A^T) * lora_diag) B^T with W and b frozen.
+
+    scaling = alpha / r (alpha / sqrt(r) with use_rslora). Adapters are initialized as PEFT does: A kaiming-uniform
+    (a = sqrt(5)), B = 0, lora_diag ~ N(0, 1), so a fresh layer equals its base. The constructor initializes W like
+    nn.Linear; use from_linear() to start from a pretrained layer, which applies the KaSA SVD truncation.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+        use_rslora: bool = False,
+        adapter_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        check_rank(r, in_features, out_features)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise TypeError(f"alpha: expected a finite number, got {alpha!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = check_dropout(dropout)
+        self.backend = backend
+        self.merged = False
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        adt = adapter_dtype or _default_adapter_dtype(self.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=adt))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=adt))
+        self.lora_diag = nn.Parameter(torch.empty(r, device=device, dtype=adt))
+        if self.weight.device.type != "meta":
+            self._reset_base()
+            self.reset_adapter_parameters()
+
+    def _reset_base(self) -> None:
+        # nn.Linear's initialization, for layers not built from a pretrained one.
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    def reset_adapter_parameters(self) -> None:
+        """PEFT's KaSA init: A ~ U(-1/sqrt(K), 1/sqrt(K)) (kaiming-uniform, a = sqrt(5)), B = 0, d ~ N(0, 1)."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+            nn.init.normal_(self.lora_diag)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        truncation: str = "peft",
+        backend: str = "auto",
+        use_rslora: bool = False,
+        adapter_dtype: Optional[torch.dtype] = None,
+    ) -> "KasaLinear":
+        """A KasaLinear whose frozen base is `linear`'s weight with its r smallest singular triplets removed
+        (truncation "peft" | "official" | "none"; the SVD runs in fp32) and bias copied. Also accepts GPT-2's
+        Conv1D, whose transposed weight is stored here in nn.Linear layout."""
+        if isinstance(linear, nn.Linear):
+            weight = linear.weight
+        elif _is_conv1d(linear):
+            weight = linear.weight.t()
+        else:
+            raise TypeError(f"linear: expected nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        if truncation not in TRUNCATION_MODES:
+            raise ValueError(f"truncation: expected one of {TRUNCATION_MODES}, got {truncation!r}")
+        out_features, in_features = weight.shape
+        bias = getattr(linear, "bias", None)
+        layer = cls(
+            in_features,
+            out_features,
+            bias=bias is not None,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            backend=backend,
+            device="meta",
+            dtype=weight.dtype,
+            use_rslora=use_rslora,
+            adapter_dtype=adapter_dtype,
+        )
+        device = weight.device
+        layer.weight = nn.Parameter(svd_truncate(weight, r, truncation).contiguous(), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        for name in ("lora_A", "lora_B", "lora_diag"):
+            old = getattr(layer, name)
+            setattr(layer, name, nn.Parameter(torch.empty(old.shape, device=device, dtype=old.dtype)))
+        layer.reset_adapter_parameters()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return kasa_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A,
+            self.lora_diag,
+            self.lora_B,
+            self.scaling,
+            dropout_p=self.dropout,
+            training=self.training,
+            backend=self.backend,
+        )
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * (B * d) A in fp32, shape (N, K)."""
+        b = self.lora_B.detach().float()
+        return (b * self.lora_diag.detach().float()) @ self.lora_A.detach().float() * self.scaling
+
+    def merge(self, safe_merge: bool = False) -> None:
+        """W <- W + s (B * d) A, computed in fp32 and cast once; forward then is a plain linear layer.
+
+        safe_merge: compute the merged weight first and refuse (ValueError) if it has NaN or inf."""
+        if self.merged:
+            warnings.warn("KasaLinear.merge: already merged; nothing done", stacklevel=2)
+            return
+        with torch.no_grad():
+            merged = self.weight.float() + self.delta_weight()
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError("merge: the merged weight has NaN or inf entries; the adapter was not merged")
+            self.weight.copy_(merged.to(self.weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W - s (B * d) A (fp32, cast once): back to the truncated base weight, up to one rounding in W's
+        dtype."""
+        if not self.merged:
+            warnings.warn("KasaLinear.unmerge: not merged; nothing done", stacklevel=2)
+            return
+        with torch.no_grad():
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
+            f"backend={self.backend!r}, merged={self.merged}"
+        )
+
+
+def _matches(name: str, target_modules: Union[str, Iterable[str]]) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def inject(
+    model: nn.Module,
+    target_modules: Union[str, Iterable[str]] = ("q_proj", "v_proj"),
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    truncation: str = "peft",
+    backend: str = "auto",
+    *,
+    use_rslora: bool = False,
+    adapter_dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """Replace every nn.Linear (or GPT-2 Conv1D) whose qualified name matches by a KasaLinear.from_linear, in
+    place, and leave only the adapters (lora_A, lora_B, lora_diag) trainable. Returns the model.
+
+    target_modules: a list of names matched as PEFT does (the full name, or its last dotted components), or one
+    string matched as a full regular expression.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) for t in target_modules):
+            raise ValueError(f"target_modules: expected a non-empty list of names or a regex string, got {target_modules!r}")
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not name or not _matches(name, target_modules):
+            continue
+        if isinstance(module, KasaLinear):
+            raise ValueError(f"target_modules: {name!r} is already a KasaLinear; inject once per model")
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = KasaLinear.from_linear(
+            module,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            truncation=truncation,
+            backend=backend,
+            use_rslora=use_rslora,
+            adapter_dtype=adapter_dtype,
+        )
+        setattr(parent, child, new)
+        replaced.append(name)
+    if not replaced:
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+        raise ValueError(
+            f"target_modules: {target_modules!r} matched no nn.Linear in the model; linear layers include "
+            f"{linear_names[:8]}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, KasaLinear):
+            for p in (m.lora_A, m.lora_B, m.lora_diag):
+                p.requires_grad_(True)
+    return model

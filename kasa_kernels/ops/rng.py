@@ -1,0 +1,73 @@
+"""The dropout mask every backend shares: a counter-based hash of (seed, element index), never stored.
+
+Element (m, k) of the logical (M, K) input (row-major index i = m*K + k, whatever the strides) is kept iff
+
+    h = mix32(mix32(lo32(i) ^ s0) ^ hi32(i) ^ s1)      (all arithmetic mod 2**32)
+    keep = h >= threshold(p),    threshold(p) = min(round(p * 2**32), 2**32 - 1)
+
+with mix32 the "lowbias32" integer finalizer (xor-shift 16, multiply 0x21F0AAAD, xor-shift 15, multiply 0xD35A2D97,
+xor-shift 15) and (s0, s1) the two 32-bit words of the seed. P(keep) = 1 - p up to 2**-32. Each backend implements
+this spec in its own language (torch here, Triton in ops/triton_linear.py, CUDA in csrc/) and the tests hold them
+bit-identical, so one seed gives one mask on every backend, in forward and in backward.
+
+The seed is an int64 tensor of shape (2,) on the input's device, so drawing it needs no host sync and traces under
+torch.compile.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+MIX_MUL1 = 0x21F0AAAD
+MIX_MUL2 = 0xD35A2D97
+MASK32 = 0xFFFFFFFF
+
+
+def dropout_threshold(p: float) -> int:
+    return min(int(round(p * 2.0**32)), MASK32)
+
+
+def make_seed(seed: Union[None, int, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A (2,) int64 tensor of two 32-bit words. None draws one from torch's generator for `device`."""
+    if seed is None:
+        return torch.randint(0, 2**32, (2,), dtype=torch.int64, device=device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.shape != (2,):
+            raise ValueError(f"dropout_seed: expected an int64 tensor of shape (2,), got {seed.dtype} {tuple(seed.shape)}")
+        return (seed.to(device) & MASK32)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"dropout_seed: expected None, an int or an int64 tensor of shape (2,), got {type(seed).__name__}")
+    seed = seed % 2**64
+    return torch.tensor([seed & MASK32, (seed >> 32) & MASK32], dtype=torch.int64, device=device)
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    # h < 2**32 in int64; split c in 16-bit halves so no product leaves int64 (torch int64 overflow is undefined).
+    lo = h * (c & 0xFFFF)
+    hi = ((h * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & MASK32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, MIX_MUL1)
+    h = h ^ (h >> 15)
+    h = _mul32(h, MIX_MUL2)
+    return h ^ (h >> 15)
+
+
+def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The (rows, cols) bool keep-mask for seed (2,) int64 and drop probability p."""
+    device = seed.device if device is None else device
+    idx = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
+    s0, s1 = seed[0], seed[1]
+    h = _mix32((idx & MASK32) ^ s0)
+    h = _mix32(h ^ (idx >> 32) ^ s1)
+    return h >= dropout_threshold(p)
+
+
+def apply_dropout(x2d: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout of a (M, K) tensor with the shared mask: kept values scaled by 1/(1-p)."""
+    mask = keep_mask(seed, x2d.shape[0], x2d.shape[1], p, x2d.device)
+    return torch.where(mask, x2d * (1.0 / (1.0 - p)), torch.zeros((), dtype=x2d.dtype, device=x2d.device))
