@@ -39,4 +39,5 @@ setup(
         ],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
+    entry_points={"console_scripts": ["kasa-bench = kasa_kernels.bench.__main__:main"]},
 )

@@ -41,8 +41,19 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_LOADED: Dict[str, tuple] = {}
+
+
 def _import_ops(name: str):
-    return importlib.import_module(f"kasa_kernels.ops.{name}_linear"), importlib.import_module(f"kasa_kernels.ops.{name}_reg")
+    # A plain dict hit after the first call, so torch.compile traces the lookup without a graph break.
+    ops = _LOADED.get(name)
+    if ops is None:
+        ops = (
+            importlib.import_module(f"kasa_kernels.ops.{name}_linear"),
+            importlib.import_module(f"kasa_kernels.ops.{name}_reg"),
+        )
+        _LOADED[name] = ops
+    return ops
 
 
 def _probe(name: str, device: torch.device) -> Tuple[bool, str]:
@@ -95,12 +106,20 @@ def resolve(requested: str, device: torch.device) -> str:
     """The backend name to run on `device`, for a requested name ('auto' reads KASA_KERNELS_BACKEND first)."""
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a string, got {type(requested).__name__}")
+    return _resolve(requested, device.type, device.index)
+
+
+# torch.compile calls this once while tracing and treats the answer as a constant: no graph break for the probing,
+# the imports or the environment read inside.
+@torch.compiler.assume_constant_result
+def _resolve(requested: str, device_type: str, device_index: Optional[int]) -> str:
     if requested == "auto":
         requested = os.environ.get(ENV_VAR, "auto") or "auto"
-    key = (requested, device.type, device.index)
+    key = (requested, device_type, device_index)
     hit = _RESOLVED.get(key)
     if hit is not None:
         return hit
+    device = torch.device(device_type, device_index)
     if requested == "auto":
         name = "torch"
         if device.type == "cuda":
@@ -121,6 +140,7 @@ def resolve(requested: str, device: torch.device) -> str:
         name = requested
     else:
         raise ValueError(f"backend: expected one of {('auto',) + NAMES}, got {requested!r}")
+    _import_ops(name)
     _RESOLVED[key] = name
     return name
 
