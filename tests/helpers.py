@@ -1,0 +1,21 @@
+"""Shared test helpers: tolerances derived from the reference's own error in a dtype (STYLE.md)."""
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def assert_close_to_reference(name, got, ref64, ref_lowp, dtype, factor=2.0):
+    """The kernel may err at most `factor` times what the plain formula computed in `dtype` errs, plus one ulp of
+    the largest reference value: |got - ref64|_max <= factor * |ref_lowp - ref64|_max + eps(dtype) * |ref64|_max."""
+    got = got.detach().double().cpu()
+    ref64 = ref64.detach().double().cpu()
+    ref_lowp = ref_lowp.detach().double().cpu()
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref64.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got - ref64).abs()
+    err_ref = (ref_lowp - ref64).abs().max().item()
+    floor = torch.finfo(dtype).eps * ref64.abs().max().item()
+    bound = factor * err_ref + floor
+    print(f"{name} [{dtype}]: max err {err.max().item():.3e} mean {err.mean().item():.3e}; "
+          f"reference's own {err_ref:.3e}; bound {bound:.3e}")
+    assert err.max().item() <= bound, f"{name}: max error {err.max().item():.3e} > bound {bound:.3e}"

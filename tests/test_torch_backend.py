@@ -1,0 +1,239 @@
+"""The torch backend computes KASA_MATH.md's forward and closed-form backward, checked against python/kasa_reference."""
+import pytest
+import torch
+
+import kasa_kernels as kk
+import kasa_reference as ref
+from helpers import assert_close_to_reference
+from kasa_kernels.ops.rng import keep_mask, make_seed
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_case(lead, k, n, r, dtype, adapter_dtype, bias=True, noncontig=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if noncontig:
+        # a strided view: every other column of a wider tensor
+        x = torch.randn(*lead, 2 * k, generator=g)[..., ::2]
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(*lead, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    a = torch.randn(r, k, generator=g) / k**0.5
+    d = torch.randn(r, generator=g)
+    bb = torch.randn(n, r, generator=g) / r**0.5
+    gy = torch.randn(*lead, n, generator=g)
+    x = x.to(dtype)
+    w = w.to(dtype)
+    b = None if b is None else b.to(dtype)
+    a, d, bb = (t.to(adapter_dtype) for t in (a, d, bb))
+    return x, w, b, a, d, bb, gy.to(dtype)
+
+
+def run_backend(x, w, b, a, d, bb, gy, scaling, p=0.0, seed=None, backend="torch"):
+    x = x.detach().clone().requires_grad_(True) if x.is_contiguous() else x.detach().requires_grad_(True)
+    params = [t.detach().clone().requires_grad_(True) for t in (a, d, bb)]
+    y = kk.kasa_linear(x, w, b, *params, scaling, dropout_p=p, training=True, backend=backend, dropout_seed=seed)
+    grads = torch.autograd.grad(y, [x] + params, gy)
+    return [y] + list(grads)
+
+
+def run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask=None, p=0.0):
+    """The reference's outputs and gradients with every operand cast to `dtype` (float64 for the oracle)."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, a, d, bb)]
+    y = ref.kasa_linear_ref(
+        leaves[0], w.to(dtype), None if b is None else b.to(dtype), leaves[1], leaves[2], leaves[3], scaling,
+        dropout_mask=mask, dropout_p=p,
+    )
+    return [y] + list(torch.autograd.grad(y, leaves, gy.to(dtype)))
+
+
+NAMES = ["y", "dx", "dA", "dd", "dB"]
+
+
+def check_against_reference(case, scaling=2.0, p=0.0, backend="torch"):
+    x, w, b, a, d, bb, gy = case
+    dtype = x.dtype
+    seed = make_seed(777, x.device) if p > 0 else None
+    mask = keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).view(x.shape) if p > 0 else None
+    got = run_backend(x, w, b, a, d, bb, gy, scaling, p, seed, backend)
+    want64 = run_reference(x, w, b, a, d, bb, gy, scaling, torch.float64, mask, p)
+    wantlp = run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask, p)
+    assert got[0].dtype == dtype
+    assert got[1].dtype == dtype and got[1].shape == x.shape
+    for t, param in zip(got[2:], (a, d, bb)):
+        assert t.dtype == param.dtype and t.shape == param.shape
+    for name, g_, w64, wlp in zip(NAMES, got, want64, wantlp):
+        assert_close_to_reference(name, g_, w64, wlp, dtype)
+
+
+SHAPES = [  # (leading dims, K, N, r)
+    ((1,), 7, 5, 1),
+    ((7,), 37, 130, 4),
+    ((37,), 130, 37, 16),
+    ((3, 13), 64, 96, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(dtype, shape, bias):
+    lead, k, n, r = shape
+    check_against_reference(make_case(lead, k, n, r, dtype, dtype, bias=bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_adapters_with_low_precision_activations(dtype):
+    # PEFT's default: adapters stay fp32 beside bf16/fp16 x and W.
+    check_against_reference(make_case((2, 19), 40, 24, 4, dtype, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_input(dtype):
+    check_against_reference(make_case((2, 11), 33, 21, 3, dtype, dtype, noncontig=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_matches_reference_with_the_same_mask(dtype, p):
+    # forward and backward must both use keep_mask(seed): the reference is given that mask explicitly.
+    check_against_reference(make_case((29,), 48, 20, 4, dtype, torch.float32), p=p)
+
+
+def test_dropout_properties():
+    x = torch.ones(256, 64)
+    w = torch.zeros(8, 64)
+    a = torch.eye(64)[:8].contiguous()  # H = dropout(x)[:, :8]
+    d = torch.ones(8)
+    bb = torch.eye(8)
+    p = 0.3
+    y1 = kk.kasa_linear(x, w, None, a, d, bb, 1.0, dropout_p=p, training=True)
+    y2 = kk.kasa_linear(x, w, None, a, d, bb, 1.0, dropout_p=p, training=True)
+    assert not torch.equal(y1, y2), "two calls drew the same mask"
+    kept = (y1 != 0).double().mean().item()
+    n = y1.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(kept - (1 - p)) < 5 * sigma
+    vals = torch.unique(y1)
+    assert vals.numel() == 2 and vals[0] == 0 and vals[1].item() == pytest.approx(1 / (1 - p))
+    # inverted dropout is unbiased
+    assert abs(y1.mean().item() - 1.0) < 5 * (p / (1 - p) / n) ** 0.5
+    # eval == p = 0
+    y_eval = kk.kasa_linear(x, w, None, a, d, bb, 1.0, dropout_p=p, training=False)
+    assert torch.equal(y_eval, kk.kasa_linear(x, w, None, a, d, bb, 1.0, dropout_p=0.0))
+    # the same seed gives the same mask
+    s = make_seed(5, x.device)
+    assert torch.equal(
+        kk.kasa_linear(x, w, None, a, d, bb, 1.0, dropout_p=p, dropout_seed=s),
+        kk.kasa_linear(x, w, None, a, d, bb, 1.0, dropout_p=p, dropout_seed=s),
+    )
+
+
+def test_keep_mask_is_a_hash_of_seed_and_index():
+    s = make_seed(123, torch.device("cpu"))
+    m = keep_mask(s, 40, 50, 0.5)
+    # row-major element index: a (40, 50) mask is the (2000,) mask reshaped, and a (20, 100) one too
+    assert torch.equal(m.flatten(), keep_mask(s, 1, 2000, 0.5).flatten())
+    assert torch.equal(m.flatten(), keep_mask(s, 20, 100, 0.5).flatten())
+    other = keep_mask(make_seed(124, torch.device("cpu")), 40, 50, 0.5)
+    agree = (m == other).double().mean().item()
+    assert 0.45 < agree < 0.55, "masks of neighbouring seeds are correlated"
+    # neighbouring elements are not correlated either
+    assert 0.45 < (m[:, 1:] == m[:, :-1]).double().mean().item() < 0.55
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    b = torch.randn(5, dtype=torch.float64, generator=g)
+    a = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    d = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    bb = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    for p in (0.0, 0.4):
+        seed = make_seed(99, x.device)
+
+        def f(x, a, d, bb):
+            return kk.kasa_linear(x, w, b, a, d, bb, 1.5, dropout_p=p, backend="torch", dropout_seed=seed)
+
+        assert torch.autograd.gradcheck(f, (x, a, d, bb))
+
+
+def test_saves_no_activation_sized_tensor():
+    m, k, n, r = 64, 48, 40, 4
+    x = torch.randn(m, k, requires_grad=True)
+    w = torch.randn(n, k)
+    a, d, bb = (torch.randn(*s, requires_grad=True) for s in ((r, k), (r,), (n, r)))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = kk.kasa_linear(x, w, None, a, d, bb, 2.0, dropout_p=0.1, backend="torch")
+    extra = [t for t in saved if t.data_ptr() not in (x.data_ptr(), w.data_ptr(), a.data_ptr(), d.data_ptr(), bb.data_ptr())]
+    for t in extra:
+        assert t.numel() not in (m * n, m * k), f"saved an activation-sized tensor {tuple(t.shape)}"
+    extra_bytes = sum(t.numel() * t.element_size() for t in extra)
+    assert extra_bytes <= m * r * 4 + 2 * 8, f"saved {extra_bytes} bytes beyond x and the parameters"
+    y.sum().backward()
+    assert a.grad is not None and x.grad is not None
+    # with x non-contiguous, x itself (not a contiguous copy) is what is kept
+    saved.clear()
+    xw = torch.randn(m, 2 * k)[:, ::2].requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kk.kasa_linear(xw, w, None, a, d, bb, 2.0, backend="torch")
+    assert not any(t.numel() == m * k and t.data_ptr() != xw.data_ptr() for t in saved)
+
+
+def test_frozen_base_weight_is_refused_when_trainable():
+    w = torch.randn(5, 6, requires_grad=True)
+    with pytest.raises(ValueError, match="weight"):
+        kk.kasa_linear(torch.randn(2, 6), w, None, torch.randn(2, 6), torch.randn(2), torch.randn(5, 2), 1.0)
+
+
+def test_autocast_behaves_like_f_linear():
+    layer = kk.KasaLinear(24, 16, r=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_lin = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == y_lin.dtype == torch.bfloat16
+    want = ref.kasa_linear_ref(
+        x.double(), layer.weight.double(), layer.bias.double(), layer.lora_A.double(), layer.lora_diag.double(),
+        layer.lora_B.double(), layer.scaling,
+    )
+    assert (y.double() - want).abs().max() <= 4 * 2**-8 * want.abs().max()
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    layer = kk.KasaLinear(40, 24, r=4, dropout=0.1, backend="torch")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 40)
+
+    def step(module):
+        torch.manual_seed(11)
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.square().sum().backward()
+        grads = [xi.grad] + [p.grad.clone() for p in (layer.lora_A, layer.lora_diag, layer.lora_B)]
+        for p in (layer.lora_A, layer.lora_diag, layer.lora_B):
+            p.grad = None
+        return [y.detach()] + grads
+
+    eager = step(layer)
+    # eager RNG inside the compiled graph, so both runs draw the same dropout seed
+    with inductor_config.patch(fallback_random=True):
+        compiled = step(torch.compile(layer, fullgraph=True))
+    for name, e, c in zip(NAMES, eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5, msg=name)
