@@ -1,0 +1,556 @@
+"""Backend "triton": the fused KaSA linear op (DESIGN.md, "Fused kernel plan").
+
+Forward, two launches:
+    shrink                 H = dropout(x) A^T (M x r, fp32) and S = H * (s d), on the r-wide tile
+    gemm_lowrank           Y = x W^T + S B^T + b: the rank-r term is the accumulator's first k-step, b the epilogue
+Backward, three launches (+ one tiny fp32 sum over split partials):
+    dy_pass                reads each tile of G once: gH = s (G B) * d, dB = s G^T Z, dd = colsum(gZ * H)
+    dA                     dA = gH^T dropout(x), the mask regenerated from the seed
+    gemm_lowrank           dx = G W + gH A (prologue, p = 0) or + dropout_backward(gH A) (epilogue, p > 0)
+Nothing of size M x N or M x K is allocated besides the outputs. Reductions over M accumulate in fp32; with
+torch.use_deterministic_algorithms(True) they go through per-block partials summed in a fixed order (no atomics), so
+reruns are bit-identical.
+
+The dropout mask is the hash of ops/rng.py (the spec), reimplemented in uint32 arithmetic below.
+
+Precision: the big GEMMs feed the tensor cores in x's dtype (fp32 follows torch.backends.cuda.matmul.allow_tf32). The
+rank-r kernels are memory-bound, so they upcast their tiles to fp32 and use TF32 when x is fp16/bf16 (exact for
+x's values, keeps fp32 range for H and gH) and honour allow_tf32 when x is fp32.
+
+The launchers are registered as torch.library custom ops with fake implementations, so torch.compile traces a
+KasaLinear on this backend without graph breaks; eagerly they are plain calls.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .rng import dropout_threshold
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configurations
+
+# GEMM tiles per architecture. sm86 (RTX 3090) has ~100 KB of shared memory per SM against ~164 KB (sm80) and
+# ~228 KB (sm90), hence shallower pipelines there. Untuned starting points: a GPU session measures and prunes.
+_GEMM_CONFIGS = {
+    (9, 0): [
+        (128, 256, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 4, 4),
+        (64, 256, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 5, 4),
+    ],
+    (8, 0): [
+        (128, 256, 32, 3, 8),
+        (128, 128, 32, 4, 4),
+        (256, 128, 32, 3, 8),
+        (64, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 64, 32, 5, 4),
+    ],
+    (8, 6): [
+        (128, 128, 32, 3, 4),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (64, 64, 64, 3, 4),
+    ],
+}
+# The CPU interpreter costs per numpy op, not per flop: few, large-ish tiles keep the tests fast.
+_INTERPRET_GEMM = (32, 64, 32, 1, 4)
+
+
+def _arch_key(device: torch.device) -> Tuple[int, int]:
+    cap = torch.cuda.get_device_capability(device)
+    if cap in _GEMM_CONFIGS:
+        return cap
+    if cap[0] >= 9:
+        return (9, 0)
+    if cap == (8, 9) or cap == (8, 7):
+        return (8, 6)  # Ada/Orin: sm86-sized shared memory
+    return (8, 0)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _r_pad(r: int) -> int:
+    # tl.dot needs every dimension >= 16.
+    return max(16, _next_pow2(r))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _small_cfg(device: torch.device, r_pad: int):
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) for the memory-bound rank-r kernels (fp32 tiles)."""
+    if device.type != "cuda":
+        return 32, 64, 4, 1
+    big_smem = _arch_key(device) != (8, 6)
+    block_k = 64 if r_pad <= 32 else 32
+    stages = 3 if (big_smem or r_pad <= 32) else 2
+    return 64, block_k, 4, stages
+
+
+def _precision(x_dtype: torch.dtype, lowp_tf32: bool) -> str:
+    if x_dtype != torch.float32:
+        return "tf32" if lowp_tf32 else "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dropout: ops/rng.py in uint32 arithmetic (products wrap mod 2**32, as the spec's).
+
+
+@triton.jit
+def _mix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x21F0AAAD
+    h = h ^ (h >> 15)
+    h = h * 0xD35A2D97
+    return h ^ (h >> 15)
+
+
+@triton.jit
+def _keep_mask(seed_ptr, offs_row, offs_col, n_cols, threshold):
+    """keep[i, j] for element (offs_row[i], offs_col[j]) of the logical row-major (rows, n_cols) input."""
+    s0 = tl.load(seed_ptr).to(tl.uint32)
+    s1 = tl.load(seed_ptr + 1).to(tl.uint32)
+    idx = offs_row[:, None].to(tl.int64) * n_cols + offs_col[None, :]
+    h = _mix32(idx.to(tl.uint32) ^ s0)
+    h = _mix32(h ^ (idx >> 32).to(tl.uint32) ^ s1)
+    # threshold can be 2**32 - 1: compare in int64 so no signedness promotion rule is involved.
+    return h.to(tl.int64) >= threshold
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, d_ptr, h_ptr, s_ptr, seed_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_d,
+    scaling, keep_scale, threshold,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+        ).to(tl.float32)
+        if DROPOUT:
+            x = tl.where(_keep_mask(seed_ptr, offs_m, offs_k, K, threshold), x, 0.0)
+        a_t = tl.load(
+            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak,
+            mask=k_ok[:, None] & r_ok[None, :], other=0.0,
+        ).to(tl.float32)
+        acc = tl.dot(x, a_t, acc, input_precision=INPUT_PRECISION)
+    # 1/(1-p) applied once to the fp32 H rather than to each low-precision x element.
+    h = acc * keep_scale
+    d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
+    s = h * (d * scaling)[None, :]
+    out_off = offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
+    out_ok = m_ok[:, None] & r_ok[None, :]
+    tl.store(h_ptr + out_off, h, mask=out_ok)
+    tl.store(s_ptr + out_off, s.to(s_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _gemm_lowrank_kernel(
+    a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr,
+    M, N, K, R, m_bucket,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_lm, stride_lr, stride_lbr, stride_lbn,
+    stride_om, stride_on,
+    keep_scale, threshold,
+    HAS_BIAS: tl.constexpr, LOWRANK_PROLOGUE: tl.constexpr, LOWRANK_DROPOUT_EPILOGUE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """out (M, N) = a (M, K) @ b (K, N) + [l (M, R) @ lb (R, N)] + [bias (N,)], every operand through its strides.
+
+    Forward: a = x, b = W^T, l = S, lb = B^T. dX: a = G, b = W, l = gH, lb = A; with dropout the rank-r term is
+    masked per output element (m, n), which is exactly element (m, k) of x, so it is added after the main loop."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped tile order: GROUP_M row-blocks share each column-block of b while it is hot in L2.
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows/cols past the edge are wrapped onto valid ones for the loads (their results are never stored), so the
+    # main loop needs a mask along k only.
+    offs_m_ld = (offs_m % M).to(tl.int64)
+    offs_n_ld = (offs_n % N).to(tl.int64)
+    dot_ty = a_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LOWRANK_PROLOGUE or LOWRANK_DROPOUT_EPILOGUE:
+        offs_r = tl.arange(0, R_PAD)
+        r_ok = offs_r < R
+        l_tile = tl.load(l_ptr + offs_m_ld[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                         mask=r_ok[None, :], other=0.0).to(dot_ty)
+        lb_tile = tl.load(lb_ptr + offs_r[:, None] * stride_lbr + offs_n_ld[None, :] * stride_lbn,
+                          mask=r_ok[:, None], other=0.0).to(dot_ty)
+    if LOWRANK_PROLOGUE:
+        acc = tl.dot(l_tile, lb_tile, acc, input_precision=INPUT_PRECISION)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m_ld[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n_ld[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        k_left = K - k0
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if LOWRANK_DROPOUT_EPILOGUE:
+        low = tl.dot(l_tile, lb_tile, input_precision=INPUT_PRECISION)
+        keep = _keep_mask(seed_ptr, offs_m, offs_n, N, threshold)
+        acc += tl.where(keep, low * keep_scale, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n_ld).to(tl.float32)[None, :]
+
+    out_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :].to(tl.int64) * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _dy_pass_kernel(
+    g_ptr, b_ptr, h_ptr, d_ptr, gh_ptr, db_ptr, dd_ptr,
+    M, N, R,
+    stride_gm, stride_gn, stride_bn, stride_br, stride_d,
+    scaling,
+    NEED_DB: tl.constexpr, NEED_DD: tl.constexpr, DETERMINISTIC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """One row-block of G, swept once along N: gZ = s G B accumulates over N while each (BLOCK_N, r) slice of
+    dB = s G^T Z is reduced over M (atomics, or per-row-block partials in deterministic mode)."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    mr_ok = m_ok[:, None] & r_ok[None, :]
+    h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :], mask=mr_ok, other=0.0)
+    d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
+    z_scaled = h * (d * scaling)[None, :]
+    gz = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        g = tl.load(g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :].to(tl.int64) * stride_gn,
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        nr_ok = n_ok[:, None] & r_ok[None, :]
+        b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br,
+                    mask=nr_ok, other=0.0).to(tl.float32)
+        gz = tl.dot(g, b, gz, input_precision=INPUT_PRECISION)
+        if NEED_DB:
+            db_part = tl.dot(tl.trans(g), z_scaled, input_precision=INPUT_PRECISION)
+            db_off = offs_n[:, None].to(tl.int64) * R + offs_r[None, :]
+            if DETERMINISTIC:
+                tl.store(db_ptr + pid.to(tl.int64) * N * R + db_off, db_part, mask=nr_ok)
+            else:
+                tl.atomic_add(db_ptr + db_off, db_part, mask=nr_ok)
+    gz = gz * scaling
+    tl.store(gh_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :], gz * d[None, :], mask=mr_ok)
+    if NEED_DD:
+        dd_part = tl.sum(gz * h, axis=0)
+        if DETERMINISTIC:
+            tl.store(dd_ptr + pid * R + offs_r, dd_part, mask=r_ok)
+        else:
+            tl.atomic_add(dd_ptr + offs_r, dd_part, mask=r_ok)
+
+
+@triton.jit
+def _da_kernel(
+    x_ptr, gh_ptr, seed_ptr, da_ptr,
+    M, K, R, rows_per_split,
+    stride_xm, stride_xk,
+    keep_scale, threshold,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """Partial dA over one slice of rows: da[split] (R, K) = gH[rows]^T dropout(x)[rows]; the splits are summed in a
+    fixed order afterwards, so the result does not depend on scheduling."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    m_start = pid_s * rows_per_split
+    m_end = min(m_start + rows_per_split, M)
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if DROPOUT:
+            x = tl.where(_keep_mask(seed_ptr, offs_m, offs_k, K, threshold), x, 0.0)
+        gh_t = tl.load(gh_ptr + offs_m[None, :].to(tl.int64) * R + offs_r[:, None],
+                       mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        acc = tl.dot(gh_t, x, acc, input_precision=INPUT_PRECISION)
+    tl.store(da_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :], acc * keep_scale,
+             mask=r_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GEMM autotuning: one Autotuner per architecture, built on first use.
+
+_GEMM_KEY = ["m_bucket", "N", "K", "R_PAD", "LOWRANK_PROLOGUE", "LOWRANK_DROPOUT_EPILOGUE"]
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_for(arch: Optional[Tuple[int, int]]):
+    if arch is None:
+        bm, bn, bk, stages, warps = _INTERPRET_GEMM
+        return _gemm_lowrank_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                                          num_stages=stages, num_warps=warps)
+    configs = [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=st, num_warps=w)
+        for bm, bn, bk, st, w in _GEMM_CONFIGS[arch]
+    ]
+    return triton.autotune(configs=configs, key=_GEMM_KEY)(_gemm_lowrank_kernel), {}
+
+
+def _launch_gemm(a, b_strided, l, lb_strided, bias, out, seed, M, N, K, R, keep_scale, threshold,
+                 prologue, dropout_epilogue, precision):
+    """b_strided / lb_strided: (tensor, stride_k, stride_n) / (tensor, stride_r, stride_n) views of the right
+    operands, so W and its transpose need no copy."""
+    b, stride_bk, stride_bn = b_strided
+    lb, stride_lbr, stride_lbn = lb_strided
+    arch = None if a.device.type != "cuda" else _arch_key(a.device)
+    kernel, fixed = _gemm_for(arch)
+    use_lowrank = prologue or dropout_epilogue
+    r_pad = _r_pad(R) if use_lowrank else 16
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    kernel[grid](
+        a, b, l if use_lowrank else a, lb if use_lowrank else b, bias if bias is not None else a, out,
+        seed if seed is not None else a,
+        M, N, K, R, _next_pow2(M),
+        a.stride(0), a.stride(1), stride_bk, stride_bn,
+        l.stride(0) if use_lowrank else 0, l.stride(1) if use_lowrank else 0, stride_lbr, stride_lbn,
+        out.stride(0), out.stride(1),
+        keep_scale, threshold,
+        HAS_BIAS=bias is not None, LOWRANK_PROLOGUE=prologue, LOWRANK_DROPOUT_EPILOGUE=dropout_epilogue,
+        INPUT_PRECISION=precision, R_PAD=r_pad, **fixed,
+    )
+
+
+def _dropout_consts(dropout_p: float):
+    if dropout_p > 0.0:
+        return 1.0 / (1.0 - dropout_p), dropout_threshold(dropout_p)
+    return 1.0, 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers as torch ops
+
+
+@torch.library.custom_op("kasa_kernels::triton_linear_fwd", mutates_args=())
+def _linear_fwd_op(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_diag: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    use_adapter: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    M, K = x2d.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    dev = x2d.device
+    y = torch.empty((M, N), dtype=x2d.dtype, device=dev)
+    h = torch.empty((M, R), dtype=torch.float32, device=dev)
+    if M == 0:
+        return y, h
+    r_pad = _r_pad(R)
+    dropout = dropout_p > 0.0
+    keep_scale, threshold = _dropout_consts(dropout_p)
+    s = torch.empty((M, R), dtype=x2d.dtype, device=dev)
+    if use_adapter:
+        bm, bk, warps, stages = _small_cfg(dev, r_pad)
+        _shrink_kernel[(triton.cdiv(M, bm),)](
+            x2d, lora_A, lora_diag, h, s, seed if dropout else x2d,
+            M, K, R,
+            x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), lora_diag.stride(0),
+            float(scaling), keep_scale, threshold,
+            DROPOUT=dropout, INPUT_PRECISION=_precision(x2d.dtype, True),
+            BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad, num_warps=warps, num_stages=stages,
+        )
+    _launch_gemm(
+        x2d, (weight, weight.stride(1), weight.stride(0)), s, (lora_B, lora_B.stride(1), lora_B.stride(0)),
+        bias, y, None, M, N, K, R, 1.0, 0, use_adapter, False, _precision(x2d.dtype, False),
+    )
+    return y, h
+
+
+@_linear_fwd_op.register_fake
+def _(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed, use_adapter):
+    M = x2d.shape[0]
+    return (x2d.new_empty((M, weight.shape[0])), x2d.new_empty((M, lora_A.shape[0]), dtype=torch.float32))
+
+
+@torch.library.custom_op("kasa_kernels::triton_linear_bwd", mutates_args=())
+def _linear_bwd_op(
+    grad_y: torch.Tensor,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_diag: torch.Tensor,
+    lora_B: torch.Tensor,
+    h: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    need_dx: bool,
+    need_da: bool,
+    need_dd: bool,
+    need_db: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, K = x2d.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    dev = x2d.device
+    f32 = torch.float32
+    empty = torch.empty(0, dtype=f32, device=dev)
+    dx = torch.empty((M, K), dtype=x2d.dtype, device=dev) if need_dx else empty
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if M == 0:
+        zero = functools.partial(torch.zeros, dtype=f32, device=dev)
+        return dx, zero((R, K)) if need_da else empty, zero((R,)) if need_dd else empty, \
+            zero((N, R)) if need_db else empty
+    r_pad = _r_pad(R)
+    dropout = dropout_p > 0.0
+    keep_scale, threshold = _dropout_consts(dropout_p)
+    small_prec = _precision(x2d.dtype, True)
+    bm, bk, warps, stages = _small_cfg(dev, r_pad)
+
+    # dy pass
+    n_mblocks = triton.cdiv(M, bm)
+    gh = torch.empty((M, R), dtype=f32, device=dev)
+    if deterministic:
+        db_buf = torch.empty((n_mblocks, N, R), dtype=f32, device=dev) if need_db else empty
+        dd_buf = torch.empty((n_mblocks, R), dtype=f32, device=dev) if need_dd else empty
+    else:
+        db_buf = torch.zeros((N, R), dtype=f32, device=dev) if need_db else empty
+        dd_buf = torch.zeros((R,), dtype=f32, device=dev) if need_dd else empty
+    _dy_pass_kernel[(n_mblocks,)](
+        grad_y, lora_B, h, lora_diag, gh, db_buf if need_db else gh, dd_buf if need_dd else gh,
+        M, N, R,
+        grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), lora_diag.stride(0),
+        float(scaling),
+        NEED_DB=need_db, NEED_DD=need_dd, DETERMINISTIC=deterministic, INPUT_PRECISION=small_prec,
+        BLOCK_M=bm, BLOCK_N=bk, R_PAD=r_pad, num_warps=warps, num_stages=stages,
+    )
+    db = (db_buf.sum(0) if deterministic else db_buf) if need_db else empty
+    dd = (dd_buf.sum(0) if deterministic else dd_buf) if need_dd else empty
+
+    da = empty
+    if need_da:
+        n_kblocks = triton.cdiv(K, bk)
+        # Enough (k-block, row-slice) programs to fill the GPU; each slice a whole number of row blocks.
+        want = max(1, (4 * _sm_count(dev)) // n_kblocks)
+        n_split = max(1, min(n_mblocks, want))
+        rows_per_split = triton.cdiv(n_mblocks, n_split) * bm
+        n_split = triton.cdiv(M, rows_per_split)
+        da_buf = torch.empty((n_split, R, K), dtype=f32, device=dev)
+        _da_kernel[(n_kblocks, n_split)](
+            x2d, gh, seed if dropout else x2d, da_buf,
+            M, K, R, rows_per_split,
+            x2d.stride(0), x2d.stride(1),
+            keep_scale, threshold,
+            DROPOUT=dropout, INPUT_PRECISION=small_prec,
+            BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad, num_warps=warps, num_stages=stages,
+        )
+        da = da_buf[0] if n_split == 1 else da_buf.sum(0)
+
+    if need_dx:
+        _launch_gemm(
+            grad_y, (weight, weight.stride(0), weight.stride(1)), gh, (lora_A, lora_A.stride(0), lora_A.stride(1)),
+            None, dx, seed if dropout else None, M, K, N, R, keep_scale, threshold,
+            not dropout, dropout, _precision(x2d.dtype, False),
+        )
+    return dx, da, dd, db
+
+
+@_linear_bwd_op.register_fake
+def _(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling, dropout_p, seed, need_dx, need_da, need_dd, need_db):
+    M, K = x2d.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    f32 = torch.float32
+    empty = x2d.new_empty((0,), dtype=f32)
+    return (
+        x2d.new_empty((M, K)) if need_dx else empty,
+        x2d.new_empty((R, K), dtype=f32) if need_da else empty,
+        x2d.new_empty((R,), dtype=f32) if need_dd else empty,
+        x2d.new_empty((N, R), dtype=f32) if need_db else empty,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backend interface (signatures of ops/torch_linear.py)
+
+
+def linear_forward(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed):
+    """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) fp32)."""
+    return _linear_fwd_op(x2d, weight, bias, lora_A, lora_diag, lora_B, float(scaling), float(dropout_p),
+                          seed if dropout_p > 0.0 else None, True)
+
+
+def base_gemm(x2d, weight, bias=None):
+    """The same GEMM kernel with the adapter switched off (benchmarks compare it with cuBLAS)."""
+    r = 1
+    a = weight.new_zeros((r, weight.shape[1]))
+    return _linear_fwd_op(x2d, weight, bias, a, a.new_zeros((r,)), weight.new_zeros((weight.shape[0], r)),
+                          1.0, 0.0, None, False)[0]
+
+
+def linear_backward(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling, dropout_p, seed, needs):
+    """Gradients (dx, dA, dd, dB) of linear_forward; each None where `needs` says it is not wanted.
+
+    dx is in x's dtype; dA, dd, dB are fp32 (the autograd layer casts them)."""
+    need_dx, need_da, need_dd, need_db = (bool(n) for n in needs)
+    dx, da, dd, db = _linear_bwd_op(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, float(scaling),
+                                    float(dropout_p), seed if dropout_p > 0.0 else None,
+                                    need_dx, need_da, need_dd, need_db)
+    return (dx if need_dx else None, da if need_da else None, dd if need_dd else None, db if need_db else None)
