@@ -1,0 +1,97 @@
+"""kasa_regularizer: value and closed-form gradients against python/kasa_reference, both forms."""
+import pytest
+import torch
+import torch.nn as nn
+
+import kasa_kernels as kk
+import kasa_reference as ref
+
+# (in, out, r): repeated shapes exercise the batching, odd ones the grouping
+LAYER_SHAPES = [(40, 24, 4), (40, 24, 4), (24, 40, 4), (37, 13, 3), (40, 24, 4), (16, 16, 8)]
+
+
+def make_layers(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    layers = [kk.KasaLinear(k, n, r=r) for k, n, r in LAYER_SHAPES]
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B.normal_()
+            m.to(dtype)
+    return layers
+
+
+def reference_value_and_grads(layers, beta, gamma, form):
+    leaves = [(m.lora_A.detach().double().requires_grad_(True), m.lora_B.detach().double().requires_grad_(True),
+               m.lora_diag.detach().double().requires_grad_(True)) for m in layers]
+    r = ref.regularizer_ref(leaves, beta, gamma, form)
+    r.backward()
+    return r, leaves
+
+
+@pytest.mark.parametrize("form", ["paper", "official"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_value_and_gradients_match_reference(form, dtype):
+    layers = make_layers(dtype)
+    beta, gamma = 0.3, 0.7  # large, so every term matters
+    loss = kk.kasa_regularizer(nn.ModuleList(layers), beta=beta, gamma=gamma, form=form)
+    assert loss.dim() == 0 and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    loss.backward()
+    want, leaves = reference_value_and_grads(layers, beta, gamma, form)
+    # computed in fp32 from the stored parameters: fp32 rounding only
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(loss.double(), want, rtol=tol, atol=0)
+    for m, (a, b, d) in zip(layers, leaves):
+        for p, w in ((m.lora_A, a), (m.lora_B, b), (m.lora_diag, d)):
+            assert p.grad.dtype == p.dtype
+            # the gradient's only rounding is its cast to the parameter dtype
+            eps = torch.finfo(p.dtype).eps
+            assert (p.grad.double() - w.grad).abs().max() <= max(eps, tol) * w.grad.abs().max() * 2
+
+
+def test_official_form_equals_the_literal_full_gram_formula():
+    layers = make_layers(torch.float64)
+    got = kk.kasa_regularizer(layers, beta=0.2, gamma=0.5, form="official")
+    triples = [(m.lora_A, m.lora_B, m.lora_diag) for m in layers]
+    torch.testing.assert_close(got, ref.regularizer_official_literal_ref(triples, 0.2, 0.5), rtol=1e-12, atol=0)
+
+
+def test_default_form_is_the_paper_form_with_peft_defaults():
+    layers = make_layers()
+    triples = [(m.lora_A.double(), m.lora_B.double(), m.lora_diag.double()) for m in layers]
+    torch.testing.assert_close(kk.kasa_regularizer(layers).double(), ref.regularizer_ref(triples, 1e-4, 1e-3, "paper"))
+
+
+@pytest.mark.parametrize("form", ["paper", "official"])
+def test_finite_gradients_at_init_and_at_orthonormal_factors(form):
+    layer = kk.KasaLinear(32, 16, r=4)  # B = 0 at init: f_B = sqrt(r), dR/dB = 0
+    kk.kasa_regularizer(layer, form=form).backward()
+    for p in (layer.lora_A, layer.lora_B, layer.lora_diag):
+        assert torch.isfinite(p.grad).all()
+    assert torch.count_nonzero(layer.lora_B.grad) == 0
+    # exactly orthonormal rows of A: f_A = 0 is not differentiable; 0/0 is taken as 0 in the paper form
+    layer.zero_grad()
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.eye(32)[:4])
+    kk.kasa_regularizer(layer, form=form).backward()
+    assert torch.isfinite(layer.lora_A.grad).all()
+    if form == "paper":
+        assert torch.count_nonzero(layer.lora_A.grad) == 0
+
+
+def test_accepts_a_list_of_modules_and_counts_each_layer_once():
+    layers = make_layers()
+    model = nn.Sequential(*layers)
+    a = kk.kasa_regularizer(model, beta=0.1, gamma=0.1)
+    b = kk.kasa_regularizer([model, layers[0]], beta=0.1, gamma=0.1)
+    torch.testing.assert_close(a, b)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="found no KaSA layers"):
+        kk.kasa_regularizer(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="form: expected one of"):
+        kk.kasa_regularizer(make_layers()[0], form="squared")
+    with pytest.raises(TypeError, match="model_or_modules"):
+        kk.kasa_regularizer(3)
+    with pytest.raises(TypeError, match="beta"):
+        kk.kasa_regularizer(make_layers()[0], beta=float("nan"))
