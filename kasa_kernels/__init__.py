@@ -7,7 +7,7 @@
 """
 from ._backend import BackendInfo, BackendUnavailableError, backends
 from .functional import kasa_linear, kasa_regularizer, svd_truncate
-from .modules import KasaLinear, inject
+from .modules import KasaLinear, fold_regularizer, inject
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "kasa_regularizer",
     "svd_truncate",
     "inject",
+    "fold_regularizer",
     "backends",
     "BackendInfo",
     "BackendUnavailableError",

@@ -22,7 +22,7 @@ def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
 
 class KasaLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg):
         ops = _backend.linear_ops(backend)
         in_features = x.shape[-1]
         y2d, h = ops.linear_forward(
@@ -32,6 +32,7 @@ class KasaLinearFunction(torch.autograd.Function):
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.backend = backend
+        ctx.folded_reg = folded_reg
         return y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -55,6 +56,8 @@ class KasaLinearFunction(torch.autograd.Function):
         )
         if dx is not None:
             dx = dx.view(x.shape).to(x.dtype)
+        if ctx.folded_reg is not None and any(needs[1:]):
+            da, dd, db = _add_folded_regularizer(ctx.folded_reg, ctx.backend, lora_A, lora_diag, lora_B, da, dd, db)
         return (
             dx,
             None,
@@ -66,10 +69,24 @@ class KasaLinearFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
-def kasa_linear_autograd(x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend):
+def _add_folded_regularizer(folded_reg, backend, lora_A, lora_diag, lora_B, da, dd, db):
+    """Add this layer's closed-form regularizer gradient (KASA_MATH.md) to the gradients its backward writes, so a
+    model trained with fold_regularizer() needs no separate regularizer graph. folded_reg = (beta, gamma, form,
+    scale) where scale is 1/L for the official form (L = layers in the model) and 1 for the paper form."""
+    beta, gamma, form, scale = folded_reg
+    _, (ga,), (gb,), (gd,) = _backend.reg_ops(backend).regularizer([lora_A], [lora_B], [lora_diag], beta, gamma, form)
+    # the op's official form averages over the one layer it was given; the model-wide 1/L is `scale`
+    da = None if da is None else da + scale * ga.to(da.dtype)
+    dd = None if dd is None else dd + scale * gd.to(dd.dtype)
+    db = None if db is None else db + scale * gb.to(db.dtype)
+    return da, dd, db
+
+
+def kasa_linear_autograd(x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg=None):
     """Apply KasaLinearFunction with the autocast policy above. Inputs are already validated."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -77,9 +94,11 @@ def kasa_linear_autograd(x, weight, bias, lora_A, lora_diag, lora_B, seed, scali
         x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
         with torch.autocast(device_type, enabled=False):
             return KasaLinearFunction.apply(
-                x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend
+                x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg
             )
-    return KasaLinearFunction.apply(x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend)
+    return KasaLinearFunction.apply(
+        x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg
+    )
 
 
 class KasaRegularizerFunction(torch.autograd.Function):

@@ -109,6 +109,7 @@ def kasa_linear(
     backend: str = "auto",
     *,
     dropout_seed: Union[None, int, torch.Tensor] = None,
+    folded_regularizer: Optional[Tuple[float, float, str, float]] = None,
 ) -> torch.Tensor:
     """y = x W^T + b + scaling * ((dropout(x) A^T) * d) B^T, with W and b frozen.
 
@@ -117,13 +118,18 @@ def kasa_linear(
     dtype or fp32. Dropout (inverted, on the adapter input only) applies when training and dropout_p > 0; its mask
     is a hash of dropout_seed (drawn from torch's generator when None) and the element index, the same on every
     backend. Returns (..., N) in x's dtype.
+
+    folded_regularizer: (beta, gamma, form, scale) to add scale * dR/d(A, d, B) of this layer's regularizer term to
+    the adapter gradients in backward (see fold_regularizer); None for none.
     """
     _require_tensor("x", x)
     name = _backend.resolve(backend, x.device)
     _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name)
     p = check_dropout(dropout_p) if training else 0.0
     seed = make_seed(dropout_seed, x.device) if p > 0.0 else None
-    return kasa_linear_autograd(x, weight, bias, lora_A, lora_diag, lora_B, seed, float(scaling), p, name)
+    return kasa_linear_autograd(
+        x, weight, bias, lora_A, lora_diag, lora_B, seed, float(scaling), p, name, folded_regularizer
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import TRUNCATION_MODES, check_dropout, check_rank, kasa_linear, svd_truncate
+from .functional import (
+    REGULARIZER_FORMS,
+    TRUNCATION_MODES,
+    check_dropout,
+    check_rank,
+    kasa_linear,
+    kasa_regularizer,
+    svd_truncate,
+)
 
 
 def _default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -66,6 +74,8 @@ class KasaLinear(nn.Module):
         self.dropout = check_dropout(dropout)
         self.backend = backend
         self.merged = False
+        # (beta, gamma, form, scale) when fold_regularizer() folded the regularizer into this layer's backward
+        self.folded_regularizer = None
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
@@ -155,6 +165,7 @@ class KasaLinear(nn.Module):
             dropout_p=self.dropout,
             training=self.training,
             backend=self.backend,
+            folded_regularizer=self.folded_regularizer,
         )
 
     def delta_weight(self) -> torch.Tensor:
@@ -258,4 +269,25 @@ def inject(
         if isinstance(m, KasaLinear):
             for p in (m.lora_A, m.lora_B, m.lora_diag):
                 p.requires_grad_(True)
+    return model
+
+
+def fold_regularizer(model: nn.Module, beta: float = 1e-4, gamma: float = 1e-3, form: str = "paper", enable: bool = True):
+    """Fold the KaSA regularizer's gradient into every KasaLinear's own backward: each layer's backward adds its
+    closed-form dR/dA, dR/dd, dR/dB where it writes the adapter gradients, so training needs no separate regularizer
+    graph (do NOT also add kasa_regularizer(model) to the loss: that would count it twice). The gradient is added
+    once per backward through the layer, as if its term were part of that backward's loss (a layer called twice in
+    one step gets it twice). For logging, `kasa_regularizer(model, ...)` under torch.no_grad() gives the value.
+    enable=False removes the folding. Returns the model.
+    """
+    if form not in REGULARIZER_FORMS:
+        raise ValueError(f"form: expected one of {REGULARIZER_FORMS}, got {form!r}")
+    layers = [m for m in model.modules() if isinstance(m, KasaLinear)]
+    if not layers:
+        raise ValueError("model: found no KasaLinear layers to fold the regularizer into")
+    if enable:
+        kasa_regularizer(layers, beta=beta, gamma=gamma, form=form)  # validates beta, gamma and the adapters
+    scale = 1.0 / len(layers) if form == "official" else 1.0
+    for m in layers:
+        m.folded_regularizer = (float(beta), float(gamma), form, scale) if enable else None
     return model

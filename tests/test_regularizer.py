@@ -95,3 +95,28 @@ def test_errors():
         kk.kasa_regularizer(3)
     with pytest.raises(TypeError, match="beta"):
         kk.kasa_regularizer(make_layers()[0], beta=float("nan"))
+
+
+@pytest.mark.parametrize("form", ["paper", "official"])
+def test_folded_regularizer_gives_the_same_gradients_as_a_separate_graph(form):
+    layers = make_layers()
+    model = nn.ModuleList(layers)
+    beta, gamma = 0.3, 0.7
+
+    def task_loss():
+        return sum(m(torch.randn(5, m.in_features, generator=torch.Generator().manual_seed(i))).square().mean()
+                   for i, m in enumerate(layers))
+
+    (task_loss() + kk.kasa_regularizer(model, beta=beta, gamma=gamma, form=form)).backward()
+    want = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    kk.fold_regularizer(model, beta=beta, gamma=gamma, form=form)
+    task_loss().backward()
+    got = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    # and unfolding restores plain task gradients
+    model.zero_grad()
+    kk.fold_regularizer(model, enable=False)
+    task_loss().backward()
+    assert not torch.allclose(next(p.grad for p in model.parameters() if p.requires_grad), want[0])
