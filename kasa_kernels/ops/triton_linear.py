@@ -452,13 +452,17 @@ def _linear_bwd_op(
     R = lora_A.shape[0]
     dev = x2d.device
     f32 = torch.float32
-    empty = torch.empty(0, dtype=f32, device=dev)
-    dx = torch.empty((M, K), dtype=x2d.dtype, device=dev) if need_dx else empty
+
+    def empty():
+        # a fresh placeholder per unwanted output: custom ops may not return aliased tensors
+        return torch.empty(0, dtype=f32, device=dev)
+
+    dx = torch.empty((M, K), dtype=x2d.dtype, device=dev) if need_dx else empty()
     deterministic = torch.are_deterministic_algorithms_enabled()
     if M == 0:
         zero = functools.partial(torch.zeros, dtype=f32, device=dev)
-        return dx, zero((R, K)) if need_da else empty, zero((R,)) if need_dd else empty, \
-            zero((N, R)) if need_db else empty
+        return dx, zero((R, K)) if need_da else empty(), zero((R,)) if need_dd else empty(), \
+            zero((N, R)) if need_db else empty()
     r_pad = _r_pad(R)
     dropout = dropout_p > 0.0
     keep_scale, threshold = _dropout_consts(dropout_p)
@@ -469,11 +473,11 @@ def _linear_bwd_op(
     n_mblocks = triton.cdiv(M, bm)
     gh = torch.empty((M, R), dtype=f32, device=dev)
     if deterministic:
-        db_buf = torch.empty((n_mblocks, N, R), dtype=f32, device=dev) if need_db else empty
-        dd_buf = torch.empty((n_mblocks, R), dtype=f32, device=dev) if need_dd else empty
+        db_buf = torch.empty((n_mblocks, N, R), dtype=f32, device=dev) if need_db else None
+        dd_buf = torch.empty((n_mblocks, R), dtype=f32, device=dev) if need_dd else None
     else:
-        db_buf = torch.zeros((N, R), dtype=f32, device=dev) if need_db else empty
-        dd_buf = torch.zeros((R,), dtype=f32, device=dev) if need_dd else empty
+        db_buf = torch.zeros((N, R), dtype=f32, device=dev) if need_db else None
+        dd_buf = torch.zeros((R,), dtype=f32, device=dev) if need_dd else None
     _dy_pass_kernel[(n_mblocks,)](
         grad_y, lora_B, h, lora_diag, gh, db_buf if need_db else gh, dd_buf if need_dd else gh,
         M, N, R,
@@ -482,10 +486,10 @@ def _linear_bwd_op(
         NEED_DB=need_db, NEED_DD=need_dd, DETERMINISTIC=deterministic, INPUT_PRECISION=small_prec,
         BLOCK_M=bm, BLOCK_N=bk, R_PAD=r_pad, num_warps=warps, num_stages=stages,
     )
-    db = (db_buf.sum(0) if deterministic else db_buf) if need_db else empty
-    dd = (dd_buf.sum(0) if deterministic else dd_buf) if need_dd else empty
+    db = (db_buf.sum(0) if deterministic else db_buf) if need_db else empty()
+    dd = (dd_buf.sum(0) if deterministic else dd_buf) if need_dd else empty()
 
-    da = empty
+    da = empty()
     if need_da:
         n_kblocks = triton.cdiv(K, bk)
         # Enough (k-block, row-slice) programs to fill the GPU; each slice a whole number of row blocks.
@@ -518,12 +522,11 @@ def _(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling, dropout_p, see
     M, K = x2d.shape
     N, R = weight.shape[0], lora_A.shape[0]
     f32 = torch.float32
-    empty = x2d.new_empty((0,), dtype=f32)
     return (
-        x2d.new_empty((M, K)) if need_dx else empty,
-        x2d.new_empty((R, K), dtype=f32) if need_da else empty,
-        x2d.new_empty((R,), dtype=f32) if need_dd else empty,
-        x2d.new_empty((N, R), dtype=f32) if need_db else empty,
+        x2d.new_empty((M, K) if need_dx else (0,), dtype=x2d.dtype if need_dx else f32),
+        x2d.new_empty((R, K) if need_da else (0,), dtype=f32),
+        x2d.new_empty((R,) if need_dd else (0,), dtype=f32),
+        x2d.new_empty((N, R) if need_db else (0,), dtype=f32),
     )
 
 

@@ -1,0 +1,401 @@
+"""The Triton backend computes KASA_MATH.md's forward, backward and regularizer, checked against python/kasa_reference.
+
+Without a GPU the kernels run under Triton's CPU interpreter (fp32 and fp16 only; tl.dot is exact fp32 there), on
+small shapes. With a GPU the same tests run on CUDA tensors, and the `gpu`-marked ones add bf16, TF32, large shapes,
+torch.compile with inductor and deterministic bit-identity.
+"""
+import os
+import subprocess
+import sys
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# Triton decides interpreter or compiler when a function is decorated, and that includes triton.language's own
+# helpers (tl.zeros, tl.sum, ...) defined when triton is first imported. So TRITON_INTERPRET=1 must be set before the
+# first `import triton` of the process (kasa_kernels imports it through torch._dynamo). It is restored right after, so
+# other test files see the environment they expect, and set again per test by the fixture below for the backend probe.
+_FIRST_TRITON_IMPORT = "triton" not in sys.modules
+if not HAS_CUDA and _FIRST_TRITON_IMPORT:
+    _prev = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import pytest
+
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    import kasa_kernels as kk
+    import kasa_reference as ref
+    from kasa_kernels import _backend
+    from kasa_kernels.ops import triton_linear, triton_reg
+    from kasa_kernels.ops.rng import keep_mask, make_seed
+finally:
+    if not HAS_CUDA and _FIRST_TRITON_IMPORT:
+        if _prev is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _prev
+
+# When another test module imported triton first (compiled mode) on a machine without a GPU, the kernels cannot run
+# in this process: every test here is skipped and test_interpreter_suite_in_subprocess runs this file on its own.
+INTERPRETER_READY = HAS_CUDA or isinstance(tl.zeros, triton.runtime.interpreter.InterpretedFunction)
+
+
+@pytest.mark.skipif(INTERPRETER_READY, reason="the kernels run in this process")
+def test_interpreter_suite_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", os.path.abspath(__file__)],
+        cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True, timeout=900,
+    )
+    print(proc.stdout[-6000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, "interpreter tests failed in the subprocess (output above)"
+
+
+def assert_close_to_reference(name, got, ref64, ref_lowp, dtype, magnitude=None, factor=2.0):
+    """tests/helpers.py's rule (at most `factor` times the plain formula's own error in `dtype`, plus one ulp of
+    the largest reference value), plus, when `magnitude` (the same formula on absolute values, fp64) is given, 4 fp32
+    ulps of it: a sum that cancels is only known to eps * sum(|terms|), and the plain formula sometimes rounds
+    luckily on a single element. Any real bug (a wrong mask, a missing term) is orders of magnitude above it."""
+    got = got.detach().double().cpu()
+    ref64 = ref64.detach().double().cpu()
+    ref_lowp = ref_lowp.detach().double().cpu()
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref64.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got - ref64).abs()
+    err_ref = (ref_lowp - ref64).abs().max().item()
+    floor = torch.finfo(dtype).eps * ref64.abs().max().item()
+    if magnitude is not None:
+        floor += 4 * torch.finfo(torch.float32).eps * magnitude.detach().abs().max().item()
+    bound = factor * err_ref + floor
+    print(f"{name} [{dtype}]: max err {err.max().item():.3e} mean {err.mean().item():.3e}; "
+          f"reference's own {err_ref:.3e}; bound {bound:.3e}")
+    assert err.max().item() <= bound, f"{name}: max error {err.max().item():.3e} > bound {bound:.3e}"
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend_usable(request, monkeypatch):
+    if not INTERPRETER_READY and request.node.name != "test_interpreter_suite_in_subprocess":
+        pytest.skip("triton was imported in compiled mode before this module; see test_interpreter_suite_in_subprocess")
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _backend.clear_cache()
+    yield
+    _backend.clear_cache()
+
+
+DTYPES = [torch.float32, torch.float16]
+NAMES = ["y", "dx", "dA", "dd", "dB"]
+
+
+def make_case(lead, k, n, r, dtype, adapter_dtype=None, bias=True, noncontig=False, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, 2 * k if noncontig else k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    a = torch.randn(r, k, generator=g) / k**0.5
+    d = torch.randn(r, generator=g)
+    bb = torch.randn(n, r, generator=g) / r**0.5
+    gy = torch.randn(*lead, n, generator=g)
+    adapter_dtype = adapter_dtype or dtype
+    x, w, gy = (t.to(device=device, dtype=dtype) for t in (x, w, gy))
+    b = None if b is None else b.to(device=device, dtype=dtype)
+    a, d, bb = (t.to(device=device, dtype=adapter_dtype) for t in (a, d, bb))
+    if noncontig:
+        x = x[..., 1::2]  # a strided view of a wider tensor, with an offset
+        assert not x.is_contiguous()
+    return x, w, b, a, d, bb, gy
+
+
+def run_triton(x, w, b, a, d, bb, gy, scaling, p=0.0, seed=None, training=True):
+    x = x.detach().requires_grad_(True)
+    params = [t.detach().clone().requires_grad_(True) for t in (a, d, bb)]
+    y = kk.kasa_linear(x, w, b, *params, scaling, dropout_p=p, training=training, backend="triton",
+                       dropout_seed=seed)
+    return [y] + list(torch.autograd.grad(y, [x] + params, gy))
+
+
+def run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask=None, p=0.0):
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, a, d, bb)]
+    y = ref.kasa_linear_ref(leaves[0], w.to(dtype), None if b is None else b.to(dtype), *leaves[1:], scaling,
+                            dropout_mask=mask, dropout_p=p)
+    return [y] + list(torch.autograd.grad(y, leaves, gy.to(dtype)))
+
+
+def check_against_reference(case, scaling=2.0, p=0.0):
+    x, w, b, a, d, bb, gy = case
+    dtype = x.dtype
+    seed = make_seed(777, x.device) if p > 0 else None
+    mask = keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).view(x.shape) if p > 0 else None
+    got = run_triton(x, w, b, a, d, bb, gy, scaling, p, seed)
+    want64 = run_reference(x, w, b, a, d, bb, gy, scaling, torch.float64, mask, p)
+    wantlp = run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask, p)
+    magnitude = run_reference(*(None if t is None else t.abs() for t in case), abs(scaling), torch.float64, mask, p)
+    assert got[0].dtype == dtype and got[0].shape == (*x.shape[:-1], w.shape[0])
+    assert got[1].dtype == dtype and got[1].shape == x.shape
+    for t, param in zip(got[2:], (a, d, bb)):
+        assert t.dtype == param.dtype and t.shape == param.shape
+    for name, g_, w64, wlp, mag in zip(NAMES, got, want64, wantlp, magnitude):
+        assert_close_to_reference(name, g_, w64, wlp, dtype, mag)
+
+
+# (leading dims, K, N, r, bias, non-contiguous x, fp32 adapters)
+CASES = [
+    ((1,), 13, 40, 1, True, False, False),
+    ((7,), 40, 130, 4, False, True, False),
+    ((37,), 130, 13, 16, True, False, True),
+    ((3, 5), 40, 13, 8, True, True, True),
+    ((37,), 130, 40, 100, False, False, False),  # r pads to 128
+]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}_r{c[3]}_b{int(c[4])}_nc{int(c[5])}_a32{int(c[6])}")
+def test_matches_reference(case, dtype, p):
+    lead, k, n, r, bias, noncontig, fp32_adapters = case
+    adapter_dtype = torch.float32 if fp32_adapters else dtype
+    check_against_reference(make_case(lead, k, n, r, dtype, adapter_dtype, bias, noncontig), p=p)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+def test_deterministic_mode_matches_and_repeats(deterministic):
+    case = make_case((37,), 40, 130, 4, torch.float32, noncontig=True)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_against_reference(case, p=0.25)
+        first = run_triton(*case, 2.0, 0.25, make_seed(5, case[0].device))
+        again = run_triton(*case, 2.0, 0.25, make_seed(5, case[0].device))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    if deterministic:
+        for name, u, v in zip(NAMES, first, again):
+            assert torch.equal(u, v), f"{name} differs between two deterministic runs"
+
+
+def _identity_adapter(m, k, p, seed, dtype=torch.float32, x=None):
+    """r = K, A = I, d = 1, s = 1: H = dropout(x) exactly, so H exposes the kernel's mask."""
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE) if x is None else x
+    w = torch.zeros(8, k, dtype=dtype, device=DEVICE)
+    a = torch.eye(k, dtype=torch.float32, device=DEVICE)
+    d = torch.ones(k, device=DEVICE)
+    bb = torch.randn(8, k, device=DEVICE)
+    y, h = triton_linear.linear_forward(x, w, None, a, d, bb, 1.0, p, seed)
+    return x, w, a, d, bb, y, h
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])  # 0.9: threshold above 2**31
+def test_dropout_mask_is_the_shared_spec(p):
+    m, k = 37, 16
+    seed = make_seed(2**40 + 12345, DEVICE)
+    x, *_, h = _identity_adapter(m, k, p, seed)
+    keep = keep_mask(seed, m, k, p)
+    assert torch.equal(h != 0, keep & (x != 0))
+    # the same single fp32 multiply as ops/rng.apply_dropout: bit-identical values, not only the same mask
+    assert torch.equal(h, torch.where(keep, x.float() * (1.0 / (1.0 - p)), torch.zeros((), device=DEVICE)))
+
+
+def test_backward_uses_the_forward_mask():
+    m, k, p = 37, 16, 0.5
+    seed = make_seed(99, DEVICE)
+    x, w, a, d, bb, y, h = _identity_adapter(m, k, p, seed)
+    gy = torch.randn(m, 8, device=DEVICE)
+    dx, da, dd, db = triton_linear.linear_backward(gy, x, w, a, d, bb, h, 1.0, p, seed, (True, True, True, True))
+    keep = keep_mask(seed, m, k, p)
+    # W = 0, A = I: dx = dropout_backward(gH), zero exactly where forward dropped
+    gh = gy @ bb
+    assert torch.equal(dx == 0, ~keep | (gh == 0))
+    torch.testing.assert_close(dx, torch.where(keep, gh * 2.0, torch.zeros((), device=DEVICE)))
+    torch.testing.assert_close(da, gh.t() @ torch.where(keep, x * 2.0, torch.zeros((), device=DEVICE)))
+
+
+def test_dropout_draws_differ_eval_equals_p0_and_mean_is_unbiased():
+    x, w, b, a, d, bb, _ = make_case((37,), 40, 13, 4, torch.float32)
+    y1 = kk.kasa_linear(x, w, b, a, d, bb, 2.0, dropout_p=0.3, backend="triton")
+    y2 = kk.kasa_linear(x, w, b, a, d, bb, 2.0, dropout_p=0.3, backend="triton")
+    assert not torch.equal(y1, y2), "two calls without a seed drew the same mask"
+    y_eval = kk.kasa_linear(x, w, b, a, d, bb, 2.0, dropout_p=0.3, training=False, backend="triton")
+    y_p0 = kk.kasa_linear(x, w, b, a, d, bb, 2.0, dropout_p=0.0, backend="triton")
+    assert torch.equal(y_eval, y_p0)
+    # E[dropout(1)] = 1: with x = 1 and A = I, H's mean over 64 x 64 elements has standard deviation 1/64 at p = 0.5
+    ones = torch.ones(64, 64, device=DEVICE)
+    h = _identity_adapter(64, 64, 0.5, make_seed(3, DEVICE), x=ones)[-1]
+    assert abs(h.mean().item() - 1.0) < 4 / 64
+
+
+def test_adapter_off_gemm_is_linear():
+    x, w, b, *_ = make_case((37,), 130, 40, 1, torch.float32, noncontig=True)
+    torch.testing.assert_close(triton_linear.base_gemm(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+def test_only_requested_gradients():
+    x, w, b, a, d, bb, gy = make_case((7,), 40, 13, 4, torch.float32)
+    y, h = triton_linear.linear_forward(x, w, b, a, d, bb, 2.0, 0.0, None)
+    full = triton_linear.linear_backward(gy, x, w, a, d, bb, h, 2.0, 0.0, None, (True, True, True, True))
+    for i in range(4):
+        needs = tuple(j == i for j in range(4))
+        got = triton_linear.linear_backward(gy, x, w, a, d, bb, h, 2.0, 0.0, None, needs)
+        assert all((g is None) == (j != i) for j, g in enumerate(got))
+        torch.testing.assert_close(got[i], full[i])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regularizer
+
+
+def _reg_layers(dtype, device=DEVICE):
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 13, 40), (16, 40, 24), (1, 130, 7), (8, 40, 40)]  # (r, K, N)
+    layers = []
+    for r, k, n in shapes:
+        a = torch.randn(r, k, generator=g) / k**0.5
+        b = torch.randn(n, r, generator=g) / n**0.5
+        d = torch.randn(r, generator=g)
+        layers.append(tuple(t.to(device=device, dtype=dtype) for t in (a, b, d)))
+    layers[1] = (layers[1][0], torch.zeros_like(layers[1][1]), layers[1][2])  # B = 0, as at init
+    return layers
+
+
+@pytest.mark.parametrize("form", ["paper", "official"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_regularizer_matches_reference(form, dtype):
+    layers = _reg_layers(dtype)
+    beta, gamma = 1e-2, 1e-1
+    modules = []
+    for a, b, d in layers:
+        m = kk.KasaLinear(a.shape[1], b.shape[0], r=a.shape[0], device=DEVICE, dtype=dtype, backend="triton")
+        with torch.no_grad():
+            m.lora_A.copy_(a)
+            m.lora_B.copy_(b)
+            m.lora_diag.copy_(d)
+        modules.append(m)
+    loss = kk.kasa_regularizer(modules, beta=beta, gamma=gamma, form=form, backend="triton")
+    params = [p for m in modules for p in (m.lora_A, m.lora_B, m.lora_diag)]
+    grads = torch.autograd.grad(loss, params)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+
+    def reference(dt):
+        leaves = [t.detach().to(dt).requires_grad_(True) for t in params]
+        triples = [tuple(leaves[3 * i : 3 * i + 3]) for i in range(len(modules))]
+        value = ref.regularizer_ref(triples, beta, gamma, form)
+        return [value] + list(torch.autograd.grad(value, leaves))
+
+    want64 = reference(torch.float64)
+    # fp16 parameters are read into fp32 by the kernel; the fp32 reference is the low-precision one to beat
+    want32 = reference(torch.float32)
+    assert_close_to_reference("loss", loss, want64[0], want32[0], torch.float32, magnitude=want64[0])
+    for i, (g_, w64, w32, p) in enumerate(zip(grads, want64[1:], want32[1:], params)):
+        assert g_.dtype == p.dtype
+        # E = F^T F - I cancels (|E| << |F|^2): a few fp32 ulps of the gradient are the honest floor
+        assert_close_to_reference(f"grad[{i}]", g_.float(), w64, w32, torch.float32, magnitude=w64)
+
+
+def test_regularizer_orthonormal_factor_has_zero_gradient():
+    # E = 0 exactly: 0/0 must come out as 0, not NaN
+    a = torch.zeros(2, 16, device=DEVICE)
+    a[0, 3] = 1.0
+    a[1, 7] = 1.0
+    b = torch.zeros(5, 2, device=DEVICE)
+    b[0, 0] = b[4, 1] = 1.0
+    d = torch.tensor([0.5, -1.0], device=DEVICE)
+    loss, ga, gb, gd = triton_reg.regularizer([a], [b], [d], 1e-2, 1e-1, "paper")
+    assert torch.equal(ga[0], torch.zeros_like(a)) and torch.equal(gb[0], torch.zeros_like(b))
+    torch.testing.assert_close(loss, torch.tensor(1e-2 * 1.25, device=DEVICE))
+    torch.testing.assert_close(gd[0], 2e-2 * d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_compile_fullgraph_traces_layer_and_regularizer():
+    # aot_eager: traces through Dynamo and AOTAutograd (what fullgraph checks) without needing a C++ compiler on CPU
+    layer = kk.KasaLinear(40, 24, r=4, dropout=0.0, backend="triton", device=DEVICE)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+
+    def step(x):
+        return layer(x).square().sum() + kk.kasa_regularizer(layer, backend="triton")
+
+    x = torch.randn(2, 5, 40, device=DEVICE)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1 = x.clone().requires_grad_(True)
+    compiled(x1).backward()
+    g_compiled = [x1.grad] + [p.grad.clone() for p in (layer.lora_A, layer.lora_diag, layer.lora_B)]
+    layer.zero_grad()
+    x2 = x.clone().requires_grad_(True)
+    step(x2).backward()
+    g_eager = [x2.grad] + [p.grad for p in (layer.lora_A, layer.lora_diag, layer.lora_B)]
+    for u, v in zip(g_compiled, g_eager):
+        torch.testing.assert_close(u, v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("adapter_fp32", [False, True], ids=["a_bf16", "a_fp32"])
+def test_gpu_bf16(p, adapter_fp32):
+    case = make_case((4, 77), 520, 300, 16, torch.bfloat16, torch.float32 if adapter_fp32 else torch.bfloat16,
+                     noncontig=True)
+    check_against_reference(case, p=p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_gpu_fp32_follows_tf32_setting(tf32):
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        # The reference in fp32 runs under the same setting, so its own error (the bound) includes TF32's.
+        check_against_reference(make_case((300,), 1024, 520, 32, torch.float32), p=0.1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r", [16, 128])
+def test_gpu_large_shapes(dtype, r):
+    check_against_reference(make_case((2048,), 2048, 1536, r, dtype, torch.float32), p=0.1)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_bit_identical():
+    case = make_case((4096,), 1024, 2048, 16, torch.bfloat16, torch.float32)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = [run_triton(*case, 2.0, 0.1, make_seed(11, DEVICE)) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for other in runs[1:]:
+        for name, u, v in zip(NAMES, runs[0], other):
+            assert torch.equal(u, v), f"{name} differs between deterministic runs"
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor_fullgraph():
+    layer = kk.KasaLinear(512, 384, r=16, dropout=0.1, backend="triton", device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    compiled = torch.compile(lambda x: layer(x).float().square().sum(), fullgraph=True)
+    x = torch.randn(4, 128, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    compiled(x).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.lora_A.grad).all()
+
+
+@pytest.mark.gpu
+def test_gpu_regularizer_bf16_many_layers():
+    layers = [_reg_layers(torch.bfloat16, "cuda")[i % 4] for i in range(64)]
+    a_s, b_s, d_s = (list(t) for t in zip(*layers))
+    for form in ("paper", "official"):
+        loss, ga, gb, gd = triton_reg.regularizer(a_s, b_s, d_s, 1e-4, 1e-3, form)
+        want = ref.regularizer_ref([tuple(t.double() for t in lay) for lay in layers], 1e-4, 1e-3, form)
+        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
