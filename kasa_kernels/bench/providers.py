@@ -1,0 +1,283 @@
+"""The providers (fixed names) and the work each one does per case, with its flop and byte counts.
+
+A provider builds its own copy of a case's tensors (same values for every provider: one seeded generator) and
+returns a zero-argument forward. The harness turns that into the three modes:
+    forward   y = fwd()                               (grad mode on, as in training: autograd records the graph)
+    backward  y computed once; time y.backward(dy, retain_graph=True)
+    full      fwd().backward(dy)
+cublas_linear is forward only (it is T_mm). Baselines come from python/kasa_reference (peft_style_eager, the
+PEFT-shaped eager composition used when PEFT is not installed), from PEFT itself, and from bench/peers.py.
+
+FLOP counts are those of the math, the same for every implementation of it (KASA_MATH.md, "Cost"):
+    base GEMM          2 M N K                    (forward; dx = G W in backward; dW = G^T x for a dense layer)
+    adapter forward    2 M r (K + N)              (H = X~ A^T and S B^T)
+    adapter backward   4 M r (K + N)              (G B, G^T Z, gH^T X~, gH A)
+Byte counts are compulsory traffic: every operand read once and every result written once (activations and W in
+the activation dtype, adapters in their own dtype, H in fp32); GB/s = bytes / median time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .peers import unsloth_style_linear
+from .shapes import Case
+
+MODES = ("forward", "backward", "full")
+PROVIDERS = (
+    "cublas_linear",
+    "frozen_linear",
+    "dense_linear",
+    "peft",
+    "torch_eager",
+    "torch_compile",
+    "unsloth_style",
+    "triton",
+    "cuda",
+)
+# Providers that are ours: the fused backends and the shipped torch backend.
+OURS = ("cuda", "triton", "torch_eager")
+PEERS = ("peft", "torch_compile", "unsloth_style", "torch_eager")
+ALPHA_OVER_R = 2.0  # lora_alpha = 2 r, so s = 2 (any value times the same)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Work counts
+
+
+def flops(kind: str, mode: str, c: Case) -> float:
+    """kind: 'linear' (no adapter, W frozen), 'dense' (W trainable) or 'kasa'."""
+    base = 2.0 * c.M * c.N * c.K
+    adapter_fwd = 2.0 * c.M * c.r * (c.K + c.N) if kind == "kasa" else 0.0
+    adapter_bwd = 4.0 * c.M * c.r * (c.K + c.N) if kind == "kasa" else 0.0
+    fwd = base + adapter_fwd
+    bwd = (2 * base if kind == "dense" else base) + adapter_bwd
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
+def _elt(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def adapter_dtype(act: torch.dtype) -> torch.dtype:
+    # PEFT's default (autocast_adapter_dtype=True) and KasaLinear's: fp32 adapters beside half activations.
+    return torch.float32 if act in (torch.float16, torch.bfloat16) else act
+
+
+def bytes_moved(kind: str, mode: str, c: Case) -> float:
+    e = _elt(c.torch_dtype)
+    a = _elt(adapter_dtype(c.torch_dtype))
+    M, K, N, r = c.M, c.K, c.N, c.r
+    fwd = e * (M * K + N * K + M * N)
+    bwd = e * (M * N + N * K + M * K)  # read G and W, write dx
+    if kind == "dense":
+        bwd += e * (M * K + N * K)  # read x, write dW
+    if kind == "kasa":
+        params = a * r * (K + N + 1)
+        fwd += params + 4 * M * r  # read A, d, B; write H
+        bwd += e * M * K + 4 * M * r + 2 * params  # read x (for dA) and H; read params, write their grads
+    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Provider state
+
+
+@dataclasses.dataclass
+class State:
+    fwd: Callable[[], torch.Tensor]
+    leaves: List[torch.Tensor]  # tensors whose .grad is reset before every timed call
+    dy: Optional[torch.Tensor]
+    kind: str  # for flops(): 'linear' | 'dense' | 'kasa'
+    impl: str  # what actually ran, in words
+
+
+@dataclasses.dataclass
+class Tensors:
+    x: torch.Tensor
+    weight: torch.Tensor
+    lora_A: torch.Tensor
+    lora_diag: torch.Tensor
+    lora_B: torch.Tensor
+    dy: torch.Tensor
+    scaling: float
+
+
+def make_tensors(c: Case, device: torch.device, seed: int = 0) -> Tensors:
+    """The case's tensors, identical for every provider (seeded), on `device`. B is random rather than PEFT's zero
+    init so no path can skip work on zeros."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dt = c.torch_dtype
+    adt = adapter_dtype(dt)
+
+    def rnd(*shape, dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    return Tensors(
+        x=rnd(c.M, c.K, dtype=dt),
+        weight=rnd(c.N, c.K, dtype=dt, scale=1.0 / math.sqrt(c.K)),
+        lora_A=rnd(c.r, c.K, dtype=adt, scale=1.0 / math.sqrt(c.K)),
+        lora_diag=rnd(c.r, dtype=adt),
+        lora_B=rnd(c.N, c.r, dtype=adt, scale=0.02),
+        dy=rnd(c.M, c.N, dtype=dt, scale=1.0 / math.sqrt(c.N)),
+        scaling=ALPHA_OVER_R * c.r / c.r,
+    )
+
+
+def _adapters_trainable(t: Tensors) -> List[torch.Tensor]:
+    for p in (t.lora_A, t.lora_diag, t.lora_B):
+        p.requires_grad_(True)
+    t.x.requires_grad_(True)
+    return [t.x, t.lora_A, t.lora_diag, t.lora_B]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Providers
+
+
+def _peft_version() -> Optional[str]:
+    try:
+        import peft
+        from peft import KasaConfig  # noqa: F401
+    except ImportError:
+        return None
+    return peft.__version__
+
+
+class _OneLinear(nn.Module):
+    def __init__(self, k: int, n: int, dtype, device):
+        super().__init__()
+        self.proj = nn.Linear(k, n, bias=False, dtype=dtype, device=device)
+
+
+_PEFT_LAYERS: Dict[Tuple, nn.Module] = {}
+
+
+def peft_kasa_layer(k: int, n: int, r: int, p: float, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """PEFT's own KaSA LoRA layer (LoraConfig(kasa_config=KasaConfig())) on a one-linear wrapper, cached per
+    (K, N, r, p, dtype, device) because its init runs an SVD of W."""
+    key = (k, n, r, p, dtype, str(device))
+    layer = _PEFT_LAYERS.get(key)
+    if layer is None:
+        from peft import KasaConfig, LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        cfg = LoraConfig(r=r, lora_alpha=ALPHA_OVER_R * r, lora_dropout=p, target_modules=["proj"],
+                         kasa_config=KasaConfig())
+        model = get_peft_model(_OneLinear(k, n, dtype, device), cfg)
+        layer = model.base_model.model.proj
+        layer.train()
+        _PEFT_LAYERS.clear()  # one at a time: the wrappers hold a full W each
+        _PEFT_LAYERS[key] = layer
+    return layer
+
+
+def _kk():
+    import kasa_kernels
+
+    return kasa_kernels
+
+
+def usable(name: str, device: torch.device) -> Tuple[bool, str]:
+    """Whether provider `name` can run on `device`, and why (not)."""
+    if name not in PROVIDERS:
+        raise ValueError(f"--providers: unknown provider {name!r}; expected some of {', '.join(PROVIDERS)}")
+    if name in ("triton", "cuda"):
+        info = _kk().backends(device)[name]
+        return info.available, info.reason
+    if name == "peft":
+        v = _peft_version()
+        if v is None:
+            return True, "peft with KaSA not installed: kasa_reference.peft_style_eager stands in"
+        return True, f"peft {v} KasaLinearVariant"
+    if name == "torch_compile":
+        return True, f"torch.compile (inductor) of the torch backend, torch {torch.__version__}"
+    return True, ""
+
+
+def build(name: str, c: Case, device: torch.device, compile_mode: Optional[str] = None) -> State:
+    """Fresh tensors and the forward closure of provider `name` for case `c`."""
+    t = make_tensors(c, device)
+    kk = _kk()
+    if name == "cublas_linear":
+        x, w = t.x, t.weight
+
+        def fwd():
+            return F.linear(x, w)
+
+        return State(fwd, [], None, "linear", "torch.nn.functional.linear (cuBLAS on CUDA)")
+    if name == "frozen_linear":
+        t.x.requires_grad_(True)
+        x, w = t.x, t.weight
+        return State(lambda: F.linear(x, w), [x], t.dy, "linear", "F.linear, x requires grad, W frozen")
+    if name == "dense_linear":
+        t.x.requires_grad_(True)
+        t.weight.requires_grad_(True)
+        x, w = t.x, t.weight
+        return State(lambda: F.linear(x, w), [x, w], t.dy, "dense", "F.linear, x and W require grad")
+    if name == "peft":
+        if _peft_version() is not None:
+            layer = peft_kasa_layer(c.K, c.N, c.r, c.dropout, c.torch_dtype, device)
+            with torch.no_grad():  # the case's values, so every provider computes the same numbers
+                layer.base_layer.weight.copy_(t.weight)
+                layer.lora_A["default"].weight.copy_(t.lora_A)
+                layer.lora_B["default"].weight.copy_(t.lora_B)
+                layer.lora_diag["default"].copy_(t.lora_diag)
+            x = t.x.requires_grad_(True)
+            leaves = [x] + [p for p in layer.parameters() if p.requires_grad]
+            return State(lambda: layer(x), leaves, t.dy, "kasa", f"peft {_peft_version()} KasaLinearVariant")
+        from kasa_reference import peft_style_eager
+
+        leaves = _adapters_trainable(t)
+        drop = nn.Dropout(c.dropout) if c.dropout > 0 else None
+        fwd = functools.partial(peft_style_eager, t.x, t.weight, None, t.lora_A, t.lora_diag, t.lora_B, t.scaling,
+                                drop)
+        return State(fwd, leaves, t.dy, "kasa", "kasa_reference.peft_style_eager (peft not installed)")
+    if name == "unsloth_style":
+        leaves = _adapters_trainable(t)
+        fwd = functools.partial(unsloth_style_linear, t.x, t.weight, None, t.lora_A, t.lora_diag, t.lora_B,
+                                t.scaling, c.dropout)
+        return State(fwd, leaves, t.dy, "kasa", "kasa_kernels.bench.peers.unsloth_style_linear")
+    if name in ("torch_eager", "triton", "cuda", "torch_compile"):
+        backend = "torch" if name in ("torch_eager", "torch_compile") else name
+        leaves = _adapters_trainable(t)
+        fn = functools.partial(kk.kasa_linear, dropout_p=c.dropout, training=True, backend=backend)
+        args = (t.x, t.weight, None, t.lora_A, t.lora_diag, t.lora_B, t.scaling)
+        if name == "torch_compile":
+            compiled = torch.compile(_kasa_linear_torch, dynamic=False, mode=compile_mode)
+
+            def fwd():
+                return compiled(*args, c.dropout)
+
+            return State(fwd, leaves, t.dy, "kasa", f"torch.compile(mode={compile_mode!r}) of kasa_linear(backend='torch')")
+        return State(lambda: fn(*args), leaves, t.dy, "kasa", f"kasa_kernels.kasa_linear(backend={backend!r})")
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def _kasa_linear_torch(x, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p):
+    return _kk().kasa_linear(x, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p=dropout_p,
+                             training=True, backend="torch")
+
+
+def prepare_compile(device: torch.device, max_recompiles: int = 64) -> None:
+    """Forget earlier compiled graphs (each case compiles its own, static-shape graph) and allow one recompile per
+    case so a sweep never falls back to eager silently."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    cfg = torch._dynamo.config
+    for attr in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, max(getattr(cfg, attr), max_recompiles))
+    if device.type == "cpu":
+        # 2026-11: inductor's background compile workers shared the 2 cores of the CPU machines with the timed
+        # providers and put 100x outliers into their p80; compile in-process there.
+        import torch._inductor.config as inductor_cfg
+
+        inductor_cfg.compile_threads = 1

@@ -1,0 +1,125 @@
+"""kasa-bench on CPU: the CLI runs end to end, writes the documented schema, and `report` renders one file and two
+devices side by side. unsloth_style is a baseline we publish numbers against, so it is held to kasa_reference."""
+import json
+import math
+
+import pytest
+import torch
+
+from kasa_kernels.bench.__main__ import main
+from kasa_kernels.bench.peers import unsloth_style_linear
+from kasa_reference import kasa_linear_ref
+
+ROW_FIELDS = {"provider", "mode", "M", "K", "N", "r", "dropout", "dtype", "ms_median", "ms_p20", "ms_p80", "tflops",
+              "gbps", "peak_mem_mb"}
+TOP_FIELDS = {"device", "capability", "driver", "torch", "triton", "cuda", "command", "date", "rows", "whole_model"}
+FAST = ["--rep-ms", "2", "--min-reps", "3", "--max-reps", "5", "--warmup", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "cpu.json"
+    rc = main(["run", "--shape", "24,40,32,4", "--dropout", "0,0.1", "--no-whole-model",
+               "--providers", "cublas_linear,frozen_linear,dense_linear,peft,torch_eager,unsloth_style,triton,cuda",
+               "--out", str(out)] + FAST)
+    assert rc == 0
+    with open(out) as f:
+        return out, json.load(f)
+
+
+def test_schema(results):
+    _, data = results
+    assert TOP_FIELDS <= set(data)
+    assert data["command"].startswith("kasa-bench run")
+    assert data["rows"], "no rows"
+    for row in data["rows"]:
+        assert ROW_FIELDS <= set(row), row
+        for k in ("ms_median", "ms_p20", "ms_p80", "tflops", "gbps", "peak_mem_mb"):
+            assert isinstance(row[k], float) and math.isfinite(row[k]) and row[k] >= 0, (k, row)
+        assert row["ms_p20"] <= row["ms_median"] <= row["ms_p80"]
+    got = {(r["provider"], r["mode"], r["dropout"]) for r in data["rows"]}
+    for p in ("frozen_linear", "dense_linear", "peft", "torch_eager", "unsloth_style"):
+        for mode in ("forward", "backward", "full"):
+            assert (p, mode, 0.1) in got
+    assert ("cublas_linear", "forward", 0.0) in got and ("cublas_linear", "full", 0.0) not in got
+    skipped = {s["provider"] for s in data["skipped"]}
+    assert {"triton", "cuda"} <= skipped  # no GPU here: recorded with the reason, never silently dropped
+
+
+def test_report_one_and_two_devices(results, tmp_path):
+    path, data = results
+    assert main(["report", str(path), "--out-dir", str(tmp_path / "one")]) == 0
+    md = (tmp_path / "one" / "cpu.md").read_text()
+    assert "CPU run" in md and "full / T_frozen" in md and "DESIGN.md targets" in md
+    assert (tmp_path / "one" / "cpu-headline.png").stat().st_size > 1000
+    other = dict(data, device="NVIDIA GeForce RTX 3090 (fabricated for this test)", device_slug="rtx3090-test",
+                 device_type="cuda")
+    other["rows"] = [dict(r, ms_median=r["ms_median"] * 2, ms_p20=r["ms_p20"] * 2, ms_p80=r["ms_p80"] * 2)
+                     for r in data["rows"]]
+    second = tmp_path / "other.json"
+    second.write_text(json.dumps(other))
+    assert main(["report", str(path), str(second), "--out-dir", str(tmp_path / "two"), "--no-plots"]) == 0
+    md2 = next((tmp_path / "two").glob("*.md")).read_text()
+    assert "Side by side" in md2 and "rtx3090-test" in md2 and data["device_slug"] in md2
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("adapter_dtype", [torch.float64, torch.float32])
+def test_unsloth_style_matches_reference(p, adapter_dtype):
+    g = torch.Generator().manual_seed(1)
+    m, k, n, r, s = 13, 24, 20, 5, 1.7
+    x = torch.randn(2, m, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    a = torch.randn(r, k, generator=g, dtype=torch.float64).to(adapter_dtype)
+    d = torch.randn(r, generator=g, dtype=torch.float64).to(adapter_dtype)
+    bb = torch.randn(n, r, generator=g, dtype=torch.float64).to(adapter_dtype)
+    mask = torch.rand(x.shape, generator=g) >= p if p > 0 else None
+    dy = torch.randn(2, m, n, generator=g, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, d, bb)]
+        y = fn(*leaves)
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    ours = grads(lambda x_, a_, d_, b_: unsloth_style_linear(x_, w, b, a_, d_, b_, s, p, keep_mask=mask))
+    ref = grads(lambda x_, a_, d_, b_: kasa_linear_ref(x_, w, b, a_, d_, b_, s, dropout_mask=mask, dropout_p=p,
+                                                       dtype=torch.float64))
+    tol = 1e-10 if adapter_dtype == torch.float64 else 1e-5
+    for name, o, rf in zip(("y", "dx", "dA", "dd", "dB"), ours, ref):
+        assert o.dtype == (torch.float64 if name in ("y", "dx") else adapter_dtype), name
+        err = (o.double() - rf.double()).abs().max().item()
+        scale = rf.double().abs().max().item()
+        assert err <= tol * max(scale, 1.0), f"{name}: max err {err:.2e} (scale {scale:.2e})"
+
+
+def test_unsloth_style_half_runs_and_is_close():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 32, generator=g).bfloat16()
+    w = torch.randn(24, 32, generator=g).bfloat16()
+    a, d, bb = torch.randn(4, 32, generator=g), torch.randn(4, generator=g), torch.randn(24, 4, generator=g)
+    y = unsloth_style_linear(x, w, None, a, d, bb, 2.0)
+    ref = kasa_linear_ref(x.double(), w.double(), None, a.double(), d.double(), bb.double(), 2.0)
+    assert y.dtype == torch.bfloat16
+    assert (y.double() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_flop_formula():
+    from kasa_kernels.bench.providers import flops
+    from kasa_kernels.bench.shapes import Case
+
+    c = Case(8192, 4096, 4096, 16, 0.0, "bf16")
+    base = 2 * 8192 * 4096 * 4096
+    ad = 2 * 8192 * 16 * (4096 + 4096)
+    assert flops("kasa", "forward", c) == base + ad
+    assert flops("kasa", "full", c) == 2 * base + 3 * ad
+    assert flops("linear", "full", c) == 2 * base
+    assert flops("dense", "full", c) == 3 * base
+
+
+def test_bad_arguments_name_the_flag():
+    with pytest.raises(SystemExit, match="--providers"):
+        main(["run", "--providers", "nope", "--quiet"])
+    with pytest.raises(SystemExit, match="--shape"):
+        main(["run", "--shape", "1,2,3", "--quiet"])
