@@ -41,7 +41,7 @@ finally:
 
 # When another test module imported triton first (compiled mode) on a machine without a GPU, the kernels cannot run
 # in this process: every test here is skipped and test_interpreter_suite_in_subprocess runs this file on its own.
-INTERPRETER_READY = HAS_CUDA or isinstance(tl.zeros, triton.runtime.interpreter.InterpretedFunction)
+INTERPRETER_READY = HAS_CUDA or not isinstance(tl.zeros, triton.runtime.jit.JITFunction)
 
 
 @pytest.mark.skipif(INTERPRETER_READY, reason="the kernels run in this process")
