@@ -158,7 +158,8 @@ def _llama(small: bool, device: torch.device, dtype: torch.dtype):
                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype=dtype)
     return model, cfg
 
 
@@ -228,7 +229,8 @@ def bench_train_step(device: torch.device, small: bool, timer: Timer, log, args)
             torch.cuda.synchronize(device)
             # everything this variant holds (weights, grads, optimizer state, activations) at its peak; the
             # variants not yet measured are still resident and are subtracted
-            peak = (torch.cuda.max_memory_allocated(device) - others) / 2**20
+            flush = timer.flush_buf.numel() * timer.flush_buf.element_size() if timer.flush_buf is not None else 0
+            peak = (torch.cuda.max_memory_allocated(device) - others - flush) / 2**20
         else:
             peak = _peak_since(device, 0, step)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -251,6 +253,7 @@ def bench_train_step(device: torch.device, small: bool, timer: Timer, log, args)
 
 def _resident_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
     ts = list(model.parameters()) + list(model.buffers())
+    ts += [p.grad for p in model.parameters() if p.grad is not None]
     ts += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in ts if t.device.type != "meta")
 
