@@ -192,6 +192,23 @@ def test_patched_autocast_bf16_behaves_like_peft(count_fused):
         assert_within_ref(name, o, r64, rlp, torch.bfloat16)
 
 
+def test_patched_whole_model_under_autocast_bf16(count_fused):
+    """Inside an autocast model x reaches each layer in bf16 while the base weight is fp32."""
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 kasa_config=KasaConfig()))
+    randomize_peft_adapters(pm)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        want64 = copy.deepcopy(pm).double()(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = pm(ids).logits
+            kk_peft.patch_peft_model(pm, backend="torch")
+            got = pm(ids).logits
+    assert len(count_fused) == 6
+    assert got.dtype == want.dtype
+    assert_within_ref("bf16 autocast logits", got, want64, want, torch.bfloat16)
+
+
 def test_patch_keeps_parameters_state_dict_and_undo():
     pm = make_peft_tiny()
     x = torch.randn(2, 3, 48)
