@@ -1,0 +1,368 @@
+"""Backend "cuda" (csrc/, extension kasa_kernels._C) against python/kasa_reference.
+
+CPU part (runs in CI): the extension imports when it was built, its ops are registered with torch.library and their
+fake implementations give the right shapes, the C++ argument checks name the argument, and the backend explains
+itself when it cannot run. GPU part (marked gpu): every kernel against the reference over fp32/fp16/bf16, odd shapes,
+non-contiguous inputs, bias on/off, fp32 adapters beside low-precision activations, dropout with the shared mask, the
+regularizer in both forms, determinism, and torch.compile(fullgraph=True).
+"""
+import importlib.util
+import os
+import shutil
+
+import pytest
+import torch
+
+import kasa_kernels as kk
+import kasa_reference as ref
+from helpers import assert_close_to_reference
+from kasa_kernels import _backend
+from kasa_kernels.ops import cuda as cuda_ext
+from kasa_kernels.ops import cuda_linear, cuda_reg  # noqa: F401  (registers the kasa_cuda ops)
+from kasa_kernels.ops.rng import keep_mask, make_seed
+from test_torch_backend import check_against_reference, make_case
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+OPS = ("linear_forward", "linear_backward", "regularizer")
+BUILT = importlib.util.find_spec("kasa_kernels._C") is not None
+needs_ext = pytest.mark.skipif(not BUILT, reason="kasa_kernels._C is not built")
+
+
+# ------------------------------------------------------------------------------------------------------------ CPU --
+def _ci_should_have_built():
+    # In CI (CI=true) the README's `pip install --no-build-isolation -e .` builds the extension whenever torch has
+    # CUDA and nvcc is on PATH (KASA_KERNELS_BUILD_CUDA=auto); a silent skip there is a failure.
+    return (
+        os.environ.get("CI", "").lower() in ("1", "true", "yes")
+        and os.environ.get("KASA_KERNELS_BUILD_CUDA", "auto") != "0"
+        and torch.version.cuda is not None
+        and shutil.which("nvcc") is not None
+    )
+
+
+def test_extension_imports_when_built():
+    if not BUILT:
+        assert not _ci_should_have_built(), "CI has torch+CUDA and nvcc but kasa_kernels._C was not built"
+        pytest.skip("kasa_kernels._C is not built")
+    assert cuda_ext.IMPORT_ERROR is None, f"kasa_kernels._C is built but does not import: {cuda_ext.IMPORT_ERROR}"
+    from kasa_kernels import _C
+
+    for name in OPS + ("kernel_image_status",):
+        assert callable(getattr(_C, name)), name
+    archs = cuda_ext.compiled_archs()
+    assert archs and all(a.rstrip("a").isdigit() and int(a.rstrip("a")) >= 80 for a in archs), archs
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_ops_are_registered_with_torch_library(name):
+    op = getattr(torch.ops.kasa_cuda, name).default
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta")  # the fake implementation
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
+
+
+def _linear_args(device, dtype=torch.bfloat16, m=37, k=130, n=77, r=16, p=0.1, bias=True):
+    x = torch.empty(m, k, device=device, dtype=dtype)
+    w = torch.empty(n, k, device=device, dtype=dtype)
+    b = torch.empty(n, device=device, dtype=dtype) if bias else None
+    a = torch.empty(r, k, device=device, dtype=torch.float32)
+    d = torch.empty(r, device=device, dtype=torch.float32)
+    bb = torch.empty(n, r, device=device, dtype=torch.float32)
+    seed = torch.zeros(2, device=device, dtype=torch.int64)
+    return x, w, b, a, d, bb, 2.0, p, seed
+
+
+def test_fake_forward_and_backward_shapes():
+    x, w, b, a, d, bb, s, p, seed = _linear_args("meta")
+    y, h = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, s, p, seed)
+    assert (y.shape, y.dtype, h.shape, h.dtype) == ((37, 77), torch.bfloat16, (37, 16), torch.float32)
+    g = torch.empty(37, 77, device="meta", dtype=torch.bfloat16)
+    dx, da, dd, db = torch.ops.kasa_cuda.linear_backward(g, x, w, a, d, bb, h, s, p, seed, True, True, True, True)
+    assert (dx.shape, dx.dtype) == ((37, 130), torch.bfloat16)
+    assert [t.shape for t in (da, dd, db)] == [(16, 130), (16,), (77, 16)]
+    assert all(t.dtype == torch.float32 for t in (da, dd, db))
+    dx, da, dd, db = torch.ops.kasa_cuda.linear_backward(g, x, w, a, d, bb, h, s, p, seed, False, True, False, False)
+    assert dx.numel() == 0 and dd.numel() == 0 and db.numel() == 0 and da.shape == (16, 130)
+
+
+def test_fake_regularizer_shapes():
+    As = [torch.empty(4, 10, device="meta"), torch.empty(8, 6, device="meta", dtype=torch.bfloat16)]
+    Bs = [torch.empty(7, 4, device="meta"), torch.empty(5, 8, device="meta", dtype=torch.bfloat16)]
+    ds = [torch.empty(4, device="meta"), torch.empty(8, device="meta", dtype=torch.bfloat16)]
+    loss, ga, gb, gd = torch.ops.kasa_cuda.regularizer(As, Bs, ds, 1e-4, 1e-3, False)
+    assert loss.shape == () and loss.dtype == torch.float32
+    for got, want in zip(ga + gb + gd, As + Bs + ds):
+        assert got.shape == want.shape and got.dtype == torch.float32
+
+
+def test_opcheck_on_meta_tensors():
+    # Without a GPU the only runnable kernel is the fake one; opcheck still validates the schema, the fake
+    # implementation against the declared (non-)aliasing, and the autograd registration.
+    x, w, b, a, d, bb, s, p, seed = _linear_args("meta")
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.kasa_cuda.linear_forward.default, (x, w, b, a, d, bb, s, p, seed), test_utils=tests)
+    h = torch.empty(37, 16, device="meta")
+    g = torch.empty(37, 77, device="meta", dtype=torch.bfloat16)
+    torch.library.opcheck(
+        torch.ops.kasa_cuda.linear_backward.default,
+        (g, x, w, a, d, bb, h, s, p, seed, True, True, True, True),
+        test_utils=tests,
+    )
+    As, Bs, ds = [torch.empty(4, 10, device="meta")], [torch.empty(7, 4, device="meta")], [torch.empty(4, device="meta")]
+    torch.library.opcheck(torch.ops.kasa_cuda.regularizer.default, (As, Bs, ds, 1e-4, 1e-3, True), test_utils=tests)
+
+
+def test_probe_on_cpu_explains_itself():
+    ok, why = cuda_linear.probe(torch.device("cpu"))
+    assert not ok
+    if BUILT:
+        assert "CUDA tensors only" in why and "sm_" in why
+    else:
+        assert "KASA_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e ." in why
+    info = kk.backends("cpu")["cuda"]
+    assert not info.available and info.reason
+
+
+def test_requesting_cuda_backend_on_cpu_raises_actionable_error():
+    x = torch.randn(3, 5)
+    with pytest.raises(_backend.BackendUnavailableError, match="cuda"):
+        kk.kasa_linear(x, torch.randn(4, 5), None, torch.randn(2, 5), torch.randn(2), torch.randn(4, 2), 1.0,
+                       backend="cuda")
+
+
+@needs_ext
+def test_cpp_checks_name_the_argument():
+    from kasa_kernels import _C
+
+    x, w, b, a, d, bb, s, p, seed = _linear_args("cpu", dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="x2d: expected a CUDA tensor"):
+        _C.linear_forward(x, w, b, a, d, bb, s, p, seed, False)
+    with pytest.raises(RuntimeError, match=r"lora_As\[0\]: expected a CUDA tensor"):
+        _C.regularizer([a], [bb], [d], 1e-4, 1e-3, False)
+
+
+def test_missing_extension_error_is_actionable(monkeypatch):
+    monkeypatch.setattr(cuda_ext, "_C", None)
+    monkeypatch.setattr(cuda_ext, "IMPORT_ERROR", ImportError("No module named 'kasa_kernels._C'"))
+    with pytest.raises(RuntimeError, match="KASA_KERNELS_BUILD_CUDA=1"):
+        cuda_ext.ext()
+    ok, why = cuda_ext.probe(torch.device("cuda"))
+    assert not ok and "KASA_KERNELS_BUILD_CUDA=1" in why
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU --
+def _cuda_usable():
+    return torch.cuda.is_available() and cuda_linear.probe(torch.device("cuda"))[0]
+
+
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture
+def cuda_backend():
+    ok, why = cuda_linear.probe(torch.device("cuda"))
+    if not ok:
+        pytest.fail(f"GPU present but the cuda backend is unusable: {why}")
+    return "cuda"
+
+
+def _to_cuda(case):
+    return tuple(None if t is None else t.cuda() for t in case)
+
+
+SHAPES = [  # (leading dims, K, N, r): odd sizes, single rows, several tiles, r above one 16-wide chunk
+    ((1,), 7, 5, 1),
+    ((7,), 37, 130, 4),
+    ((37,), 130, 37, 16),
+    ((3, 13), 64, 96, 8),
+    ((130,), 136, 264, 33),
+    ((257,), 520, 300, 24),
+]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(cuda_backend, dtype, shape, bias):
+    lead, k, n, r = shape
+    check_against_reference(_to_cuda(make_case(lead, k, n, r, dtype, dtype, bias=bias)), backend="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+def test_fp32_adapters_with_low_precision_activations(cuda_backend, dtype, shape):
+    lead, k, n, r = shape
+    check_against_reference(_to_cuda(make_case(lead, k, n, r, dtype, torch.float32)), backend="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_input(cuda_backend, dtype):
+    check_against_reference(_to_cuda(make_case((2, 11), 33, 21, 3, dtype, dtype, noncontig=True)), backend="cuda")
+    check_against_reference(_to_cuda(make_case((5, 41), 136, 72, 16, dtype, dtype, noncontig=True)), backend="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("shape", [((29,), 48, 20, 4), ((131,), 264, 136, 16)], ids=str)
+def test_dropout_matches_reference_with_the_same_mask(cuda_backend, dtype, p, shape):
+    lead, k, n, r = shape
+    check_against_reference(_to_cuda(make_case(lead, k, n, r, dtype, torch.float32)), p=p, backend="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_is_bit_identical_to_rng_keep_mask(cuda_backend, p):
+    # x = 1, A = I: H is exactly keep / (1 - p); W = 0, B = I, d = 1, s = 1, G = 1: dx is exactly keep / (1 - p).
+    m, k = 259, 72
+    seed = make_seed(0xDEADBEEF12345678, torch.device("cuda"))  # both seed words nonzero
+    want = keep_mask(seed, m, k, p)
+    x = torch.ones(m, k, device="cuda")
+    eye = torch.eye(k, device="cuda")
+    ones_r = torch.ones(k, device="cuda")
+    w = torch.zeros(k, k, device="cuda")
+    y, h = torch.ops.kasa_cuda.linear_forward(x, w, None, eye, ones_r, eye, 1.0, p, seed)
+    assert torch.equal(h != 0, want)
+    assert torch.equal(h[want], torch.full_like(h[want], 1.0 / (1.0 - p)))
+    g = torch.ones(m, k, device="cuda")
+    dx, da, _, _ = torch.ops.kasa_cuda.linear_backward(g, x, w, eye, ones_r, eye, h, 1.0, p, seed, True, True, False, False)
+    assert torch.equal(dx != 0, want)
+    # dA[j, k] = sum_m gH[m, j] x~[m, k] with gH = 1: column counts of the mask, scaled
+    torch.testing.assert_close(da, (want.double().sum(0) / (1 - p)).float().expand(k, k), rtol=1e-5, atol=1e-4)
+    for dtype in (torch.float16, torch.bfloat16):
+        _, h_lp = torch.ops.kasa_cuda.linear_forward(x.to(dtype), w.to(dtype), None, eye, ones_r, eye, 1.0, p, seed)
+        assert torch.equal(h_lp != 0, want)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gemm_alone_matches_cublas(cuda_backend, dtype):
+    # The adapter switched off (B = 0): our GEMM against F.linear, which both round the same fp32 sum once.
+    torch.manual_seed(0)
+    for m, k, n in ((1, 8, 8), (129, 264, 520), (300, 1000, 136)):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
+        b = torch.randn(n, device="cuda", dtype=dtype)
+        a, d, bb = torch.randn(4, k, device="cuda"), torch.randn(4, device="cuda"), torch.zeros(n, 4, device="cuda")
+        y, _ = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, 1.0, 0.0, None)
+        ref64 = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        assert_close_to_reference("gemm", y, ref64, torch.nn.functional.linear(x, w, b), dtype)
+
+
+@gpu
+def test_tf32_path(cuda_backend):
+    torch.manual_seed(0)
+    x, w = torch.randn(130, 264, device="cuda"), torch.randn(72, 264, device="cuda") / 264**0.5
+    a, d, bb = torch.randn(8, 264, device="cuda") / 16, torch.randn(8, device="cuda"), torch.randn(72, 8, device="cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        y_tf32, _ = torch.ops.kasa_cuda.linear_forward(x, w, None, a, d, bb, 2.0, 0.0, None)
+        ref_tf32 = ref.kasa_linear_ref(x, w, None, a, d, bb, 2.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    ref64 = ref.kasa_linear_ref(x.double(), w.double(), None, a.double(), d.double(), bb.double(), 2.0)
+    # TF32 keeps 10 mantissa bits: both cuBLAS's TF32 result and ours sit within a few 2**-11 of the fp64 value.
+    assert_close_to_reference("y_tf32", y_tf32, ref64, ref_tf32, torch.float32, factor=4.0)
+
+
+def _reg_layers(dtype, shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for r, k, n in shapes:
+        a = (torch.randn(r, k, generator=g) / k**0.5).to(dtype).cuda()
+        b = (torch.randn(n, r, generator=g) / n**0.5).to(dtype).cuda()
+        d = torch.randn(r, generator=g).to(dtype).cuda()
+        layers.append((a, b, d))
+    return layers
+
+
+REG_SHAPES = [(4, 10, 7), (16, 130, 37), (33, 70, 260), (8, 4096, 96), (1, 1, 1)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["paper", "official"])
+def test_regularizer_matches_reference(cuda_backend, dtype, form):
+    layers = _reg_layers(dtype, REG_SHAPES)
+    beta, gamma = 1e-2, 1e-1
+    loss, ga, gb, gd = cuda_reg.regularizer([l[0] for l in layers], [l[1] for l in layers], [l[2] for l in layers],
+                                            beta, gamma, form)
+    # The kernel computes in fp32 from the parameters' values: hold it to fp32's tolerance around those values.
+    outs = {}
+    for acc in (torch.float64, torch.float32):
+        leaves = [tuple(t.detach().to(acc).requires_grad_(True) for t in l) for l in layers]
+        total = ref.regularizer_ref(leaves, beta, gamma, form)
+        flat = [t for l in leaves for t in l]
+        outs[acc] = [total] + list(torch.autograd.grad(total, flat))
+    assert_close_to_reference("loss", loss, outs[torch.float64][0], outs[torch.float32][0], torch.float32)
+    got = [t for trip in zip(ga, gb, gd) for t in trip]
+    for i, (g_, w64, w32) in enumerate(zip(got, outs[torch.float64][1:], outs[torch.float32][1:])):
+        assert g_.dtype == torch.float32
+        assert_close_to_reference(f"grad[{i}]", g_, w64, w32, torch.float32)
+
+
+@gpu
+def test_regularizer_zero_over_zero_is_zero(cuda_backend):
+    # An exactly orthonormal A has f_A = 0; the paper form's gradient gamma 2 E A / f_A is 0/0, taken as 0.
+    a = torch.eye(4, 9, device="cuda")
+    b = torch.zeros(6, 4, device="cuda")  # the init state: f_B = sqrt(r), dR/dB = 0
+    d = torch.randn(4, device="cuda")
+    loss, ga, gb, gd = cuda_reg.regularizer([a], [b], [d], 1e-4, 1e-3, "paper")
+    assert torch.isfinite(loss) and torch.equal(ga[0], torch.zeros_like(a)) and torch.equal(gb[0], torch.zeros_like(b))
+    torch.testing.assert_close(loss, 1e-4 * (d * d).sum() + 1e-3 * 2.0)
+    torch.testing.assert_close(gd[0], 2e-4 * d)
+
+
+@gpu
+def test_deterministic_mode_is_bitwise_repeatable(cuda_backend):
+    x, w, b, a, d, bb, gy = _to_cuda(make_case((300,), 136, 200, 16, torch.bfloat16, torch.float32))
+    h = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, 2.0, 0.0, None)[1]
+    args = (gy, x, w, a, d, bb, h, 2.0, 0.0, None, True, True, True, True)
+    fast = torch.ops.kasa_cuda.linear_backward(*args)
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        first = torch.ops.kasa_cuda.linear_backward(*args)
+        second = torch.ops.kasa_cuda.linear_backward(*args)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    for f, s, q in zip(first, second, fast):
+        assert torch.equal(f, s)
+        torch.testing.assert_close(f, q, rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_torch_compile_fullgraph(cuda_backend, p):
+    torch._dynamo.reset()
+    x, w, b, a, d, bb, gy = _to_cuda(make_case((4, 33), 136, 72, 8, torch.bfloat16, torch.float32))
+    seed = make_seed(3, x.device)
+
+    def step(x, a, d, bb):
+        y = kk.kasa_linear(x, w, b, a, d, bb, 2.0, dropout_p=p, training=True, backend="cuda", dropout_seed=seed)
+        return (y.float() * gy.float()).sum()
+
+    outs = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, d, bb)]
+        loss = fn(*leaves)
+        outs.append([loss] + list(torch.autograd.grad(loss, leaves)))
+    for e, c in zip(*outs):
+        torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-3)
+
+
+@gpu
+def test_cpp_checks_on_gpu(cuda_backend):
+    x, w, b, a, d, bb, s, p, seed = _linear_args("cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="lora_B: expected shape"):
+        torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb[:-1], s, p, seed)
+    with pytest.raises(RuntimeError, match="weight: expected dtype"):
+        torch.ops.kasa_cuda.linear_forward(x, w.float(), b, a, d, bb, s, p, seed)
+    with pytest.raises(RuntimeError, match="seed: required"):
+        torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, s, p, None)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, s, 1.0, seed)
