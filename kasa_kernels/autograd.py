@@ -86,19 +86,29 @@ def _add_folded_regularizer(folded_reg, backend, lora_A, lora_diag, lora_B, da, 
     return da, dd, db
 
 
+def autocast_inputs(x, weight, bias):
+    """Under autocast, cast x, W and b as F.linear would (floating tensors other than fp64 go to the autocast
+    dtype); otherwise return them unchanged. The adapters are left alone: fp32 adapters are the PEFT default."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else _cast(t, dtype)
+
+    return cast(x), cast(weight), cast(bias)
+
+
 def kasa_linear_autograd(x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg=None):
-    """Apply KasaLinearFunction with the autocast policy above. Inputs are already validated."""
+    """Apply KasaLinearFunction (inputs already validated and passed through autocast_inputs) with autocast off
+    inside, so the op's own dtype policy holds."""
+    args = (x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
         with torch.autocast(device_type, enabled=False):
-            return KasaLinearFunction.apply(
-                x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg
-            )
-    return KasaLinearFunction.apply(
-        x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg
-    )
+            return KasaLinearFunction.apply(*args)
+    return KasaLinearFunction.apply(*args)
 
 
 class KasaRegularizerFunction(torch.autograd.Function):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import _backend
-from .autograd import kasa_linear_autograd, kasa_regularizer_autograd
+from .autograd import autocast_inputs, kasa_linear_autograd, kasa_regularizer_autograd
 from .ops.rng import make_seed
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -92,7 +92,13 @@ def _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, back
                     f"{name}: the base layer is frozen in KaSA and gets no gradient, but {name}.requires_grad is True; "
                     f"call {name}.requires_grad_(False) (inject() and KasaLinear do this)"
                 )
-    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    # Under torch.compile(dynamic=True) a module's float attribute arrives as a SymFloat, which math.isfinite would
+    # turn into a graph break; it was checked when the module was built.
+    if (
+        isinstance(scaling, (bool, torch.Tensor))
+        or not isinstance(scaling, (int, float, torch.SymFloat))
+        or (not torch.compiler.is_compiling() and not math.isfinite(scaling))
+    ):
         raise TypeError(f"scaling: expected a finite Python float, got {scaling!r}")
 
 
@@ -124,8 +130,14 @@ def kasa_linear(
     """
     _require_tensor("x", x)
     name = _backend.resolve(backend, x.device)
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _require_tensor(arg, t)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name)
-    p = check_dropout(dropout_p) if training else 0.0
+    p = check_dropout(dropout_p)
+    if not training:
+        p = 0.0
     seed = make_seed(dropout_seed, x.device) if p > 0.0 else None
     return kasa_linear_autograd(
         x, weight, bias, lora_A, lora_diag, lora_B, seed, float(scaling), p, name, folded_regularizer

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._backend import NAMES as BACKEND_NAMES
 from .functional import (
     REGULARIZER_FORMS,
     TRUNCATION_MODES,
@@ -72,7 +73,12 @@ class KasaLinear(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = check_dropout(dropout)
+        if backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
         self.backend = backend
+        # how the frozen base was derived from a pretrained layer (from_linear); "none" for a freshly built layer
+        self.truncation = "none"
+        self.from_conv1d = False
         self.merged = False
         # (beta, gamma, form, scale) when fold_regularizer() folded the regularizer into this layer's backward
         self.folded_regularizer = None
@@ -149,6 +155,8 @@ class KasaLinear(nn.Module):
             old = getattr(layer, name)
             setattr(layer, name, nn.Parameter(torch.empty(old.shape, device=device, dtype=old.dtype)))
         layer.reset_adapter_parameters()
+        layer.truncation = truncation
+        layer.from_conv1d = not isinstance(linear, nn.Linear)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,10 +189,11 @@ class KasaLinear(nn.Module):
             warnings.warn("KasaLinear.merge: already merged; nothing done", stacklevel=2)
             return
         with torch.no_grad():
-            merged = self.weight.float() + self.delta_weight()
+            # checked after the cast: a sum finite in fp32 can still overflow an fp16 weight
+            merged = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError("merge: the merged weight has NaN or inf entries; the adapter was not merged")
-            self.weight.copy_(merged.to(self.weight.dtype))
+            self.weight.copy_(merged)
         self.merged = True
 
     def unmerge(self) -> None:

@@ -3,8 +3,8 @@
 Runs on every device and traces under torch.compile. It never forms diag(d) and never keeps an M x N or M x K
 tensor for backward: forward returns H = dropout(x) A^T (M x r, fp32) and backward rebuilds everything else from
 x, H and the dropout seed. The low-rank products accumulate in fp32 (fp64 when x is fp64, for gradcheck); the base
-GEMM and the M x N output stay in x's dtype, and the rank-r term is added into the GEMM's output in place so no
-second M x N tensor is made.
+GEMM and the M x N output stay in x's dtype, and the rank-r term is added into the GEMM's output in place (for fp16,
+whose range is too small for H, through one transient fp32 product).
 """
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ from .rng import apply_dropout
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """out += left @ right for a rank-r left (M, r) in the accumulation dtype. fp16 cannot hold H-sized values (its
+    largest is 65504, and H = x A^T can exceed that while the output does not), so there the product is formed in
+    fp32 and added; bf16 has fp32's range, so its operands are cast and the add rides in the GEMM."""
+    if out.dtype == torch.float16:
+        out.add_(left @ right.to(left.dtype))
+    else:
+        out.addmm_(left.to(out.dtype), right.to(out.dtype))
 
 
 def linear_forward(
@@ -39,7 +49,7 @@ def linear_forward(
     h = x_acc @ lora_A.to(acc).t()
     s = h * (lora_diag.to(acc) * scaling)
     y = F.linear(x2d, weight, bias)
-    y.addmm_(s.to(y.dtype), lora_B.to(y.dtype).t())
+    _add_lowrank_(y, s, lora_B.t())
     return y, h
 
 
@@ -79,5 +89,5 @@ def linear_backward(
         if dropout_p > 0.0:
             dx += apply_dropout(gh @ lora_A.to(acc), seed, dropout_p).to(dx.dtype)
         else:
-            dx.addmm_(gh.to(dx.dtype), lora_A.to(dx.dtype))
+            _add_lowrank_(dx, gh, lora_A)
     return dx, da, dd, db

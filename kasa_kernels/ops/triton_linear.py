@@ -1,7 +1,7 @@
 """Backend "triton": the fused KaSA linear op (DESIGN.md, "Fused kernel plan").
 
 Forward, two launches:
-    shrink                 H = dropout(x) A^T (M x r, fp32) and S = H * (s d), on the r-wide tile
+    shrink                 H = dropout(x) A^T and S = H * (s d) (M x r, both fp32), on the r-wide tile
     gemm_lowrank           Y = x W^T + S B^T + b: the rank-r term is the accumulator's first k-step, b the epilogue
 Backward, three launches (+ one tiny fp32 sum over split partials):
     dy_pass                reads each tile of G once: gH = s (G B) * d, dB = s G^T Z, dd = colsum(gZ * H)
@@ -185,14 +185,16 @@ def _gemm_lowrank_kernel(
     stride_om, stride_on,
     keep_scale, threshold,
     HAS_BIAS: tl.constexpr, LOWRANK_PROLOGUE: tl.constexpr, LOWRANK_DROPOUT_EPILOGUE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, LOWRANK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """out (M, N) = a (M, K) @ b (K, N) + [l (M, R) @ lb (R, N)] + [bias (N,)], every operand through its strides.
 
     Forward: a = x, b = W^T, l = S, lb = B^T. dX: a = G, b = W, l = gH, lb = A; with dropout the rank-r term is
-    masked per output element (m, n), which is exactly element (m, k) of x, so it is added after the main loop."""
+    masked per output element (m, n), which is exactly element (m, k) of x, so it is added after the main loop.
+    The rank-r operands stay fp32 (l is H-sized: it can exceed fp16's 65504 while the output does not) and their
+    one k-step runs at LOWRANK_PRECISION (tf32 for fp16/bf16 x: fp16's mantissa with fp32's range)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -209,18 +211,17 @@ def _gemm_lowrank_kernel(
     # main loop needs a mask along k only.
     offs_m_ld = (offs_m % M).to(tl.int64)
     offs_n_ld = (offs_n % N).to(tl.int64)
-    dot_ty = a_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if LOWRANK_PROLOGUE or LOWRANK_DROPOUT_EPILOGUE:
         offs_r = tl.arange(0, R_PAD)
         r_ok = offs_r < R
         l_tile = tl.load(l_ptr + offs_m_ld[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                         mask=r_ok[None, :], other=0.0).to(dot_ty)
+                         mask=r_ok[None, :], other=0.0).to(tl.float32)
         lb_tile = tl.load(lb_ptr + offs_r[:, None] * stride_lbr + offs_n_ld[None, :] * stride_lbn,
-                          mask=r_ok[:, None], other=0.0).to(dot_ty)
+                          mask=r_ok[:, None], other=0.0).to(tl.float32)
     if LOWRANK_PROLOGUE:
-        acc = tl.dot(l_tile, lb_tile, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(l_tile, lb_tile, acc, input_precision=LOWRANK_PRECISION)
 
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m_ld[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
@@ -234,7 +235,7 @@ def _gemm_lowrank_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     if LOWRANK_DROPOUT_EPILOGUE:
-        low = tl.dot(l_tile, lb_tile, input_precision=INPUT_PRECISION)
+        low = tl.dot(l_tile, lb_tile, input_precision=LOWRANK_PRECISION)
         keep = _keep_mask(seed_ptr, offs_m, offs_n, N, threshold)
         acc += tl.where(keep, low * keep_scale, 0.0)
     if HAS_BIAS:
@@ -346,7 +347,7 @@ def _gemm_for(arch: Optional[Tuple[int, int]]):
 
 
 def _launch_gemm(a, b_strided, l, lb_strided, bias, out, seed, M, N, K, R, keep_scale, threshold,
-                 prologue, dropout_epilogue, precision):
+                 prologue, dropout_epilogue, precision, lowrank_precision):
     """b_strided / lb_strided: (tensor, stride_k, stride_n) / (tensor, stride_r, stride_n) views of the right
     operands, so W and its transpose need no copy."""
     b, stride_bk, stride_bn = b_strided
@@ -368,7 +369,7 @@ def _launch_gemm(a, b_strided, l, lb_strided, bias, out, seed, M, N, K, R, keep_
         out.stride(0), out.stride(1),
         keep_scale, threshold,
         HAS_BIAS=bias is not None, LOWRANK_PROLOGUE=prologue, LOWRANK_DROPOUT_EPILOGUE=dropout_epilogue,
-        INPUT_PRECISION=precision, R_PAD=r_pad, **fixed,
+        INPUT_PRECISION=precision, LOWRANK_PRECISION=lowrank_precision, R_PAD=r_pad, **fixed,
     )
 
 
@@ -406,7 +407,7 @@ def _linear_fwd_op(
     r_pad = _r_pad(R)
     dropout = dropout_p > 0.0
     keep_scale, threshold = _dropout_consts(dropout_p)
-    s = torch.empty((M, R), dtype=x2d.dtype, device=dev)
+    s = torch.empty((M, R), dtype=torch.float32, device=dev)
     if use_adapter:
         bm, bk, warps, stages = _small_cfg(dev, r_pad)
         _shrink_kernel[(triton.cdiv(M, bm),)](
@@ -420,6 +421,7 @@ def _linear_fwd_op(
     _launch_gemm(
         x2d, (weight, weight.stride(1), weight.stride(0)), s, (lora_B, lora_B.stride(1), lora_B.stride(0)),
         bias, y, None, M, N, K, R, 1.0, 0, use_adapter, False, _precision(x2d.dtype, False),
+        _precision(x2d.dtype, True),
     )
     return y, h
 
@@ -512,7 +514,7 @@ def _linear_bwd_op(
         _launch_gemm(
             grad_y, (weight, weight.stride(0), weight.stride(1)), gh, (lora_A, lora_A.stride(0), lora_A.stride(1)),
             None, dx, seed if dropout else None, M, K, N, R, keep_scale, threshold,
-            not dropout, dropout, _precision(x2d.dtype, False),
+            not dropout, dropout, _precision(x2d.dtype, False), small_prec,
         )
     return dx, da, dd, db
 
