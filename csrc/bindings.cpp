@@ -112,6 +112,23 @@ LinearShapes check_linear(const Tensor& x, const Tensor& weight, const Tensor& l
   return {M, K, N, R};
 }
 
+// out += left right^T (forward: left (M,R), right (N,R)) or out += drop(left right) (backward: right (R,N)), the
+// product formed in fp32 by the FFMA GEMM with no main k-steps (one transient fp32 M x N tensor).
+void add_lowrank_fp32(Tensor& out, const Tensor& left_in, const Tensor& right, bool forward,
+                      const kasa::DropoutArgs& drop, cudaStream_t stream) {
+  const Tensor left = left_in.contiguous();
+  Tensor t = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+  kasa::GemmLowrankArgs l{};
+  l.M = int(out.size(0)); l.N = int(out.size(1)); l.K = 0;
+  l.lx = left.data_ptr(); l.ldlx = left.size(1);
+  l.lw = right.data_ptr(); l.ldlw = right.size(1);
+  l.R = int(left.size(1));
+  l.out = t.data_ptr(); l.ldo = out.size(1);
+  l.drop = drop;
+  kasa::gemm_lowrank_f32(forward, kasa::Fp32Math::kFFMA, l, stream);
+  out.add_(t);
+}
+
 std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weight_in, const optional<Tensor>& bias_in,
                                           const Tensor& lora_A, const Tensor& lora_diag, const Tensor& lora_B,
                                           double scaling, double dropout_p, const optional<Tensor>& seed,
@@ -159,6 +176,14 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weig
   g.R = int(s.R);
   g.bias = bias.defined() ? bias.data_ptr() : nullptr;
   g.out = y.data_ptr(); g.ldo = s.N;
+  if (dt == kasa::DType::kF16) {
+    // fp16 cannot hold H-sized values (65504 max; S = H s d can exceed it while Y does not), so the rank-R term is
+    // formed in fp32 and added, as the torch backend does. bf16 has fp32's range and keeps it fused.
+    g.lx = nullptr; g.ldlx = 0; g.R = 0;
+    kasa::gemm_lowrank_f16(true, g, stream);
+    add_lowrank_fp32(y, h * sd, lora_B.to(at::kFloat).contiguous(), /*forward=*/true, kasa::DropoutArgs{}, stream);
+    return {y, h};
+  }
   switch (dt) {
     case kasa::DType::kF16: kasa::gemm_lowrank_f16(true, g, stream); break;
     case kasa::DType::kBF16: kasa::gemm_lowrank_bf16(true, g, stream); break;
@@ -205,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
 
   Tensor gh = at::empty({s.M, s.R}, f32);
   Tensor gh_lowp;
-  if (need_dx && dt != kasa::DType::kF32) gh_lowp = at::empty({s.M, s.R}, x_in.options());
+  if (need_dx && dt == kasa::DType::kBF16) gh_lowp = at::empty({s.M, s.R}, x_in.options());
   Tensor dd_partial = at::empty({m_tiles, s.R}, f32);
   Tensor db = deterministic ? at::empty({s.N, s.R}, f32) : at::zeros({s.N, s.R}, f32);
   Tensor db_partial;
@@ -261,6 +286,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
       g.bias = nullptr;
       g.out = dx.data_ptr(); g.ldo = s.K;
       g.drop = drop;
+      if (dt == kasa::DType::kF16) {  // fp16's range: see linear_forward
+        g.lx = nullptr; g.ldlx = 0; g.R = 0; g.drop = kasa::DropoutArgs{};
+        kasa::gemm_lowrank_f16(false, g, stream);
+        add_lowrank_fp32(dx, gh, lora_A.to(at::kFloat).contiguous(), /*forward=*/false, drop, stream);
+        return {dx, da, need_dd ? dd : none_f32, need_db ? db : none_f32};
+      }
       switch (dt) {
         case kasa::DType::kF16: kasa::gemm_lowrank_f16(false, g, stream); break;
         case kasa::DType::kBF16: kasa::gemm_lowrank_bf16(false, g, stream); break;
