@@ -102,10 +102,17 @@ def backends(device: Optional[torch.device | str] = None) -> Dict[str, BackendIn
 _RESOLVED: Dict[Tuple[str, str, Optional[int]], str] = {}
 
 
-def resolve(requested: str, device: torch.device) -> str:
-    """The backend name to run on `device`, for a requested name ('auto' reads KASA_KERNELS_BACKEND first)."""
+def check_name(requested) -> None:
+    """Refuse a backend name that can never be valid (whether it can run is decided per device, at call time)."""
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a string, got {type(requested).__name__}")
+    if requested != "auto" and requested not in NAMES:
+        raise ValueError(f"backend: expected one of {('auto',) + NAMES}, got {requested!r}")
+
+
+def resolve(requested: str, device: torch.device) -> str:
+    """The backend name to run on `device`, for a requested name ('auto' reads KASA_KERNELS_BACKEND first)."""
+    check_name(requested)
     return _resolve(requested, device.type, device.index)
 
 

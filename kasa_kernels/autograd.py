@@ -86,12 +86,17 @@ def _add_folded_regularizer(folded_reg, backend, lora_A, lora_diag, lora_B, da, 
     return da, dd, db
 
 
+def _autocasting(device_type: str) -> bool:
+    # devices without autocast (meta, ...) make is_autocast_enabled raise
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_inputs(x, weight, bias):
     """Under autocast, cast x, W and b as F.linear would (floating tensors other than fp64 go to the autocast
     dtype); otherwise return them unchanged. The adapters are left alone: fp32 adapters are the PEFT default."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocasting(x.device.type):
         return x, weight, bias
+    device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
@@ -105,7 +110,7 @@ def kasa_linear_autograd(x, weight, bias, lora_A, lora_diag, lora_B, seed, scali
     inside, so the op's own dtype policy holds."""
     args = (x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocasting(device_type):
         with torch.autocast(device_type, enabled=False):
             return KasaLinearFunction.apply(*args)
     return KasaLinearFunction.apply(*args)

@@ -194,6 +194,17 @@ def collect_kasa_layers(model_or_modules) -> List[Tuple[torch.Tensor, torch.Tens
     return layers
 
 
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 keeps parameters sharded as DTensors outside forward, and the Grams need whole factors: full_tensor()
+    # all-gathers differentiably, and its backward hands each rank the gradient of its own shard (every rank computes
+    # the same loss, so nothing more is reduced). Every rank must call the regularizer, as with any collective.
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def kasa_regularizer(
     model_or_modules,
     beta: float = 1e-4,
@@ -212,7 +223,7 @@ def kasa_regularizer(
     for name, v in (("beta", beta), ("gamma", gamma)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise TypeError(f"{name}: expected a finite float, got {v!r}")
-    layers = collect_kasa_layers(model_or_modules)
+    layers = [tuple(_full_tensor(t) for t in layer) for layer in collect_kasa_layers(model_or_modules)]
     if not layers:
         raise ValueError(
             "model_or_modules: found no KaSA layers (KasaLinear modules, or PEFT LoRA layers with lora_diag)"

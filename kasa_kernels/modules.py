@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._backend import NAMES as BACKEND_NAMES
+from . import _backend
 from .functional import (
     REGULARIZER_FORMS,
     TRUNCATION_MODES,
@@ -73,8 +73,7 @@ class KasaLinear(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = check_dropout(dropout)
-        if backend != "auto" and backend not in BACKEND_NAMES:
-            raise ValueError(f"backend: expected one of {('auto',) + BACKEND_NAMES}, got {backend!r}")
+        _backend.check_name(backend)
         self.backend = backend
         # how the frozen base was derived from a pretrained layer (from_linear); "none" for a freshly built layer
         self.truncation = "none"

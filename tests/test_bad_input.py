@@ -151,10 +151,6 @@ def test_kasa_linear_rejects_dropout_outside_unit_interval(p):
         _call(dropout_p=p)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="functional.kasa_linear validates dropout_p only when training=True: an invalid p passes in eval mode",
-)
 def test_kasa_linear_rejects_bad_dropout_also_in_eval_mode():
     with pytest.raises(ValueError, match=r"^dropout_p: "):
         _call(dropout_p=1.5, training=False)
@@ -215,8 +211,6 @@ def test_unusable_backend_raises_and_names_the_usable_ones():
             layer(torch.randn(2, K))
 
 
-@pytest.mark.xfail(strict=True, reason="KasaLinear.__init__ stores backend without checking the name; the error "
-                                       "appears only at the first forward")
 def test_kasa_linear_module_rejects_unknown_backend_name_at_construction():
     with pytest.raises(ValueError, match=r"^backend: expected one of"):
         kk.KasaLinear(K, N, r=R, backend="nope")
@@ -308,11 +302,6 @@ def test_safe_merge_refuses_overflow_in_fp32():
     assert not layer.merged and torch.equal(layer.weight, w0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KasaLinear.merge checks finiteness of the fp32 sum, before the cast to W's dtype: an fp16 weight "
-    "overflowing to inf in the cast is merged anyway",
-)
 def test_safe_merge_refuses_overflow_in_the_weight_dtype():
     # delta = s * r * 1e4 = 8 * 2 * 1e4 = 1.6e5: finite in fp32, above fp16's largest value 65504.
     layer = _layer_with_delta(torch.float16, 1e4)

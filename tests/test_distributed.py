@@ -101,16 +101,10 @@ def test_ddp_matches_single_process(tmp_path, reference):
         _assert_close_dicts(out["final"], final, f"DDP rank {rank} adapter after {worker.STEPS} steps")
 
 
-# FSDP2 on CPU with gloo works in this torch (2.14): fully_shard shards every parameter, forward/backward run. What
-# fails is kasa_regularizer on the sharded (DTensor) parameters, called after forward when FSDP2 has resharded them.
-_REG_DTENSOR_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="kasa_regularizer mixes DTensor parameters with a plain torch.eye (torch_reg._gram_term): 'aten.sub.Tensor "
-    "got mixed torch.Tensor and DTensor'; fix: functional.kasa_regularizer gathers DTensors with full_tensor()",
-)
+# FSDP2 on CPU with gloo (torch 2.14): fully_shard shards every parameter; kasa_regularizer runs on the resharded
+# DTensor parameters after forward (it all-gathers them differentiably).
 
 
-@_REG_DTENSOR_XFAIL
 def test_fsdp2_matches_single_process(tmp_path, reference):
     grads, final = reference
     for rank, out in enumerate(_launch("fsdp2", tmp_path)):
@@ -119,7 +113,6 @@ def test_fsdp2_matches_single_process(tmp_path, reference):
         _assert_close_dicts(out["final"], final, f"FSDP2 rank {rank} adapter after {worker.STEPS} steps")
 
 
-@_REG_DTENSOR_XFAIL
 def test_fsdp2_regularizer_on_dtensor_parameters(tmp_path):
     model = worker.build_model()
     adapters = {n: p for n, p in model.named_parameters() if p.requires_grad}

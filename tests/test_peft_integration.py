@@ -443,7 +443,5 @@ def test_load_rejects_non_kasa_or_foreign_adapters(tmp_path):
 def test_save_refuses_non_peft_truncation(tmp_path):
     original = tiny_llama()
     ours = kk.inject(copy.deepcopy(original), ["q_proj"], r=4, truncation="none")
-    if not hasattr(ours.model.layers[0].self_attn.q_proj, "truncation"):
-        pytest.skip("KasaLinear does not record its truncation mode yet (lead: store self.truncation in from_linear)")
     with pytest.raises(ValueError, match="truncation"):
         kk_peft.save_peft_adapter(ours, tmp_path)

@@ -3,8 +3,8 @@
 Runs on every device and traces under torch.compile. It never forms diag(d) and never keeps an M x N or M x K
 tensor for backward: forward returns H = dropout(x) A^T (M x r, fp32) and backward rebuilds everything else from
 x, H and the dropout seed. The low-rank products accumulate in fp32 (fp64 when x is fp64, for gradcheck); the base
-GEMM and the M x N output stay in x's dtype, and the rank-r term is added into the GEMM's output in place (for fp16,
-whose range is too small for H, through one transient fp32 product).
+GEMM and the M x N output stay in x's dtype, and the rank-r term is added into the GEMM's output in place, so no
+second M x N tensor is made.
 """
 from __future__ import annotations
 
@@ -21,13 +21,21 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """out += left @ right for a rank-r left (M, r) in the accumulation dtype. fp16 cannot hold H-sized values (its
-    largest is 65504, and H = x A^T can exceed that while the output does not), so there the product is formed in
-    fp32 and added; bf16 has fp32's range, so its operands are cast and the add rides in the GEMM."""
+    """out += left @ right for a rank-r left (M, r) and right (r, cols), both in the accumulation dtype, with the
+    operands cast to out's dtype so the add rides in the GEMM. fp16's range (65504) is smaller than H's can be while
+    the output stays small, so for fp16 rank-1 component j is rebalanced first: column j of left times 2^-e_j and row j
+    of right times 2^e_j (exact in binary floating point, the product unchanged), which makes a cast overflow only
+    where the product itself would. bf16 has fp32's range and needs none of it."""
     if out.dtype == torch.float16:
-        out.add_(left @ right.to(left.dtype))
-    else:
-        out.addmm_(left.to(out.dtype), right.to(out.dtype))
+        tiny = torch.finfo(torch.float32).tiny
+        big_left = left.abs().amax(0).clamp_min(tiny)
+        big_right = right.abs().amax(1).clamp_min(tiny)
+        # log domain: the ratio itself can overflow fp32 when a factor is all zeros (B = 0 at init)
+        e = torch.round(0.5 * (torch.log2(big_left) - torch.log2(big_right))).clamp(-60, 60)
+        scale = torch.exp2(e)
+        left = left / scale
+        right = right * scale[:, None]
+    out.addmm_(left.to(out.dtype), right.to(out.dtype))
 
 
 def linear_forward(
@@ -49,7 +57,7 @@ def linear_forward(
     h = x_acc @ lora_A.to(acc).t()
     s = h * (lora_diag.to(acc) * scaling)
     y = F.linear(x2d, weight, bias)
-    _add_lowrank_(y, s, lora_B.t())
+    _add_lowrank_(y, s, lora_B.to(acc).t())
     return y, h
 
 
@@ -89,5 +97,5 @@ def linear_backward(
         if dropout_p > 0.0:
             dx += apply_dropout(gh @ lora_A.to(acc), seed, dropout_p).to(dx.dtype)
         else:
-            _add_lowrank_(dx, gh, lora_A)
+            _add_lowrank_(dx, gh, lora_A.to(acc))
     return dx, da, dd, db
