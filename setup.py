@@ -142,8 +142,10 @@ setup(
             "peft>=0.21",
             "transformers",
             "safetensors",
+            "matplotlib",
         ],
-        "bench": ["matplotlib", "pytest-benchmark"],
+        # the peers (PEFT's KaSA layer, the transformers training step) are what the benchmark compares against
+        "bench": ["matplotlib", "pytest-benchmark", "peft>=0.21", "transformers"],
     },
     entry_points={"console_scripts": ["kasa-bench = kasa_kernels.bench.__main__:main"]},
     ext_modules=EXT_MODULES,
