@@ -204,15 +204,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
 # torch.compile
 
 
-def _compile_case(dynamic):
+def _compile_case(dynamic, backend="aot_eager"):
     torch._dynamo.reset()
     model, targets = build("llama")
     kk.inject(model, targets, r=4, alpha=8, backend="torch")
     randomize(model)
     eager = copy.deepcopy(model)
     # aot_eager traces forward and backward through dynamo + AOTAutograd like inductor does, without the C++ build
-    # (inductor on CPU costs ~25 s per graph here); the GPU test below uses inductor.
-    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    # (inductor on CPU costs ~25 s per graph here); one test below runs inductor itself.
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic, backend=backend)
     return eager, model, compiled
 
 
@@ -251,6 +251,16 @@ def test_compile_dynamic_true_fullgraph():
             ids = torch.randint(0, VOCAB, (2, seq))
             torch.testing.assert_close(compiled(input_ids=ids).logits, eager(input_ids=ids).logits,
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_compile_inductor_cpu_whole_model_no_recompile():
+    # inductor's own code generation (C++ on CPU), forward and backward, then a new sequence length without a recompile
+    eager, model, compiled = _compile_case(dynamic=None, backend="inductor")
+    ids = mark_dynamic(torch.randint(0, VOCAB, (2, 8)))
+    _assert_same_step(_step(compiled, ids), _step(eager, ids))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        ids = torch.randint(0, VOCAB, (2, 13))
+        _assert_same_step(_step(compiled, ids), _step(eager, ids))
 
 
 @pytest.mark.gpu
