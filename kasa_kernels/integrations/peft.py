@@ -121,11 +121,7 @@ def _fused_call_args(layer, x: torch.Tensor, args: tuple, kwargs: dict):
     diag = diag_dict[name]
     if not all(_adapter_dtype_ok(t, compute_dtype) for t in (lora_A.weight, lora_B.weight, diag)):
         return None  # e.g. bf16 adapters on an fp32 model: PEFT casts x down to the adapter dtype
-    if compute_dtype != x.dtype or compute_dtype != weight.dtype:
-        # Autocast casts x, W and b to its dtype anyway (as F.linear does); doing it here keeps kasa_linear's
-        # same-dtype validation happy when x arrives in bf16 from the previous op while W is still fp32.
-        x, weight = x.to(compute_dtype), weight.to(compute_dtype)
-        bias = None if bias is None else bias.to(compute_dtype)
+    # under autocast, kasa_linear casts x, W and b to the autocast dtype itself, as F.linear does
     return (x, weight, bias, lora_A.weight, diag, lora_B.weight, float(layer.scaling[name]), p, training)
 
 
