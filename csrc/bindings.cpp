@@ -212,14 +212,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const kasa::DType dt = dtype_code(x_in, "x2d");
   const auto f32 = x_in.options().dtype(at::kFloat);
-  const Tensor none_f32 = at::empty({0}, f32);
-  const Tensor none_x = at::empty({0}, x_in.options());
+  // A fresh (0,) tensor per unneeded output: torch.library.custom_op rejects outputs that share a storage
+  // ("may not alias ... other returns"), so one shared placeholder for, e.g., dd and db would raise.
+  auto none_f32 = [&] { return at::empty({0}, f32); };
+  auto none_x = [&] { return at::empty({0}, x_in.options()); };
 
   if (s.M == 0) {
-    return {need_dx ? at::empty({0, s.K}, x_in.options()) : none_x, need_da ? at::zeros({s.R, s.K}, f32) : none_f32,
-            need_dd ? at::zeros({s.R}, f32) : none_f32, need_db ? at::zeros({s.N, s.R}, f32) : none_f32};
+    return {need_dx ? at::empty({0, s.K}, x_in.options()) : none_x(), need_da ? at::zeros({s.R, s.K}, f32) : none_f32(),
+            need_dd ? at::zeros({s.R}, f32) : none_f32(), need_db ? at::zeros({s.N, s.R}, f32) : none_f32()};
   }
-  if (!(need_dx || need_da || need_dd || need_db)) return {none_x, none_f32, none_f32, none_f32};
+  if (!(need_dx || need_da || need_dd || need_db)) return {none_x(), none_f32(), none_f32(), none_f32()};
 
   const Tensor grad_y = unit_column_stride(grad_y_in);
   const Tensor h = h_in.contiguous();
@@ -251,7 +253,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
   if (db_partial.defined()) kasa::sum_partials(db_partial.data_ptr<float>(), m_tiles, s.N * s.R, db.data_ptr<float>(), stream);
 
   const Tensor x = (need_da || need_dx) ? unit_column_stride(x_in) : x_in;
-  Tensor da = none_f32;
+  Tensor da = need_da ? Tensor() : none_f32();
   if (need_da) {
     da = at::empty({s.R, s.K}, f32);
     kasa::LowrankDaArgs la{};
@@ -270,7 +272,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
     if (la.splits > 1) kasa::sum_partials(la.partial, la.splits, s.R * s.K, la.da, stream);
   }
 
-  Tensor dx = none_x;
+  Tensor dx = need_dx ? Tensor() : none_x();
   if (need_dx) {
     dx = at::empty({s.M, s.K}, x_in.options());
     if (s.K > 0) {
@@ -290,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
         g.lx = nullptr; g.ldlx = 0; g.R = 0; g.drop = kasa::DropoutArgs{};
         kasa::gemm_lowrank_f16(false, g, stream);
         add_lowrank_fp32(dx, gh, lora_A.to(at::kFloat).contiguous(), /*forward=*/false, drop, stream);
-        return {dx, da, need_dd ? dd : none_f32, need_db ? db : none_f32};
+        return {dx, da, need_dd ? dd : none_f32(), need_db ? db : none_f32()};
       }
       switch (dt) {
         case kasa::DType::kF16: kasa::gemm_lowrank_f16(false, g, stream); break;
@@ -301,7 +303,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
       }
     }
   }
-  return {dx, da, need_dd ? dd : none_f32, need_db ? db : none_f32};
+  return {dx, da, need_dd ? dd : none_f32(), need_db ? db : none_f32()};
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> regularizer(
