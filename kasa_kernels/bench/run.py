@@ -17,6 +17,7 @@ import torch
 
 from . import providers as prov
 from .shapes import Case
+from ..ops.precision import allow_tf32
 from .timing import Timer
 
 SCHEMA_VERSION = 1
@@ -316,7 +317,7 @@ def run(args, cases: Sequence[Case], names: Sequence[str], modes: Sequence[str],
         "backends": backends,
         "timing": {"method": timer.method, "warmup": args.warmup, "rep_ms": args.rep_ms, "min_reps": args.min_reps,
                    "max_reps": args.max_reps, "compile_mode": args.compile_mode,
-                   "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                   "allow_tf32_matmul": allow_tf32(),
                    "peak_mem": ("torch.cuda.max_memory_allocated during one call, minus what was allocated before "
                                 "the provider's tensors were made (inputs, parameters and saved tensors count)"
                                 if device.type == "cuda" else

@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .precision import allow_tf32  # noqa: F401  (re-exported for cuda_linear)
+
 BUILD_HINT = (
     "build it with `KASA_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .` from the kasa_kernels source "
     "tree (needs a CUDA build of torch and nvcc; KASA_KERNELS_CUDA_ARCHS picks the GPU architectures, default "
@@ -66,15 +68,3 @@ def probe(device) -> Tuple[bool, str]:
             f"run: {what}. Rebuild with KASA_KERNELS_CUDA_ARCHS=\"{major}{minor}\" and {BUILD_HINT}"
         )
     return True, f"CUDA C++ kernels (kasa_kernels._C built for {built}; {name} runs the {what})"
-
-
-def allow_tf32() -> bool:
-    """Whether fp32 matmuls may use TF32, read the way F.linear's cuBLAS call reads it."""
-    matmul = torch.backends.cuda.matmul
-    # torch >= 2.9: reading the legacy `allow_tf32` RAISES once the new fp32_precision API was used (e.g.
-    # torch.backends.fp32_precision = "tf32"), so read fp32_precision, which resolves the inheritance and reflects
-    # the legacy setter too ("none" = not set = IEEE). Older torch has no fp32_precision: fall back.
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is not None:
-        return precision == "tf32"
-    return bool(matmul.allow_tf32)
