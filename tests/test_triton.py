@@ -177,6 +177,26 @@ def test_deterministic_mode_matches_and_repeats(deterministic):
             assert torch.equal(u, v), f"{name} differs between two deterministic runs"
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_dy_pass_split_over_n_matches_reference(splits, monkeypatch):
+    # GPU sizes split the dy pass over N (see _dy_pass_splits); the test shapes are too small to do it by themselves
+    def forced(device, n_mblocks, n, block_n):
+        cols = triton.cdiv(triton.cdiv(n, block_n), splits) * block_n
+        return triton.cdiv(n, cols), cols
+
+    monkeypatch.setattr(triton_linear, "_dy_pass_splits", forced)
+    case = make_case((37,), 40, 130 if splits == 3 else 100, 4, torch.float32, noncontig=True)
+    check_against_reference(case, p=0.25)
+
+
+def test_gemm_prune_keeps_configs_that_fit():
+    # sm86 (99 KB): fp32 tiles double the pipeline's shared memory; the estimate matches AOT compiles
+    assert triton_linear._gemm_smem_bytes(8, 128, 256, 32, 3, 2, 0) == 49152
+    assert triton_linear._gemm_smem_bytes(9, 128, 256, 64, 3, 2, 0) == 147456
+    for bm, bn, bk, st, w in triton_linear._GEMM_CONFIGS[(8, 6)]:
+        assert triton_linear._gemm_smem_bytes(8, bm, bn, bk, st, 2, 32) <= 99 * 1024
+
+
 def _identity_adapter(m, k, p, seed, dtype=torch.float32, x=None):
     """r = K, A = I, d = 1, s = 1: H = dropout(x) exactly, so H exposes the kernel's mask."""
     x = torch.randn(m, k, dtype=dtype, device=DEVICE) if x is None else x

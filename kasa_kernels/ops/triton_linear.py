@@ -6,7 +6,8 @@ Forward, two launches:
 Backward, three launches (+ one tiny fp32 sum over split partials):
     dy_pass                reads each tile of G once: gH = s (G B) * d, dB = s G^T Z, dd = colsum(gZ * H)
     dA                     dA = gH^T dropout(x), the mask regenerated from the seed
-    gemm_lowrank           dx = G W + gH A (prologue, p = 0) or + dropout_backward(gH A) (epilogue, p > 0)
+    gemm_lowrank           dx = G W + dropout_backward(gH A), the rank-r term (masked per element when p > 0) as
+                           the accumulator's first k-steps
 Nothing of size M x N or M x K is allocated besides the outputs. Reductions over M accumulate in fp32; with
 torch.use_deterministic_algorithms(True) they go through per-block partials summed in a fixed order (no atomics), so
 reruns are bit-identical.
@@ -62,6 +63,8 @@ _GEMM_CONFIGS = {
         (64, 64, 64, 3, 4),
     ],
 }
+# Columns of r per k-step of the GEMM's rank-r term (its fp32 operand tiles sit in shared memory beside the pipeline).
+_LOWRANK_CHUNK = 32
 # The CPU interpreter costs per numpy op, not per flop: few, large-ish tiles keep the tests fast.
 _INTERPRET_GEMM = (32, 64, 32, 1, 4)
 
@@ -100,6 +103,16 @@ def _small_cfg(device: torch.device, r_pad: int):
     block_k = 64 if r_pad <= 32 else 32
     stages = 3 if (big_smem or r_pad <= 32) else 2
     return 64, block_k, 4, stages
+
+
+def _dy_pass_splits(device: torch.device, n_mblocks: int, N: int, block_n: int) -> Tuple[int, int]:
+    """(slices of N's columns, columns per slice) for the dy pass: about two programs per SM, each slice at least
+    two column blocks (each slice costs one M x r atomic add of its partial G B)."""
+    n_nblocks = triton.cdiv(N, block_n)
+    want = triton.cdiv(2 * _sm_count(device), n_mblocks)
+    n_split = max(1, min(want, n_nblocks // 2))
+    cols = triton.cdiv(n_nblocks, n_split) * block_n
+    return triton.cdiv(N, cols), cols
 
 
 def _precision(x_dtype: torch.dtype, lowp_tf32: bool) -> str:
@@ -184,17 +197,20 @@ def _gemm_lowrank_kernel(
     stride_lm, stride_lr, stride_lbr, stride_lbn,
     stride_om, stride_on,
     keep_scale, threshold,
-    HAS_BIAS: tl.constexpr, LOWRANK_PROLOGUE: tl.constexpr, LOWRANK_DROPOUT_EPILOGUE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LOWRANK: tl.constexpr, LOWRANK_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, LOWRANK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out (M, N) = a (M, K) @ b (K, N) + [l (M, R) @ lb (R, N)] + [bias (N,)], every operand through its strides.
 
-    Forward: a = x, b = W^T, l = S, lb = B^T. dX: a = G, b = W, l = gH, lb = A; with dropout the rank-r term is
-    masked per output element (m, n), which is exactly element (m, k) of x, so it is added after the main loop.
-    The rank-r operands stay fp32 (l is H-sized: it can exceed fp16's 65504 while the output does not) and their
-    one k-step runs at LOWRANK_PRECISION (tf32 for fp16/bf16 x: fp16's mantissa with fp32's range)."""
+    Forward: a = x, b = W^T, l = S, lb = B^T. dX: a = G, b = W, l = gH, lb = A; with dropout (LOWRANK_DROPOUT) the
+    rank-r term is masked per output element (m, n), which is exactly element (m, k) of x: the mask is applied to the
+    accumulator right after the rank-r k-steps, before the main loop adds G W, so no second M x N accumulator is
+    held across the loop (AOT sm90, 128x256 tile, bf16: the epilogue form spilled ~800 B/thread).
+    The rank-r operands stay fp32 (l is H-sized: it can exceed fp16's 65504 while the output does not) and run at
+    LOWRANK_PRECISION (tf32 for fp16/bf16 x: fp16's mantissa with fp32's range), R_CHUNK columns of r at a
+    time: whole fp32 (BLOCK_M + BLOCK_N) x R_PAD tiles added 196 KB of shared memory at r = 128 (AOT, sm90)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -213,15 +229,18 @@ def _gemm_lowrank_kernel(
     offs_n_ld = (offs_n % N).to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if LOWRANK_PROLOGUE or LOWRANK_DROPOUT_EPILOGUE:
-        offs_r = tl.arange(0, R_PAD)
-        r_ok = offs_r < R
-        l_tile = tl.load(l_ptr + offs_m_ld[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                         mask=r_ok[None, :], other=0.0).to(tl.float32)
-        lb_tile = tl.load(lb_ptr + offs_r[:, None] * stride_lbr + offs_n_ld[None, :] * stride_lbn,
-                          mask=r_ok[:, None], other=0.0).to(tl.float32)
-    if LOWRANK_PROLOGUE:
-        acc = tl.dot(l_tile, lb_tile, acc, input_precision=LOWRANK_PRECISION)
+    if LOWRANK:
+        for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
+            offs_r = r0 + tl.arange(0, R_CHUNK)
+            r_ok = offs_r < R
+            l_tile = tl.load(l_ptr + offs_m_ld[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                             mask=r_ok[None, :], other=0.0).to(tl.float32)
+            lb_tile = tl.load(lb_ptr + offs_r[:, None] * stride_lbr + offs_n_ld[None, :] * stride_lbn,
+                              mask=r_ok[:, None], other=0.0).to(tl.float32)
+            acc = tl.dot(l_tile, lb_tile, acc, input_precision=LOWRANK_PRECISION)
+        if LOWRANK_DROPOUT:
+            keep = _keep_mask(seed_ptr, offs_m, offs_n, N, threshold)
+            acc = tl.where(keep, acc * keep_scale, 0.0)
 
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m_ld[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
@@ -234,10 +253,6 @@ def _gemm_lowrank_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    if LOWRANK_DROPOUT_EPILOGUE:
-        low = tl.dot(l_tile, lb_tile, input_precision=LOWRANK_PRECISION)
-        keep = _keep_mask(seed_ptr, offs_m, offs_n, N, threshold)
-        acc += tl.where(keep, low * keep_scale, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n_ld).to(tl.float32)[None, :]
 
@@ -249,15 +264,20 @@ def _gemm_lowrank_kernel(
 @triton.jit
 def _dy_pass_kernel(
     g_ptr, b_ptr, h_ptr, d_ptr, gh_ptr, db_ptr, dd_ptr,
-    M, N, R,
+    M, N, R, cols_per_split,
     stride_gm, stride_gn, stride_bn, stride_br, stride_d,
     scaling,
-    NEED_DB: tl.constexpr, NEED_DD: tl.constexpr, DETERMINISTIC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    NEED_DB: tl.constexpr, NEED_DD: tl.constexpr, DETERMINISTIC: tl.constexpr, SPLIT_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    """One row-block of G, swept once along N: gZ = s G B accumulates over N while each (BLOCK_N, r) slice of
-    dB = s G^T Z is reduced over M (atomics, or per-row-block partials in deterministic mode)."""
+    """One row-block of G, swept once along one slice of N's columns: gZ = s G B accumulates over the slice while
+    each (BLOCK_N, r) slice of dB = s G^T Z is reduced over M (atomics, or per-row-block partials in deterministic
+    mode). With SPLIT_N (several column slices; never in deterministic mode) the unscaled partial G B is atomically
+    added to the zeroed gh buffer and _dy_finish_kernel turns it into gH and dd: cdiv(M, 64) programs alone are 128
+    at M = 8192 (fewer than an H100's 132 SMs) and 1 at decode sizes."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     m_ok = offs_m < M
@@ -267,9 +287,11 @@ def _dy_pass_kernel(
     d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
     z_scaled = h * (d * scaling)[None, :]
     gz = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    n_start = pid_s * cols_per_split
+    n_end = min(n_start + cols_per_split, N)
+    for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
+        n_ok = offs_n < n_end
         g = tl.load(g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :].to(tl.int64) * stride_gn,
                     mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         nr_ok = n_ok[:, None] & r_ok[None, :]
@@ -283,14 +305,39 @@ def _dy_pass_kernel(
                 tl.store(db_ptr + pid.to(tl.int64) * N * R + db_off, db_part, mask=nr_ok)
             else:
                 tl.atomic_add(db_ptr + db_off, db_part, mask=nr_ok)
-    gz = gz * scaling
-    tl.store(gh_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :], gz * d[None, :], mask=mr_ok)
+    gh_off = offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
+    if SPLIT_N:
+        tl.atomic_add(gh_ptr + gh_off, gz, mask=mr_ok)
+    else:
+        gz = gz * scaling
+        tl.store(gh_ptr + gh_off, gz * d[None, :], mask=mr_ok)
+        if NEED_DD:
+            dd_part = tl.sum(gz * h, axis=0)
+            if DETERMINISTIC:
+                tl.store(dd_ptr + pid * R + offs_r, dd_part, mask=r_ok)
+            else:
+                tl.atomic_add(dd_ptr + offs_r, dd_part, mask=r_ok)
+
+
+@triton.jit
+def _dy_finish_kernel(
+    gh_ptr, h_ptr, d_ptr, dd_ptr,
+    M, R, stride_d, scaling,
+    NEED_DD: tl.constexpr, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """After a split dy_pass: gh holds G B summed over the column slices; make it gH = s (G B) * d, dd += colsum."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    r_ok = offs_r < R
+    mr_ok = (offs_m < M)[:, None] & r_ok[None, :]
+    off = offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
+    gz = tl.load(gh_ptr + off, mask=mr_ok, other=0.0) * scaling
+    d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
+    tl.store(gh_ptr + off, gz * d[None, :], mask=mr_ok)
     if NEED_DD:
-        dd_part = tl.sum(gz * h, axis=0)
-        if DETERMINISTIC:
-            tl.store(dd_ptr + pid * R + offs_r, dd_part, mask=r_ok)
-        else:
-            tl.atomic_add(dd_ptr + offs_r, dd_part, mask=r_ok)
+        h = tl.load(h_ptr + off, mask=mr_ok, other=0.0)
+        tl.atomic_add(dd_ptr + offs_r, tl.sum(gz * h, axis=0), mask=r_ok)
 
 
 @triton.jit
@@ -330,7 +377,7 @@ def _da_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # GEMM autotuning: one Autotuner per architecture, built on first use.
 
-_GEMM_KEY = ["m_bucket", "N", "K", "R_PAD", "LOWRANK_PROLOGUE", "LOWRANK_DROPOUT_EPILOGUE"]
+_GEMM_KEY = ["m_bucket", "N", "K", "R_PAD", "LOWRANK", "LOWRANK_DROPOUT"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -343,18 +390,54 @@ def _gemm_for(arch: Optional[Tuple[int, int]]):
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=st, num_warps=w)
         for bm, bn, bk, st, w in _GEMM_CONFIGS[arch]
     ]
-    return triton.autotune(configs=configs, key=_GEMM_KEY)(_gemm_lowrank_kernel), {}
+    return triton.autotune(configs=configs, key=_GEMM_KEY,
+                           prune_configs_by={"early_config_prune": _prune_gemm_configs})(_gemm_lowrank_kernel), {}
+
+
+def _gemm_smem_bytes(major: int, bm: int, bn: int, bk: int, stages: int, elem: int, r_chunk: int) -> int:
+    """Upper bound of the GEMM's shared memory, fitted to AOT compiles (tools/aot_compile_triton.py, triton 3.8):
+    sm90 allocates num_stages operand buffers, sm8x num_stages - 1; the rank-r step's fp32 tiles come on top."""
+    buffers = stages if major >= 9 else stages - 1
+    return buffers * (bm * bk + bk * bn) * elem + (bm + bn) * r_chunk * 4
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if not limit:
+        limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return int(limit)
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Drop configs whose shared memory exceeds this GPU's (sm86/sm89: 99 KB; fp32 inputs double the tiles), so the
+    autotuner does not compile them only to fail with OutOfResources; keep the smallest if none fits."""
+    a = named_args["a_ptr"]
+    major = torch.cuda.get_device_capability(a.device)[0]
+    limit = _smem_limit(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    r_chunk = kwargs.get("R_CHUNK", 0) if kwargs.get("LOWRANK", False) else 0
+
+    def need(c):
+        k = c.kwargs
+        return _gemm_smem_bytes(major, k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_stages, a.element_size(),
+                                r_chunk)
+
+    kept = [c for c in configs if need(c) <= limit]
+    return kept or [min(configs, key=need)]
 
 
 def _launch_gemm(a, b_strided, l, lb_strided, bias, out, seed, M, N, K, R, keep_scale, threshold,
-                 prologue, dropout_epilogue, precision, lowrank_precision):
+                 lowrank, lowrank_dropout, precision, lowrank_precision):
     """b_strided / lb_strided: (tensor, stride_k, stride_n) / (tensor, stride_r, stride_n) views of the right
     operands, so W and its transpose need no copy."""
     b, stride_bk, stride_bn = b_strided
     lb, stride_lbr, stride_lbn = lb_strided
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernel reads b with unit stride (N elements, cheap)
     arch = None if a.device.type != "cuda" else _arch_key(a.device)
     kernel, fixed = _gemm_for(arch)
-    use_lowrank = prologue or dropout_epilogue
+    use_lowrank = lowrank
     r_pad = _r_pad(R) if use_lowrank else 16
 
     def grid(meta):
@@ -368,8 +451,9 @@ def _launch_gemm(a, b_strided, l, lb_strided, bias, out, seed, M, N, K, R, keep_
         l.stride(0) if use_lowrank else 0, l.stride(1) if use_lowrank else 0, stride_lbr, stride_lbn,
         out.stride(0), out.stride(1),
         keep_scale, threshold,
-        HAS_BIAS=bias is not None, LOWRANK_PROLOGUE=prologue, LOWRANK_DROPOUT_EPILOGUE=dropout_epilogue,
-        INPUT_PRECISION=precision, LOWRANK_PRECISION=lowrank_precision, R_PAD=r_pad, **fixed,
+        HAS_BIAS=bias is not None, LOWRANK=lowrank, LOWRANK_DROPOUT=lowrank and lowrank_dropout,
+        INPUT_PRECISION=precision, LOWRANK_PRECISION=lowrank_precision, R_PAD=r_pad,
+        R_CHUNK=min(r_pad, _LOWRANK_CHUNK), **fixed,
     )
 
 
@@ -473,21 +557,28 @@ def _linear_bwd_op(
 
     # dy pass
     n_mblocks = triton.cdiv(M, bm)
-    gh = torch.empty((M, R), dtype=f32, device=dev)
+    n_split, cols_per_split = (1, N) if deterministic else _dy_pass_splits(dev, n_mblocks, N, bk)
+    gh = (torch.zeros if n_split > 1 else torch.empty)((M, R), dtype=f32, device=dev)
     if deterministic:
         db_buf = torch.empty((n_mblocks, N, R), dtype=f32, device=dev) if need_db else None
         dd_buf = torch.empty((n_mblocks, R), dtype=f32, device=dev) if need_dd else None
     else:
         db_buf = torch.zeros((N, R), dtype=f32, device=dev) if need_db else None
         dd_buf = torch.zeros((R,), dtype=f32, device=dev) if need_dd else None
-    _dy_pass_kernel[(n_mblocks,)](
+    _dy_pass_kernel[(n_mblocks, n_split)](
         grad_y, lora_B, h, lora_diag, gh, db_buf if need_db else gh, dd_buf if need_dd else gh,
-        M, N, R,
+        M, N, R, cols_per_split,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), lora_diag.stride(0),
         float(scaling),
-        NEED_DB=need_db, NEED_DD=need_dd, DETERMINISTIC=deterministic, INPUT_PRECISION=small_prec,
+        NEED_DB=need_db, NEED_DD=need_dd, DETERMINISTIC=deterministic, SPLIT_N=n_split > 1,
+        INPUT_PRECISION=small_prec,
         BLOCK_M=bm, BLOCK_N=bk, R_PAD=r_pad, num_warps=warps, num_stages=stages,
     )
+    if n_split > 1:
+        _dy_finish_kernel[(triton.cdiv(M, bm),)](
+            gh, h, lora_diag, dd_buf if need_dd else gh, M, R, lora_diag.stride(0), float(scaling),
+            NEED_DD=need_dd, BLOCK_M=bm, R_PAD=r_pad, num_warps=4,
+        )
     db = (db_buf.sum(0) if deterministic else db_buf) if need_db else empty()
     dd = (dd_buf.sum(0) if deterministic else dd_buf) if need_dd else empty()
 
@@ -514,7 +605,7 @@ def _linear_bwd_op(
         _launch_gemm(
             grad_y, (weight, weight.stride(0), weight.stride(1)), gh, (lora_A, lora_A.stride(0), lora_A.stride(1)),
             None, dx, seed if dropout else None, M, K, N, R, keep_scale, threshold,
-            not dropout, dropout, _precision(x2d.dtype, False), small_prec,
+            True, dropout, _precision(x2d.dtype, False), small_prec,
         )
     return dx, da, dd, db
 
