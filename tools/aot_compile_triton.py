@@ -196,7 +196,8 @@ def reg_jobs(cc, r_pads):
         w = 4 if rp <= 32 else 8
         args = dict(fac_ptr=Ptr("fp32"), grad_ptr=Ptr("fp32"), table_ptr=Ptr("i64"), part_ptr=Ptr("fp32"),
                     beta=1e-4, gamma=1e-3, inv_layers=0.5, BLOCK_L=32, R_PAD=rp, TABLE_COLS=TR._TABLE_COLS)
-        jobs.append((f"regularizer r{rp} (L32,w{w})", TR._regularizer_kernel, args, w, 3, cc, True))
+        st = 3 if cc >= 90 else 1  # as the launcher in triton_reg.py
+        jobs.append((f"regularizer r{rp} (L32,w{w},s{st})", TR._regularizer_kernel, args, w, st, cc, True))
     return jobs
 
 

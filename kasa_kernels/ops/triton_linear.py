@@ -396,8 +396,9 @@ def _gemm_for(arch: Optional[Tuple[int, int]]):
 
 def _gemm_smem_bytes(major: int, bm: int, bn: int, bk: int, stages: int, elem: int, r_chunk: int) -> int:
     """Upper bound of the GEMM's shared memory, fitted to AOT compiles (tools/aot_compile_triton.py, triton 3.8):
-    sm90 allocates num_stages operand buffers, sm8x num_stages - 1; the rank-r step's fp32 tiles come on top."""
-    buffers = stages if major >= 9 else stages - 1
+    sm90 allocates num_stages operand buffers, sm8x num_stages - 1 (bf16/fp16; fp32 inputs took up to one buffer
+    more, e.g. 160 KB for 128x256x32x3 on sm80); the rank-r step's fp32 tiles are counted on top."""
+    buffers = stages if major >= 9 or elem == 4 else stages - 1
     return buffers * (bm * bk + bk * bn) * elem + (bm + bn) * r_chunk * 4
 
 
