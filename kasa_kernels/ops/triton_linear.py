@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .precision import allow_tf32
 from .rng import dropout_threshold
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def _dy_pass_splits(device: torch.device, n_mblocks: int, N: int, block_n: int) 
 def _precision(x_dtype: torch.dtype, lowp_tf32: bool) -> str:
     if x_dtype != torch.float32:
         return "tf32" if lowp_tf32 else "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if allow_tf32() else "ieee"
 
 
 # ----------------------------------------------------------------------------------------------------------------
