@@ -237,3 +237,25 @@ def test_torch_compile_fullgraph_matches_eager():
         compiled = step(torch.compile(layer, fullgraph=True))
     for name, e, c in zip(NAMES, eager, compiled):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _spec_keep(seed: int, index: int, p: float) -> bool:
+    """The ops/rng.py spec in plain Python integers, independent of any tensor arithmetic."""
+    def mix(h):
+        h ^= h >> 16
+        h = (h * 0x21F0AAAD) & 0xFFFFFFFF
+        h ^= h >> 15
+        h = (h * 0xD35A2D97) & 0xFFFFFFFF
+        return h ^ (h >> 15)
+
+    s0, s1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    h = mix(mix((index & 0xFFFFFFFF) ^ s0) ^ (index >> 32) ^ s1)
+    return h >= min(int(round(p * 2.0**32)), 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("seed", [0, 123, 2**40 + 7, 2**64 - 1])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_follows_the_integer_spec(seed, p):
+    rows, cols = 9, 31
+    got = keep_mask(make_seed(seed, torch.device("cpu")), rows, cols, p).flatten().tolist()
+    assert got == [_spec_keep(seed % 2**64, i, p) for i in range(rows * cols)]

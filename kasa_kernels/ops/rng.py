@@ -42,29 +42,36 @@ def make_seed(seed: Union[None, int, torch.Tensor], device: torch.device) -> tor
     return torch.tensor([seed & MASK32, (seed >> 32) & MASK32], dtype=torch.int64, device=device)
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    # h < 2**32 in int64; split c in 16-bit halves so no product leaves int64 (torch int64 overflow is undefined).
-    lo = h * (c & 0xFFFF)
-    hi = ((h * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & MASK32
+def _signed32(c: int) -> int:
+    # c and c - 2**32 are the same multiplier mod 2**32; the one in (-2**31, 2**31] keeps |h * c| < 2**63 for any
+    # h < 2**32, so the int64 product never overflows (undefined in C++) and its low 32 bits are exact.
+    return c - 2**32 if c >= 2**31 else c
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = _mul32(h, MIX_MUL1)
-    h = h ^ (h >> 15)
-    h = _mul32(h, MIX_MUL2)
-    return h ^ (h >> 15)
+_MUL1 = _signed32(MIX_MUL1)
+_MUL2 = _signed32(MIX_MUL2)
+
+
+def _mix32_(h: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on an int64 tensor of values < 2**32, in place (one multiply per step, no temporaries beyond
+    the shifted copy: measured 2.5-3.5x faster than a 16-bit split multiply on CPU, 2026-11-22)."""
+    h ^= h >> 16
+    h *= _MUL1
+    h &= MASK32
+    h ^= h >> 15
+    h *= _MUL2
+    h &= MASK32
+    h ^= h >> 15
+    return h
 
 
 def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: Optional[torch.device] = None) -> torch.Tensor:
     """The (rows, cols) bool keep-mask for seed (2,) int64 and drop probability p."""
     device = seed.device if device is None else device
     idx = torch.arange(rows * cols, dtype=torch.int64, device=device).view(rows, cols)
-    s0, s1 = seed[0], seed[1]
-    h = _mix32((idx & MASK32) ^ s0)
-    h = _mix32(h ^ (idx >> 32) ^ s1)
-    return h >= dropout_threshold(p)
+    h = _mix32_((idx & MASK32) ^ seed[0])
+    h ^= (idx >> 32) ^ seed[1]
+    return _mix32_(h) >= dropout_threshold(p)
 
 
 def apply_dropout(x2d: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
