@@ -127,7 +127,7 @@ def _mode_callable(state: prov.State, mode: str):
 
 
 def _supports(name: str, mode: str) -> bool:
-    return not (name == "cublas_linear" and mode != "forward")
+    return not (name in prov.FORWARD_ONLY and mode != "forward")
 
 
 def _own_preexisting_bytes(name: str) -> int:
