@@ -6,6 +6,7 @@
     loss = task_loss + kk.kasa_regularizer(model)
 """
 from ._backend import BackendInfo, BackendUnavailableError, backends
+from .autograd import FoldedRegularizer
 from .functional import kasa_linear, kasa_regularizer, svd_truncate
 from .modules import KasaLinear, fold_regularizer, inject
 
@@ -18,6 +19,7 @@ __all__ = [
     "svd_truncate",
     "inject",
     "fold_regularizer",
+    "FoldedRegularizer",
     "backends",
     "BackendInfo",
     "BackendUnavailableError",

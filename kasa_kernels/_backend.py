@@ -122,6 +122,8 @@ def resolve(requested: str, device: torch.device) -> str:
 def _resolve(requested: str, device_type: str, device_index: Optional[int]) -> str:
     if requested == "auto":
         requested = os.environ.get(ENV_VAR, "auto") or "auto"
+        if requested != "auto" and requested not in NAMES:
+            raise ValueError(f"{ENV_VAR}: expected one of {('auto',) + NAMES}, got {requested!r}")
     key = (requested, device_type, device_index)
     hit = _RESOLVED.get(key)
     if hit is not None:

@@ -9,6 +9,7 @@ Policy:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -22,13 +23,14 @@ def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
 
 class KasaLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg):
+    def forward(ctx, x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg,
+                folded_grad_scale):
         ops = _backend.linear_ops(backend)
         in_features = x.shape[-1]
         y2d, h = ops.linear_forward(
             x.reshape(-1, in_features), weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed
         )
-        ctx.save_for_backward(x, weight, lora_A, lora_diag, lora_B, h, seed)
+        ctx.save_for_backward(x, weight, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale)
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.backend = backend
@@ -37,7 +39,7 @@ class KasaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_diag, lora_B, h, seed = ctx.saved_tensors
+        x, weight, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = (need[0], need[3], need[4], need[5])
         ops = _backend.linear_ops(ctx.backend)
@@ -57,7 +59,9 @@ class KasaLinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.view(x.shape).to(x.dtype)
         if ctx.folded_reg is not None and any(needs[1:]):
-            da, dd, db = _add_folded_regularizer(ctx.folded_reg, ctx.backend, lora_A, lora_diag, lora_B, da, dd, db)
+            da, dd, db = _add_folded_regularizer(
+                ctx.folded_reg, folded_grad_scale, ctx.backend, lora_A, lora_diag, lora_B, da, dd, db
+            )
         return (
             dx,
             None,
@@ -70,23 +74,45 @@ class KasaLinearFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
-def _add_folded_regularizer(folded_reg, backend, lora_A, lora_diag, lora_B, da, dd, db):
+@dataclasses.dataclass
+class FoldedRegularizer:
+    """The regularizer folded into each layer's backward (see kasa_kernels.fold_regularizer).
+
+    beta, gamma, form: as kasa_regularizer. layer_scale: 1/L for the official form (L = layers in the model), else 1.
+    grad_scale: a 0-dim fp32 tensor on the adapters' device holding the factor the training loop puts on the loss
+    before backward (a GradScaler's scale, 1/accumulation steps); backward multiplies the regularizer gradient by it,
+    as autograd does for the task gradient. A tensor, so updating it (set_grad_scale) neither recompiles nor syncs.
+    """
+
+    beta: float
+    gamma: float
+    form: str
+    layer_scale: float
+    grad_scale: torch.Tensor
+
+    def set_grad_scale(self, value: float) -> None:
+        self.grad_scale.fill_(float(value))
+
+
+def _add_folded_regularizer(folded_reg, grad_scale, backend, lora_A, lora_diag, lora_B, da, dd, db):
     """Add this layer's closed-form regularizer gradient (KASA_MATH.md) to the gradients its backward writes, so a
     model trained with fold_regularizer() needs no separate regularizer graph. folded_reg = (beta, gamma, form,
-    scale) where scale is 1/L for the official form (L = layers in the model) and 1 for the paper form."""
-    beta, gamma, form, scale = folded_reg
+    layer_scale); grad_scale is FoldedRegularizer.grad_scale."""
+    beta, gamma, form, layer_scale = folded_reg
     _, (ga,), (gb,), (gd,) = _backend.reg_ops(backend).regularizer([lora_A], [lora_B], [lora_diag], beta, gamma, form)
-    # the op's official form averages over the one layer it was given; the model-wide 1/L is `scale`
-    da = None if da is None else da + scale * ga.to(da.dtype)
-    dd = None if dd is None else dd + scale * gd.to(dd.dtype)
-    db = None if db is None else db + scale * gb.to(db.dtype)
+    # the op's official form averages over the one layer it was given; the model-wide 1/L is layer_scale
+    scale = grad_scale * layer_scale
+    da = None if da is None else da + (scale * ga).to(da.dtype)
+    dd = None if dd is None else dd + (scale * gd).to(dd.dtype)
+    db = None if db is None else db + (scale * gb).to(db.dtype)
     return da, dd, db
 
 
-def _autocasting(device_type: str) -> bool:
+def autocasting(device_type: str) -> bool:
     # devices without autocast (meta, ...) make is_autocast_enabled raise
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
@@ -94,7 +120,7 @@ def _autocasting(device_type: str) -> bool:
 def autocast_inputs(x, weight, bias):
     """Under autocast, cast x, W and b as F.linear would (floating tensors other than fp64 go to the autocast
     dtype); otherwise return them unchanged. The adapters are left alone: fp32 adapters are the PEFT default."""
-    if not _autocasting(x.device.type):
+    if not autocasting(x.device.type):
         return x, weight, bias
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type)
@@ -105,12 +131,18 @@ def autocast_inputs(x, weight, bias):
     return cast(x), cast(weight), cast(bias)
 
 
-def kasa_linear_autograd(x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg=None):
+def kasa_linear_autograd(
+    x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend,
+    folded: Optional[FoldedRegularizer] = None,
+):
     """Apply KasaLinearFunction (inputs already validated and passed through autocast_inputs) with autocast off
     inside, so the op's own dtype policy holds."""
-    args = (x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg)
+    # the constants travel as a tuple, the grad-scale tensor as an input of its own (traceable by torch.compile)
+    consts = None if folded is None else (folded.beta, folded.gamma, folded.form, folded.layer_scale)
+    grad_scale = None if folded is None else folded.grad_scale
+    args = (x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, consts, grad_scale)
     device_type = x.device.type
-    if _autocasting(device_type):
+    if autocasting(device_type):
         with torch.autocast(device_type, enabled=False):
             return KasaLinearFunction.apply(*args)
     return KasaLinearFunction.apply(*args)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import _backend
-from .autograd import autocast_inputs, kasa_linear_autograd, kasa_regularizer_autograd
+from .autograd import FoldedRegularizer, autocast_inputs, kasa_linear_autograd, kasa_regularizer_autograd
 from .ops.rng import make_seed
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,12 +42,12 @@ def check_rank(r, in_features: int, out_features: int) -> None:
         )
 
 
-def check_dropout(p) -> float:
+def check_dropout(p, name: str = "dropout_p") -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(p).__name__}")
+        raise TypeError(f"{name}: expected a float in [0, 1), got {type(p).__name__}")
     p = float(p)
     if not (0.0 <= p < 1.0):
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {p}")
+        raise ValueError(f"{name}: expected a float in [0, 1), got {p}")
     return p
 
 
@@ -115,7 +115,7 @@ def kasa_linear(
     backend: str = "auto",
     *,
     dropout_seed: Union[None, int, torch.Tensor] = None,
-    folded_regularizer: Optional[Tuple[float, float, str, float]] = None,
+    folded_regularizer: Optional[FoldedRegularizer] = None,
 ) -> torch.Tensor:
     """y = x W^T + b + scaling * ((dropout(x) A^T) * d) B^T, with W and b frozen.
 
@@ -125,8 +125,8 @@ def kasa_linear(
     is a hash of dropout_seed (drawn from torch's generator when None) and the element index, the same on every
     backend. Returns (..., N) in x's dtype.
 
-    folded_regularizer: (beta, gamma, form, scale) to add scale * dR/d(A, d, B) of this layer's regularizer term to
-    the adapter gradients in backward (see fold_regularizer); None for none.
+    folded_regularizer: a FoldedRegularizer (from fold_regularizer) whose gradient of this layer's regularizer term
+    backward adds to the adapter gradients; None for none.
     """
     _require_tensor("x", x)
     name = _backend.resolve(backend, x.device)
@@ -138,6 +138,11 @@ def kasa_linear(
     p = check_dropout(dropout_p)
     if not training:
         p = 0.0
+    if folded_regularizer is not None and not isinstance(folded_regularizer, FoldedRegularizer):
+        raise TypeError(
+            f"folded_regularizer: expected None or a FoldedRegularizer from fold_regularizer(), "
+            f"got {type(folded_regularizer).__name__}"
+        )
     seed = make_seed(dropout_seed, x.device) if p > 0.0 else None
     return kasa_linear_autograd(
         x, weight, bias, lora_A, lora_diag, lora_B, seed, float(scaling), p, name, folded_regularizer

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _backend
+from .autograd import FoldedRegularizer
 from .functional import (
     REGULARIZER_FORMS,
     TRUNCATION_MODES,
@@ -72,14 +73,14 @@ class KasaLinear(nn.Module):
         self.alpha = alpha
         self.use_rslora = use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.dropout = check_dropout(dropout)
+        self.dropout = check_dropout(dropout, "dropout")
         _backend.check_name(backend)
         self.backend = backend
         # how the frozen base was derived from a pretrained layer (from_linear); "none" for a freshly built layer
         self.truncation = "none"
         self.from_conv1d = False
         self.merged = False
-        # (beta, gamma, form, scale) when fold_regularizer() folded the regularizer into this layer's backward
+        # the FoldedRegularizer handle when fold_regularizer() folded the regularizer into this layer's backward
         self.folded_regularizer = None
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
@@ -239,11 +240,21 @@ def inject(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules: {target_modules!r} is not a valid regular expression ({e})") from None
+    else:
+        try:
+            target_modules = list(target_modules)
+        except TypeError:
+            raise TypeError(
+                f"target_modules: expected a list of names or a regex string, got {type(target_modules).__name__}"
+            ) from None
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
             raise ValueError(f"target_modules: expected a non-empty list of names or a regex string, got {target_modules!r}")
-    replaced = []
+    replacements = []
     for name, module in list(model.named_modules()):
         if not name or not _matches(name, target_modules):
             continue
@@ -251,8 +262,6 @@ def inject(
             raise ValueError(f"target_modules: {name!r} is already a KasaLinear; inject once per model")
         if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         new = KasaLinear.from_linear(
             module,
             r=r,
@@ -263,14 +272,18 @@ def inject(
             use_rslora=use_rslora,
             adapter_dtype=adapter_dtype,
         )
-        setattr(parent, child, new)
-        replaced.append(name)
-    if not replaced:
+        new.train(module.training)
+        replacements.append((name, new))
+    if not replacements:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
         raise ValueError(
             f"target_modules: {target_modules!r} matched no nn.Linear in the model; linear layers include "
             f"{linear_names[:8]}"
         )
+    # every replacement was built before the model is touched, so an error above leaves the model as it was
+    for name, new in replacements:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
@@ -280,22 +293,47 @@ def inject(
     return model
 
 
-def fold_regularizer(model: nn.Module, beta: float = 1e-4, gamma: float = 1e-3, form: str = "paper", enable: bool = True):
+def fold_regularizer(
+    model: nn.Module,
+    beta: float = 1e-4,
+    gamma: float = 1e-3,
+    form: str = "paper",
+    enable: bool = True,
+    grad_scale: float = 1.0,
+) -> Optional[FoldedRegularizer]:
     """Fold the KaSA regularizer's gradient into every KasaLinear's own backward: each layer's backward adds its
     closed-form dR/dA, dR/dd, dR/dB where it writes the adapter gradients, so training needs no separate regularizer
-    graph (do NOT also add kasa_regularizer(model) to the loss: that would count it twice). The gradient is added
-    once per backward through the layer, as if its term were part of that backward's loss (a layer called twice in
-    one step gets it twice). For logging, `kasa_regularizer(model, ...)` under torch.no_grad() gives the value.
-    enable=False removes the folding. Returns the model.
+    graph (do NOT also add kasa_regularizer(model) to the loss: that would count it twice).
+
+    The gradient is added once per backward through a layer, times the handle's grad_scale: set it to the factor the
+    loss carries into backward, i.e. a GradScaler's current scale (`handle.set_grad_scale(scaler.get_scale())` before
+    each backward) and 1/n for n accumulated micro-batches, exactly as that factor reaches the task gradient. A
+    layer called twice in one step gets the term twice. For logging, kasa_regularizer(model, ...) under
+    torch.no_grad() gives the value. Fold after moving the model to its device (grad_scale lives there).
+
+    Returns the FoldedRegularizer handle shared by every layer; enable=False removes the folding and returns None.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if form not in REGULARIZER_FORMS:
         raise ValueError(f"form: expected one of {REGULARIZER_FORMS}, got {form!r}")
     layers = [m for m in model.modules() if isinstance(m, KasaLinear)]
     if not layers:
         raise ValueError("model: found no KasaLinear layers to fold the regularizer into")
-    if enable:
-        kasa_regularizer(layers, beta=beta, gamma=gamma, form=form)  # validates beta, gamma and the adapters
-    scale = 1.0 / len(layers) if form == "official" else 1.0
+    if not enable:
+        for m in layers:
+            m.folded_regularizer = None
+        return None
+    kasa_regularizer(layers, beta=beta, gamma=gamma, form=form)  # validates beta, gamma and the adapters
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not math.isfinite(grad_scale):
+        raise TypeError(f"grad_scale: expected a finite float, got {grad_scale!r}")
+    handle = FoldedRegularizer(
+        float(beta),
+        float(gamma),
+        form,
+        1.0 / len(layers) if form == "official" else 1.0,
+        torch.tensor(float(grad_scale), dtype=torch.float32, device=layers[0].lora_A.device),
+    )
     for m in layers:
-        m.folded_regularizer = (float(beta), float(gamma), form, scale) if enable else None
-    return model
+        m.folded_regularizer = handle
+    return handle

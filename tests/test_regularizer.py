@@ -110,11 +110,19 @@ def test_folded_regularizer_gives_the_same_gradients_as_a_separate_graph(form):
     (task_loss() + kk.kasa_regularizer(model, beta=beta, gamma=gamma, form=form)).backward()
     want = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    kk.fold_regularizer(model, beta=beta, gamma=gamma, form=form)
+    handle = kk.fold_regularizer(model, beta=beta, gamma=gamma, form=form)
+    assert isinstance(handle, kk.FoldedRegularizer) and all(m.folded_regularizer is handle for m in layers)
     task_loss().backward()
     got = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    # a scaled loss (GradScaler, gradient accumulation): the folded term must carry the same factor as the task term
+    model.zero_grad()
+    handle.set_grad_scale(1024.0)
+    (1024.0 * task_loss()).backward()
+    for p, w in zip((p for p in model.parameters() if p.requires_grad), want):
+        torch.testing.assert_close(p.grad / 1024.0, w, rtol=1e-5, atol=1e-7)
+    handle.set_grad_scale(1.0)
     # and unfolding restores plain task gradients
     model.zero_grad()
     kk.fold_regularizer(model, enable=False)

@@ -5,6 +5,7 @@ small shapes. With a GPU the same tests run on CUDA tensors, and the `gpu`-marke
 torch.compile with inductor and deterministic bit-identity.
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -53,6 +54,9 @@ def test_interpreter_suite_in_subprocess():
     )
     print(proc.stdout[-6000:], proc.stderr[-3000:])
     assert proc.returncode == 0, "interpreter tests failed in the subprocess (output above)"
+    # a subprocess whose tests all skipped would also exit 0: require the interpreter suite to have run
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 30, "the interpreter suite did not run in the subprocess"
 
 
 def assert_close_to_reference(name, got, ref64, ref_lowp, dtype, magnitude=None, factor=2.0):

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from .. import _backend
+from ..autograd import autocasting
 from ..functional import kasa_linear
 from ..modules import KasaLinear, _is_conv1d, inject
 
@@ -112,7 +113,7 @@ def _fused_call_args(layer, x: torch.Tensor, args: tuple, kwargs: dict):
     weight, bias = base.weight, base.bias
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None  # a trainable base is outside KaSA; PEFT's path gives it a gradient
-    if torch.is_autocast_enabled(x.device.type):
+    if autocasting(x.device.type):
         compute_dtype = torch.get_autocast_dtype(x.device.type)
     else:
         compute_dtype = x.dtype
@@ -160,8 +161,7 @@ def patch_peft_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     _require_peft()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
+    _backend.check_name(backend)
     layers = [m for m in model.modules() if type(m) in (_PeftLoraLinear, KasaFusedLoraLinear) and _has_kasa_adapter(m)]
     if not layers:
         n_lora = sum(isinstance(m, _PeftLoraLinear) for m in model.modules())

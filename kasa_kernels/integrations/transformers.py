@@ -98,8 +98,7 @@ def mark_dynamic(batch: Union[torch.Tensor, Mapping[str, torch.Tensor]], dims: S
     """Mark the batch and sequence dims of every (>= 2-D) tensor in `batch` dynamic for torch.compile, so a new
     batch size or sequence length reuses the compiled graph instead of recompiling. Returns `batch`.
 
-    torch.compile(dynamic=True) does the same for every input (kasa_kernels' validation needs a small core fix for
-    that mode; see the integration notes)."""
+    torch.compile(dynamic=True) does the same for every input (tested too)."""
     tensors = [batch] if isinstance(batch, torch.Tensor) else [v for v in batch.values() if isinstance(v, torch.Tensor)]
     for t in tensors:
         for d in dims:
