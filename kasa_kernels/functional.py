@@ -143,7 +143,10 @@ def kasa_linear(
             f"folded_regularizer: expected None or a FoldedRegularizer from fold_regularizer(), "
             f"got {type(folded_regularizer).__name__}"
         )
-    seed = make_seed(dropout_seed, x.device) if p > 0.0 else None
+    # a given seed is validated even when no dropout uses it
+    seed = make_seed(dropout_seed, x.device) if (p > 0.0 or dropout_seed is not None) else None
+    if p == 0.0:
+        seed = None
     return kasa_linear_autograd(
         x, weight, bias, lora_A, lora_diag, lora_B, seed, float(scaling), p, name, folded_regularizer
     )
@@ -262,6 +265,8 @@ def svd_truncate(weight: torch.Tensor, r: int, mode: str = "peft") -> torch.Tens
     _require_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D (out_features, in_features) tensor, got {_describe(weight)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight: expected a floating-point tensor, got {_describe(weight)}")
     if mode not in TRUNCATION_MODES:
         raise ValueError(f"mode: expected one of {TRUNCATION_MODES}, got {mode!r}")
     n, k_in = weight.shape

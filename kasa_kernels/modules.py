@@ -82,6 +82,10 @@ class KasaLinear(nn.Module):
         self.merged = False
         # the FoldedRegularizer handle when fold_regularizer() folded the regularizer into this layer's backward
         self.folded_regularizer = None
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
+        if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+            raise TypeError(f"adapter_dtype: expected a floating-point torch.dtype or None, got {adapter_dtype!r}")
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None

@@ -459,3 +459,17 @@ def test_inject_rejects_bad_target_modules(targets, exc, match):
 def test_fold_regularizer_rejects_a_non_module():
     with pytest.raises(TypeError, match=r"^model: expected an nn.Module"):
         kk.fold_regularizer([kk.KasaLinear(K, N, r=R)])
+
+
+def test_non_floating_dtypes_are_refused():
+    with pytest.raises(TypeError, match=r"^dtype: expected a floating-point torch.dtype"):
+        kk.KasaLinear(K, N, r=R, dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"^adapter_dtype: "):
+        kk.KasaLinear(K, N, r=R, adapter_dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"^weight: expected a floating-point tensor"):
+        kk.svd_truncate(torch.ones(N, K, dtype=torch.int64), R)
+
+
+def test_dropout_seed_is_checked_without_dropout_too():
+    with pytest.raises(TypeError, match=r"^dropout_seed: "):
+        _call(dropout_p=0.0, dropout_seed="abc")
