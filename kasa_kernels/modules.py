@@ -27,7 +27,7 @@ from .functional import (
 )
 
 
-def _default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+def default_adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     # PEFT keeps adapters in fp32 when the base is fp16/bf16 (autocast_adapter_dtype=True, its default).
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
@@ -89,7 +89,7 @@ class KasaLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        adt = adapter_dtype or _default_adapter_dtype(self.weight.dtype)
+        adt = adapter_dtype or default_adapter_dtype(self.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=adt))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=adt))
         self.lora_diag = nn.Parameter(torch.empty(r, device=device, dtype=adt))

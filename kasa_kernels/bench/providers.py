@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modules import default_adapter_dtype
 from .peers import unsloth_style_linear
 from .shapes import Case
 
@@ -71,9 +72,8 @@ def _elt(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def adapter_dtype(act: torch.dtype) -> torch.dtype:
-    # PEFT's default (autocast_adapter_dtype=True) and KasaLinear's: fp32 adapters beside half activations.
-    return torch.float32 if act in (torch.float16, torch.bfloat16) else act
+# PEFT's default (autocast_adapter_dtype=True), which KasaLinear follows: fp32 adapters beside half activations.
+adapter_dtype = default_adapter_dtype
 
 
 def bytes_moved(kind: str, mode: str, c: Case) -> float:

@@ -11,6 +11,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from .torch_linear import _acc_dtype
+
 
 def _groups(tensors: Sequence[torch.Tensor]):
     by_key = defaultdict(list)
@@ -19,17 +21,13 @@ def _groups(tensors: Sequence[torch.Tensor]):
     return by_key.values()
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _gram_term(factors: Sequence[torch.Tensor], left: bool, extra: int, form: str, gamma: float):
     """For each group of equal-shape factors F: E = F F^T - I (left) or F^T F - I, f = ||E||_F,
     g = f (paper) or sqrt(f^2 + extra) (official); returns (sum of g, per-factor gradient gamma * 2 E F / g)."""
     total = None
     grads: List[torch.Tensor] = [None] * len(factors)  # type: ignore[list-item]
     for idx in _groups(factors):
-        f = torch.stack([factors[i].to(_acc(factors[i])) for i in idx])
+        f = torch.stack([factors[i].to(_acc_dtype(factors[i])) for i in idx])
         if left:  # A: (L, r, K), Gram A A^T
             gram = f @ f.transpose(1, 2)
         else:  # B: (L, N, r), Gram B^T B
@@ -66,7 +64,7 @@ def regularizer(
     sum_d = None
     grad_d: List[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
     for idx in _groups(lora_diags):
-        d = torch.stack([lora_diags[i].to(_acc(lora_diags[i])) for i in idx])
+        d = torch.stack([lora_diags[i].to(_acc_dtype(lora_diags[i])) for i in idx])
         s = (d * d).sum()
         sum_d = s if sum_d is None else sum_d + s
         g = (2.0 * beta) * d
