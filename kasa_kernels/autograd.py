@@ -113,7 +113,11 @@ def _add_folded_regularizer(folded_reg, grad_scale, backend, lora_A, lora_diag, 
 
 
 def autocasting(device_type: str) -> bool:
-    # devices without autocast (meta, ...) make is_autocast_enabled raise
+    # Devices without autocast (meta, ...) make is_autocast_enabled raise, so eager code asks first. Dynamo in
+    # torch 2.11 (the GPU machines' torch) cannot trace is_autocast_available: a graph break under fullgraph=True.
+    # A traced device is a real one (cuda, cpu, ...), and all of those have autocast.
+    if torch.compiler.is_compiling():
+        return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
