@@ -194,6 +194,53 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weig
   return {y, h};
 }
 
+// out = x W^T + b: the forward GEMM of linear_forward with the adapter switched off (no rank-R k-steps), so the
+// benchmarks can compare this kernel alone with cuBLAS.
+Tensor base_gemm(const Tensor& x_in, const Tensor& weight_in, const optional<Tensor>& bias_in, bool allow_tf32) {
+  const at::Device dev = x_in.device();
+  check_on(x_in, "x2d", dev);
+  TORCH_CHECK(x_in.dim() == 2, "kasa_kernels cuda: x2d: expected a 2-D tensor (M, K), got shape ", x_in.sizes());
+  const kasa::DType dt = dtype_code(x_in, "x2d");
+  check_on(weight_in, "weight", dev);
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(1) == x_in.size(1),
+              "kasa_kernels cuda: weight: expected shape (N, ", x_in.size(1), "), got ", weight_in.sizes());
+  TORCH_CHECK(weight_in.scalar_type() == x_in.scalar_type(), "kasa_kernels cuda: weight: expected dtype ",
+              x_in.scalar_type(), " (x's), got ", weight_in.scalar_type());
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0);
+  check_dim_fits(M, "M (rows of x2d)");
+  check_dim_fits(K, "K (in_features)");
+  check_dim_fits(N, "N (out_features)");
+  Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    check_on(*bias_in, "bias", dev);
+    check_shape(*bias_in, "bias", {N});
+    TORCH_CHECK(bias_in->scalar_type() == x_in.scalar_type(), "kasa_kernels cuda: bias: expected dtype ",
+                x_in.scalar_type(), " (x's), got ", bias_in->scalar_type());
+    bias = bias_in->contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  Tensor y = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return y;
+  const Tensor x = unit_column_stride(x_in);
+  const Tensor weight = unit_column_stride(weight_in);
+  kasa::GemmLowrankArgs g{};
+  g.x = x.data_ptr(); g.ldx = row_stride(x);
+  g.w = weight.data_ptr(); g.ldw = row_stride(weight);
+  g.M = int(M); g.N = int(N); g.K = int(K);
+  g.R = 0;
+  g.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  g.out = y.data_ptr(); g.ldo = N;
+  switch (dt) {
+    case kasa::DType::kF16: kasa::gemm_lowrank_f16(true, g, stream); break;
+    case kasa::DType::kBF16: kasa::gemm_lowrank_bf16(true, g, stream); break;
+    case kasa::DType::kF32:
+      kasa::gemm_lowrank_f32(true, allow_tf32 ? kasa::Fp32Math::kTF32 : kasa::Fp32Math::kFFMA, g, stream);
+      break;
+  }
+  return y;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight_in, const Tensor& lora_A, const Tensor& lora_diag,
     const Tensor& lora_B, const Tensor& h_in, double scaling, double dropout_p, const optional<Tensor>& seed,
@@ -412,6 +459,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x2d"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_diag"), py::arg("lora_B"), py::arg("h"),
         py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"), py::arg("need_dx"), py::arg("need_da"),
         py::arg("need_dd"), py::arg("need_db"), py::arg("allow_tf32"));
+  m.def("base_gemm", &base_gemm, "x W^T + b with the fused GEMM kernel and the adapter switched off",
+        py::arg("x2d"), py::arg("weight"), py::arg("bias"), py::arg("allow_tf32"));
   m.def("regularizer", &regularizer, "(loss, grads A, grads B, grads d) of the KaSA regularizer over all layers",
         py::arg("lora_As"), py::arg("lora_Bs"), py::arg("lora_diags"), py::arg("beta"), py::arg("gamma"),
         py::arg("official"));

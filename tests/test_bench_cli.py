@@ -20,7 +20,8 @@ FAST = ["--rep-ms", "2", "--min-reps", "3", "--max-reps", "5", "--warmup", "1", 
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "cpu.json"
     rc = main(["run", "--shape", "24,40,32,4", "--dropout", "0,0.1", "--no-whole-model",
-               "--providers", "cublas_linear,frozen_linear,dense_linear,peft,torch_eager,unsloth_style,triton,cuda,triton_gemm",
+               "--providers", ("cublas_linear,frozen_linear,dense_linear,peft,torch_eager,unsloth_style,triton,cuda,"
+                               "triton_gemm,cuda_gemm"),
                "--out", str(out)] + FAST)
     assert rc == 0
     with open(out) as f:
@@ -64,27 +65,30 @@ def test_report_one_and_two_devices(results, tmp_path):
 
 
 @pytest.mark.parametrize("gemm_ms,verdict", [(1.0, "PASS"), (1.2, "FAIL")])
-def test_report_judges_our_gemm_against_cublas(results, tmp_path, gemm_ms, verdict):
+@pytest.mark.parametrize("gemm", ["triton_gemm", "cuda_gemm"])
+def test_report_judges_our_gemm_against_cublas(results, tmp_path, gemm, gemm_ms, verdict):
     # rows at shape P as a GPU run would write them: T_mm 1.0 ms; our GEMM with the adapter off at gemm_ms
     path, data = results
     template = next(r for r in data["rows"] if r["provider"] == "cublas_linear")
     rows = [dict(template, provider=prov, mode="forward", M=8192, K=4096, N=4096, r=16, dropout=0.0, dtype="bf16",
-                 ms_median=ms, ms_p20=ms, ms_p80=ms) for prov, ms in (("cublas_linear", 1.0), ("triton_gemm", gemm_ms))]
+                 ms_median=ms, ms_p20=ms, ms_p80=ms) for prov, ms in (("cublas_linear", 1.0), (gemm, gemm_ms))]
     fabricated = tmp_path / "gpu.json"
     fabricated.write_text(json.dumps(dict(data, rows=data["rows"] + rows)))
     assert main(["report", str(fabricated), "--out-dir", str(tmp_path / "out"), "--no-plots"]) == 0
     md = next((tmp_path / "out").glob("*.md")).read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("| our GEMM with the adapter off"))
+    assert f"[{gemm}]" in line, line
     assert f"{1.0 / gemm_ms:.3f}" in line and line.count(verdict) == 2, line
 
 
-def test_triton_gemm_is_forward_only_and_skipped_without_triton(results):
+@pytest.mark.parametrize("gemm", ["triton_gemm", "cuda_gemm"])
+def test_gemm_providers_are_forward_only_and_skipped_without_a_gpu(results, gemm):
     _, data = results
-    assert not any(r["provider"] == "triton_gemm" for r in data["rows"])
-    assert any("triton_gemm" in str(s) for s in data["skipped"])
+    assert not any(r["provider"] == gemm for r in data["rows"])
+    assert any(gemm in str(s) for s in data["skipped"])
     from kasa_kernels.bench.run import _supports
 
-    assert _supports("triton_gemm", "forward") and not _supports("triton_gemm", "full")
+    assert _supports(gemm, "forward") and not _supports(gemm, "full")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])

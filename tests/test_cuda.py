@@ -23,7 +23,7 @@ from kasa_kernels.ops.rng import keep_mask, make_seed
 from test_torch_backend import check_against_reference, make_case
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OPS = ("linear_forward", "linear_backward", "regularizer")
+OPS = ("linear_forward", "linear_backward", "regularizer", "base_gemm")
 BUILT = importlib.util.find_spec("kasa_kernels._C") is not None
 needs_ext = pytest.mark.skipif(not BUILT, reason="kasa_kernels._C is not built")
 
@@ -110,6 +110,9 @@ def test_opcheck_on_meta_tensors():
     )
     As, Bs, ds = [torch.empty(4, 10, device="meta")], [torch.empty(7, 4, device="meta")], [torch.empty(4, device="meta")]
     torch.library.opcheck(torch.ops.kasa_cuda.regularizer.default, (As, Bs, ds, 1e-4, 1e-3, True), test_utils=tests)
+    torch.library.opcheck(torch.ops.kasa_cuda.base_gemm.default, (x, w, b), test_utils=tests)
+    y = torch.ops.kasa_cuda.base_gemm(x, w, None)
+    assert (y.shape, y.dtype) == ((37, 77), torch.bfloat16)
 
 
 def test_probe_on_cpu_explains_itself():
@@ -139,6 +142,8 @@ def test_cpp_checks_name_the_argument():
         _C.linear_forward(x, w, b, a, d, bb, s, p, seed, False)
     with pytest.raises(RuntimeError, match=r"lora_As\[0\]: expected a CUDA tensor"):
         _C.regularizer([a], [bb], [d], 1e-4, 1e-3, False)
+    with pytest.raises(RuntimeError, match="x2d: expected a CUDA tensor"):
+        _C.base_gemm(x, w, b, False)
 
 
 def test_missing_extension_error_is_actionable(monkeypatch):
@@ -250,6 +255,27 @@ def test_gemm_alone_matches_cublas(cuda_backend, dtype):
         y, _ = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, 1.0, 0.0, None)
         ref64 = torch.nn.functional.linear(x.double(), w.double(), b.double())
         assert_close_to_reference("gemm", y, ref64, torch.nn.functional.linear(x, w, b), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_base_gemm_matches_cublas(cuda_backend, dtype, bias):
+    # The adapter-off entry point (what kasa-bench's cuda_gemm times against cuBLAS): odd K and N, a strided x.
+    torch.manual_seed(0)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32: the exact FFMA path against cuBLAS's exact fp32
+        for m, k, n in ((1, 8, 8), (129, 264, 520), (300, 1001, 137)):
+            x = torch.randn(m, 2 * k, device="cuda", dtype=dtype)[:, ::2]
+            w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
+            b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+            y = cuda_linear.base_gemm(x, w, b)
+            ref64 = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+            assert y.dtype == dtype and y.shape == (m, n)
+            assert_close_to_reference("base_gemm", y, ref64, torch.nn.functional.linear(x, w, b), dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @gpu
@@ -366,3 +392,7 @@ def test_cpp_checks_on_gpu(cuda_backend):
         torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, s, p, None)
     with pytest.raises(RuntimeError, match="dropout_p"):
         torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, s, 1.0, seed)
+    with pytest.raises(RuntimeError, match="bias: expected shape"):
+        torch.ops.kasa_cuda.base_gemm(x, w, b[:-1])
+    with pytest.raises(RuntimeError, match="weight: expected shape"):
+        torch.ops.kasa_cuda.base_gemm(x, w[:, :-1], b)

@@ -5,8 +5,9 @@ returns a zero-argument forward. The harness turns that into the three modes:
     forward   y = fwd()                               (grad mode on, as in training: autograd records the graph)
     backward  y computed once; time y.backward(dy, retain_graph=True)
     full      fwd().backward(dy)
-cublas_linear (T_mm) and triton_gemm (our GEMM with the adapter off) are forward only. Baselines come from python/kasa_reference (peft_style_eager, the
-PEFT-shaped eager composition used when PEFT is not installed), from PEFT itself, and from bench/peers.py.
+cublas_linear (T_mm), triton_gemm and cuda_gemm (our two GEMMs with the adapter off) are forward only. Baselines
+come from python/kasa_reference (peft_style_eager, the PEFT-shaped eager composition used when PEFT is not
+installed), from PEFT itself, and from bench/peers.py.
 
 FLOP counts are those of the math, the same for every implementation of it (KASA_MATH.md, "Cost"):
     base GEMM          2 M N K                    (forward; dx = G W in backward; dW = G^T x for a dense layer)
@@ -42,12 +43,15 @@ PROVIDERS = (
     "triton",
     "cuda",
     "triton_gemm",
+    "cuda_gemm",
 )
-# Forward-only providers, timed against cublas_linear: T_mm itself, and our Triton GEMM with the adapter switched
-# off (the same kernel as the fused forward, rank-r k-step disabled), for DESIGN.md's "our GEMM vs cuBLAS".
-FORWARD_ONLY = ("cublas_linear", "triton_gemm")
+# Forward-only providers, timed against cublas_linear: T_mm itself, and our Triton and CUDA GEMMs with the adapter
+# switched off (the same kernels as the fused forwards, rank-r k-steps disabled), for DESIGN.md's "our GEMM vs
+# cuBLAS".
+GEMMS = ("triton_gemm", "cuda_gemm")
+FORWARD_ONLY = ("cublas_linear",) + GEMMS
 # Not KaSA layers: left out of per-provider KaSA plots and peer tables.
-BASELINES = ("cublas_linear", "frozen_linear", "triton_gemm")
+BASELINES = ("cublas_linear", "frozen_linear") + GEMMS
 # Providers that are ours: the fused backends and the shipped torch backend.
 OURS = ("cuda", "triton", "torch_eager")
 PEERS = ("peft", "torch_compile", "unsloth_style", "torch_eager")
@@ -194,7 +198,7 @@ def usable(name: str, device: torch.device) -> Tuple[bool, str]:
     """Whether provider `name` can run on `device`, and why (not)."""
     if name not in PROVIDERS:
         raise ValueError(f"--providers: unknown provider {name!r}; expected some of {', '.join(PROVIDERS)}")
-    if name in ("triton", "cuda", "triton_gemm"):
+    if name in ("triton", "cuda") + GEMMS:
         info = _kk().backends(device)[name.removesuffix("_gemm")]
         return info.available, info.reason
     if name == "peft":
@@ -218,12 +222,14 @@ def build(name: str, c: Case, device: torch.device, compile_mode: Optional[str] 
             return F.linear(x, w)
 
         return State(fwd, [], None, "linear", "torch.nn.functional.linear (cuBLAS on CUDA)")
-    if name == "triton_gemm":
-        from kasa_kernels.ops import triton_linear
+    if name in GEMMS:
+        import importlib
 
+        backend = name.removesuffix("_gemm")
+        ops = importlib.import_module(f"kasa_kernels.ops.{backend}_linear")
         x, w = t.x, t.weight
-        return State(lambda: triton_linear.base_gemm(x, w), [], None, "linear",
-                     "kasa_kernels.ops.triton_linear.base_gemm (the fused GEMM, adapter off)")
+        return State(lambda: ops.base_gemm(x, w), [], None, "linear",
+                     f"kasa_kernels.ops.{backend}_linear.base_gemm (the fused GEMM, adapter off)")
     if name == "frozen_linear":
         t.x.requires_grad_(True)
         x, w = t.x, t.weight

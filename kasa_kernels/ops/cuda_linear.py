@@ -83,6 +83,16 @@ def _linear_backward_fake(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, sca
     )
 
 
+@torch.library.custom_op("kasa_cuda::base_gemm", mutates_args=(), device_types="cuda")
+def base_gemm_op(x2d: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return ext().base_gemm(x2d, weight, bias, allow_tf32())
+
+
+@base_gemm_op.register_fake
+def _base_gemm_fake(x2d, weight, bias):
+    return x2d.new_empty((x2d.shape[0], weight.shape[0]))
+
+
 def _kernels_apply(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or t.dtype in _SUPPORTED for t in tensors)
 
@@ -95,6 +105,11 @@ def linear_forward(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropou
     return torch.ops.kasa_cuda.linear_forward(
         x2d, weight, bias, lora_A, lora_diag, lora_B, float(scaling), p, seed if p > 0.0 else None
     )
+
+
+def base_gemm(x2d, weight, bias=None):
+    """x W^T + b through the same GEMM kernel with the adapter switched off (benchmarks compare it with cuBLAS)."""
+    return torch.ops.kasa_cuda.base_gemm(x2d, weight, bias)
 
 
 def linear_backward(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling, dropout_p, seed, needs):
