@@ -5,10 +5,11 @@
 #   bash tools/gpu_session.sh build-test   # build kasa_kernels._C for sm_90, self-check, GPU test suite, sanitizer
 #   bash tools/gpu_session.sh bench        # kasa-bench at P (+ decode sizes), every provider, with the report
 #   bash tools/gpu_session.sh whole-model  # the 32-layer regularizer and the Llama training step
+#   bash tools/gpu_session.sh profile      # per-kernel time at P and at decode M=64 (where a missed target goes)
 #
 # Then commit $OUT's results under benchmarks/results/<device>/ with this exact command and the device name.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh build-test|bench|whole-model}
+stage=${1:?usage: gpu_session.sh build-test|bench|whole-model|profile}
 OUT=${OUT:-/tmp/kasa_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -41,6 +42,15 @@ case "$stage" in
     ensure_built
     $PY -m kasa_kernels.bench run --preset p --providers peft,torch_eager --modes full --whole-model \
       --shape 16,4096,4096,16 --out "$OUT/results" 2>&1 | tee "$OUT/whole_model.log" | tail -20
+    ;;
+  profile)
+    ensure_built
+    $PY tools/profile_kernels.py --out "$OUT/profile_p.md" > "$OUT/profile.log" 2>&1
+    $PY tools/profile_kernels.py --shape 64,4096,4096,16 --modes forward --out "$OUT/profile_decode.md" \
+      >> "$OUT/profile.log" 2>&1
+    $PY tools/profile_kernels.py --dropout 0.1 --modes full --providers frozen_linear,triton,cuda \
+      --out "$OUT/profile_p_drop.md" >> "$OUT/profile.log" 2>&1
+    tail -30 "$OUT/profile.log"
     ;;
   *)
     echo "unknown stage $stage" >&2; exit 2 ;;
