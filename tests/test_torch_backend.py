@@ -259,3 +259,59 @@ def test_keep_mask_follows_the_integer_spec(seed, p):
     rows, cols = 9, 31
     got = keep_mask(make_seed(seed, torch.device("cpu")), rows, cols, p).flatten().tolist()
     assert got == [_spec_keep(seed % 2**64, i, p) for i in range(rows * cols)]
+
+
+# The compiled dropout (ops/rng.py: one inductor kernel on CUDA) must give bit-for-bit the unfused result: same
+# mask, same casts, same multiply. Here inductor's CPU code generator stands in for its Triton one (the GPU test
+# below checks that one).
+def _dropout_pair(x, seed, p, dtype, out_dtype):
+    from kasa_kernels.ops import rng
+
+    return rng._compiled_dropout()(x, seed, p, dtype, out_dtype), rng._apply_dropout_unfused(x, seed, p, dtype, out_dtype)
+
+
+@pytest.mark.parametrize("x_dtype,dtype,out_dtype", [(torch.float16, torch.float32, torch.float32),
+                                                     (torch.float32, torch.float32, torch.float16)])
+def test_compiled_dropout_is_bit_identical_to_unfused(x_dtype, dtype, out_dtype):
+    seed = make_seed(2**40 + 3, torch.device("cpu"))
+    for rows, cols in ((37, 130), (5, 7)):
+        x = torch.randn(rows, cols).to(x_dtype)
+        got, want = _dropout_pair(x, seed, 0.3, dtype, out_dtype)
+        assert got.dtype == want.dtype == out_dtype
+        assert torch.equal(got, want)
+        assert 0 < int((want == 0).sum()) < rows * cols  # the mask actually dropped and kept something
+
+
+def test_compiled_dropout_falls_back_once_and_keeps_real_errors(monkeypatch):
+    from kasa_kernels.ops import rng
+
+    def broken(*args):
+        raise RuntimeError("inductor is unavailable (simulated)")
+
+    monkeypatch.setattr(rng, "_fused_dropout", broken)
+    monkeypatch.setattr(rng, "_compiled_dropout", lambda: rng._fused_dropout)
+    monkeypatch.setattr(rng, "_use_compiled", lambda x: rng._fused_dropout is not False)  # as on CUDA
+    x, seed = torch.randn(6, 10), make_seed(5, torch.device("cpu"))
+    with pytest.warns(UserWarning, match="compiled dropout mask failed"):
+        got = rng.apply_dropout(x, seed, 0.25)
+    assert rng._fused_dropout is False
+    assert torch.equal(got, rng._apply_dropout_unfused(x, seed, 0.25, x.dtype, x.dtype))
+    # an error of the inputs is raised, not mistaken for a compile failure (the compiled path stays enabled)
+    monkeypatch.setattr(rng, "_fused_dropout", broken)
+    with pytest.raises(IndexError):
+        rng.apply_dropout(x, seed[:1], 0.25)
+    assert rng._fused_dropout is broken
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_compiled_dropout_on_cuda_is_bit_identical(x_dtype):
+    from kasa_kernels.ops import rng
+
+    seed = make_seed(99, torch.device("cuda"))
+    x = torch.randn(1000, 4099, device="cuda").to(x_dtype)
+    for dtype, out_dtype in ((torch.float32, torch.float32), (torch.float32, x_dtype)):
+        got = rng.apply_dropout(x, seed, 0.1, dtype, out_dtype)
+        assert rng._fused_dropout not in (None, False), "the compiled path did not run"
+        assert torch.equal(got, rng._apply_dropout_unfused(x, seed, 0.1, dtype, out_dtype))

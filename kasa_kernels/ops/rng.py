@@ -15,6 +15,7 @@ torch.compile.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -74,7 +75,47 @@ def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device: Option
     return _mix32_(h) >= dropout_threshold(p)
 
 
-def apply_dropout(x2d: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout of a (M, K) tensor with the shared mask: kept values scaled by 1/(1-p)."""
-    mask = keep_mask(seed, x2d.shape[0], x2d.shape[1], p, x2d.device)
-    return torch.where(mask, x2d * (1.0 / (1.0 - p)), torch.zeros((), dtype=x2d.dtype, device=x2d.device))
+def _apply_dropout_unfused(x2d: torch.Tensor, seed: torch.Tensor, p: float, dtype: torch.dtype,
+                           out_dtype: torch.dtype) -> torch.Tensor:
+    x = x2d.to(dtype)
+    mask = keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
+    return torch.where(mask, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=dtype, device=x.device)).to(out_dtype)
+
+
+# Eager, keep_mask is about twenty elementwise passes over an int64 (M, K) tensor, each a read and a write of
+# 8 bytes per element: on a GPU that costs far more than the matmuls it feeds (PEFT's nn.Dropout is one pass).
+# Compiled by inductor, the hash, the cast and the select become one kernel that reads x once and writes the
+# result once. None: not tried yet; False: compiling failed here, so the unfused form is used from then on.
+_fused_dropout = None
+
+
+def _compiled_dropout():
+    global _fused_dropout
+    if _fused_dropout is None:
+        _fused_dropout = torch.compile(_apply_dropout_unfused, dynamic=True, fullgraph=True)
+    return _fused_dropout
+
+
+def _use_compiled(x2d: torch.Tensor) -> bool:
+    return x2d.device.type == "cuda" and _fused_dropout is not False and not torch.compiler.is_compiling()
+
+
+def apply_dropout(x2d: torch.Tensor, seed: torch.Tensor, p: float, dtype: Optional[torch.dtype] = None,
+                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Inverted dropout of x2d (M, K) with the shared mask: x2d is cast to `dtype` (default: its own), kept values
+    are scaled by 1/(1-p) in that dtype, and the result is cast to `out_dtype` (default: `dtype`). On CUDA this runs
+    as one inductor-compiled kernel (bit-identical: integer hashing, casts and one multiply); a caller that is
+    itself being compiled traces the unfused form into its own graph."""
+    global _fused_dropout
+    dtype = x2d.dtype if dtype is None else dtype
+    out_dtype = dtype if out_dtype is None else out_dtype
+    if not _use_compiled(x2d):
+        return _apply_dropout_unfused(x2d, seed, p, dtype, out_dtype)
+    try:
+        return _compiled_dropout()(x2d, seed, p, dtype, out_dtype)
+    except Exception as compile_error:  # noqa: BLE001
+        out = _apply_dropout_unfused(x2d, seed, p, dtype, out_dtype)  # an error of the inputs themselves raises here
+        _fused_dropout = False
+        warnings.warn(f"kasa_kernels: the compiled dropout mask failed ({type(compile_error).__name__}: "
+                      f"{compile_error}); using the unfused torch form, which is slower but gives the same mask")
+        return out

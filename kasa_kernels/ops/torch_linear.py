@@ -51,9 +51,7 @@ def linear_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) fp32)."""
     acc = _acc_dtype(x2d)
-    x_acc = x2d.to(acc)
-    if dropout_p > 0.0:
-        x_acc = apply_dropout(x_acc, seed, dropout_p)
+    x_acc = apply_dropout(x2d, seed, dropout_p, acc) if dropout_p > 0.0 else x2d.to(acc)
     h = x_acc @ lora_A.to(acc).t()
     s = h * (lora_diag.to(acc) * scaling)
     y = F.linear(x2d, weight, bias)
@@ -87,15 +85,13 @@ def linear_backward(
     dd = (gz * h).sum(0) if need_dd else None
     da = None
     if need_da:
-        x_acc = x2d.to(acc)
-        if dropout_p > 0.0:
-            x_acc = apply_dropout(x_acc, seed, dropout_p)
+        x_acc = apply_dropout(x2d, seed, dropout_p, acc) if dropout_p > 0.0 else x2d.to(acc)
         da = gh.t() @ x_acc
     dx = None
     if need_dx:
         dx = grad_y @ weight
         if dropout_p > 0.0:
-            dx += apply_dropout(gh @ lora_A.to(acc), seed, dropout_p).to(dx.dtype)
+            dx += apply_dropout(gh @ lora_A.to(acc), seed, dropout_p, out_dtype=dx.dtype)
         else:
             _add_lowrank_(dx, gh, lora_A.to(acc))
     return dx, da, dd, db
