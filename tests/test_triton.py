@@ -201,6 +201,131 @@ def test_gemm_prune_keeps_configs_that_fit():
         assert triton_linear._gemm_smem_bytes(8, bm, bn, bk, st, 2, 32) <= 99 * 1024
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# GEMM variants (sm90 autotunes plain, persistent and TMA; issue #3). Each is forced through
+# triton_linear._GEMM_OVERRIDE and held to the same reference as the default kernel.
+
+VARIANTS = {"persistent": (True, False), "tma": (False, True), "persistent_tma": (True, True)}
+# (leading dims, K, N, r, bias, non-contiguous x, fp32 adapters)
+VARIANT_CASES = [
+    ((37,), 40, 24, 4, True, False, False),  # TMA-readable; M, N and K all end in partial tiles
+    ((2, 9), 64, 32, 40, False, False, True),  # TMA-readable; whole k tiles, two rank-r steps
+    ((37,), 13, 40, 4, True, False, False),  # odd K: x and W rows are not 16-byte multiples, no TMA either way
+    ((7,), 40, 24, 4, False, True, False),  # strided x: pointer loads forward, TMA for dX (G and W are readable)
+]
+
+
+def _tma_readable(t):
+    """TMA's rule, restated here: unit last stride, 16-byte aligned base and row stride, rows that do not overlap."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(-2) * t.element_size()) % 16 == 0
+            and t.stride(-2) >= t.shape[-1])
+
+
+class _LaunchSpy:
+    """Stands in for _gemm_lowrank_kernel and records the meta-parameters of every launch."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _force_variant(monkeypatch, persistent, tma, tile=(16, 32, 16, 1, 4)):
+    bm, bn, bk, stages, warps = tile
+    monkeypatch.setattr(triton_linear, "_GEMM_OVERRIDE",
+                        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=persistent, USE_TMA=tma,
+                             num_stages=stages, num_warps=warps))
+    spy = _LaunchSpy(triton_linear._gemm_lowrank_kernel)
+    monkeypatch.setattr(triton_linear, "_gemm_lowrank_kernel", spy)
+    return spy
+
+
+def _check_variant_launches(spy, case, persistent, tma):
+    x, w, *_, gy = case
+    x2d, gy2d = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
+    # forward reads x and W; dX reads G and W (TMA only on sm90, or in the interpreter)
+    tma_here = tma and (not HAS_CUDA or torch.cuda.get_device_capability()[0] >= 9)
+    want = [tma_here and _tma_readable(x2d) and _tma_readable(w), tma_here and _tma_readable(gy2d) and _tma_readable(w)]
+    assert [k["USE_TMA"] for k in spy.launches] == want
+    assert all(k["PERSISTENT"] == persistent for k in spy.launches)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}_r{c[3]}_b{int(c[4])}_nc{int(c[5])}")
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=str)
+def test_gemm_variant_matches_reference(variant, case, dtype, p, monkeypatch):
+    persistent, tma = VARIANTS[variant]
+    lead, k, n, r, bias, noncontig, fp32_adapters = case
+    spy = _force_variant(monkeypatch, persistent, tma)
+    tensors = make_case(lead, k, n, r, dtype, torch.float32 if fp32_adapters else dtype, bias, noncontig)
+    check_against_reference(tensors, p=p)
+    _check_variant_launches(spy, tensors, persistent, tma)
+
+
+def test_unaligned_operands_never_choose_tma(monkeypatch):
+    f16 = dict(dtype=torch.float16, device=DEVICE)
+    w = torch.randn(24, 40, **f16)
+
+    def descriptors(a, b, stride_bk, stride_bn, n, k):
+        return triton_linear._tma_descriptors(a, b, stride_bk, stride_bn, a.shape[0], n, k)
+
+    def fwd(x, w):
+        return descriptors(x, w, w.stride(1), w.stride(0), w.shape[0], x.shape[1])
+
+    def dx(g, w):
+        return descriptors(g, w, w.stride(0), w.stride(1), w.shape[1], g.shape[1])
+
+    # readable: forward reads W as (N, K) tiles, dX as (K_gemm = N, N_gemm = K) tiles, both straight from W
+    a_desc, b_desc = fwd(torch.randn(37, 40, **f16), w)
+    assert a_desc.shape == [37, 40] and b_desc.shape == [24, 40] and b_desc.strides == [40, 1]
+    a_desc, b_desc = dx(torch.randn(37, 24, **f16), w)
+    assert a_desc.shape == [37, 24] and b_desc.shape == [24, 40] and b_desc.strides == [40, 1]
+    flat = torch.randn(37 * 40 + 8, **f16)
+    unreadable = {
+        "odd K": fwd(torch.randn(37, 13, **f16), torch.randn(24, 13, **f16)),
+        "strided x": fwd(torch.randn(37, 80, **f16)[:, ::2], w),
+        "x at a 2-byte offset": fwd(flat[1:1 + 37 * 40].view(37, 40), w),
+        "broadcast grad_y": dx(torch.randn(1, 24, **f16).expand(37, 24), w),
+        "odd N in dX": dx(torch.randn(37, 13, **f16), torch.randn(13, 40, **f16)),
+        "W with no unit stride": fwd(torch.randn(37, 40, **f16), torch.randn(24, 80, **f16)[:, ::2]),
+    }
+    for what, descs in unreadable.items():
+        assert descs == (None, None), what
+
+    # the autotuner's prune drops every TMA config when the launcher built no descriptors (sm90 faked on this host)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_linear, "_smem_limit", lambda index: 227 * 1024)
+    monkeypatch.setattr(triton_linear, "_sm_count", lambda device: 132)
+
+    class _A:  # what the prune reads of a
+        device = torch.device("cuda", 0)
+
+        @staticmethod
+        def element_size():
+            return 2
+
+    configs = triton_linear._gemm_configs((9, 0))
+    assert {(c.kwargs["PERSISTENT"], c.kwargs["USE_TMA"]) for c in configs} == set(VARIANTS.values()) | {(False, False)}
+
+    def prune(tma_ok, m):
+        return triton_linear._prune_gemm_configs(configs, dict(a_ptr=_A, M=m, N=4096), TMA_OK=tma_ok, LOWRANK=True,
+                                                 R_CHUNK=32)
+
+    assert not any(c.kwargs["USE_TMA"] for c in prune(False, 8192))
+    assert any(c.kwargs["USE_TMA"] for c in prune(True, 8192))
+    assert any(c.kwargs["PERSISTENT"] for c in prune(True, 8192))
+    # decode size: at most 64 x 16 tiles, fewer than the SMs: persistent would launch the same programs
+    assert not any(c.kwargs["PERSISTENT"] for c in prune(True, 16))
+    for arch in ((8, 0), (8, 6)):
+        assert not any(c.kwargs["PERSISTENT"] or c.kwargs["USE_TMA"] for c in triton_linear._gemm_configs(arch))
+
+
 def _identity_adapter(m, k, p, seed, dtype=torch.float32, x=None):
     """r = K, A = I, d = 1, s = 1: H = dropout(x) exactly, so H exposes the kernel's mask."""
     x = torch.randn(m, k, dtype=dtype, device=DEVICE) if x is None else x

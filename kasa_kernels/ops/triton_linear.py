@@ -191,36 +191,27 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _gemm_lowrank_kernel(
-    a_ptr, b_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr,
-    M, N, K, R, m_bucket,
+def _gemm_lowrank_tile(
+    tile, a_ptr, b_ptr, a_desc, b_desc, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr,
+    M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_lm, stride_lr, stride_lbr, stride_lbn,
     stride_om, stride_on,
     keep_scale, threshold,
     HAS_BIAS: tl.constexpr, LOWRANK: tl.constexpr, LOWRANK_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, LOWRANK_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-    R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr,
 ):
-    """out (M, N) = a (M, K) @ b (K, N) + [l (M, R) @ lb (R, N)] + [bias (N,)], every operand through its strides.
-
-    Forward: a = x, b = W^T, l = S, lb = B^T. dX: a = G, b = W, l = gH, lb = A; with dropout (LOWRANK_DROPOUT) the
-    rank-r term is masked per output element (m, n), which is exactly element (m, k) of x: the mask is applied to the
-    accumulator right after the rank-r k-steps, before the main loop adds G W, so no second M x N accumulator is
-    held across the loop (AOT sm90, 128x256 tile, bf16: the epilogue form spilled ~800 B/thread).
-    The rank-r operands stay fp32 (l is H-sized: it can exceed fp16's 65504 while the output does not) and run at
-    LOWRANK_PRECISION (tf32 for fp16/bf16 x: fp16's mantissa with fp32's range), R_CHUNK columns of r at a
-    time: whole fp32 (BLOCK_M + BLOCK_N) x R_PAD tiles added 196 KB of shared memory at r = 128 (AOT, sm90)."""
-    pid = tl.program_id(0)
+    """One BLOCK_M x BLOCK_N tile of _gemm_lowrank_kernel's output (its docstring has the math)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     # Grouped tile order: GROUP_M row-blocks share each column-block of b while it is hot in L2.
-    group = pid // (GROUP_M * num_n)
+    group = tile // (GROUP_M * num_n)
     first_m = group * GROUP_M
     group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
-    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+    pid_m = first_m + (tile % (GROUP_M * num_n)) % group_rows
+    pid_n = (tile % (GROUP_M * num_n)) // group_rows
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -243,16 +234,28 @@ def _gemm_lowrank_kernel(
             keep = _keep_mask(seed_ptr, offs_m, offs_n, N, threshold)
             acc = tl.where(keep, acc * keep_scale, 0.0)
 
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m_ld[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n_ld[None, :] * stride_bn
-    for k0 in range(0, K, BLOCK_K):
-        k_left = K - k0
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if USE_TMA:
+        # The copy engine zero-fills whatever lies past M, N or K, so no masks and no wrapped offsets here.
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([off_m, k0])
+            if B_K_CONTIG:
+                b = tl.trans(b_desc.load([off_n, k0]))
+            else:
+                b = b_desc.load([k0, off_n])
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m_ld[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + offs_n_ld[None, :] * stride_bn
+        for k0 in range(0, K, BLOCK_K):
+            k_left = K - k0
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n_ld).to(tl.float32)[None, :]
@@ -260,6 +263,54 @@ def _gemm_lowrank_kernel(
     out_ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :].to(tl.int64) * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _gemm_lowrank_kernel(
+    a_ptr, b_ptr, a_desc, b_desc, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr,
+    M, N, K, R, m_bucket,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_lm, stride_lr, stride_lbr, stride_lbn,
+    stride_om, stride_on,
+    keep_scale, threshold,
+    HAS_BIAS: tl.constexpr, LOWRANK: tl.constexpr, LOWRANK_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, LOWRANK_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr, USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, B_K_CONTIG: tl.constexpr,
+):
+    """out (M, N) = a (M, K) @ b (K, N) + [l (M, R) @ lb (R, N)] + [bias (N,)], every operand through its strides.
+
+    Forward: a = x, b = W^T, l = S, lb = B^T. dX: a = G, b = W, l = gH, lb = A; with dropout (LOWRANK_DROPOUT) the
+    rank-r term is masked per output element (m, n), which is exactly element (m, k) of x: the mask is applied to the
+    accumulator right after the rank-r k-steps, before the main loop adds G W, so no second M x N accumulator is
+    held across the loop (AOT sm90, 128x256 tile, bf16: the epilogue form spilled ~800 B/thread).
+    The rank-r operands stay fp32 (l is H-sized: it can exceed fp16's 65504 while the output does not) and run at
+    LOWRANK_PRECISION (tf32 for fp16/bf16 x: fp16's mantissa with fp32's range), R_CHUNK columns of r at a
+    time: whole fp32 (BLOCK_M + BLOCK_N) x R_PAD tiles added 196 KB of shared memory at r = 128 (AOT, sm90).
+
+    Variants (sm90 autotunes over them, issue #3): PERSISTENT launches min(tiles, SMs) programs that stride over the
+    tiles; USE_TMA reads a and b through host tensor descriptors a_desc (BLOCK_M, BLOCK_K) and b_desc, which is
+    (BLOCK_N, BLOCK_K) over b's transpose when B_K_CONTIG (forward: W itself) and (BLOCK_K, BLOCK_N) otherwise (dX).
+    TMA_OK (the launcher built both descriptors) only keys the autotuner; a_desc/b_desc are None without it."""
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _gemm_lowrank_tile(
+                tile, a_ptr, b_ptr, a_desc, b_desc, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr, M, N, K, R,
+                stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr, stride_lbr, stride_lbn,
+                stride_om, stride_on, keep_scale, threshold,
+                HAS_BIAS, LOWRANK, LOWRANK_DROPOUT, INPUT_PRECISION, LOWRANK_PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_K, R_CHUNK, GROUP_M, USE_TMA, B_K_CONTIG,
+            )
+    else:
+        _gemm_lowrank_tile(
+            tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr, M, N, K, R,
+            stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr, stride_lbr, stride_lbn,
+            stride_om, stride_on, keep_scale, threshold,
+            HAS_BIAS, LOWRANK, LOWRANK_DROPOUT, INPUT_PRECISION, LOWRANK_PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_K, R_CHUNK, GROUP_M, USE_TMA, B_K_CONTIG,
+        )
 
 
 @triton.jit
@@ -378,20 +429,52 @@ def _da_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # GEMM autotuning: one Autotuner per architecture, built on first use.
 
-_GEMM_KEY = ["m_bucket", "N", "K", "R_PAD", "LOWRANK", "LOWRANK_DROPOUT"]
+# TMA_OK and B_K_CONTIG key the cache too: a config that reads through TMA must never be reused for operands that TMA
+# cannot read, and the forward (b = W^T, unit stride along k) and dX (b = W, unit stride along n) read b in different
+# orders even where their (M, N, K) coincide.
+_GEMM_KEY = ["m_bucket", "N", "K", "R_PAD", "LOWRANK", "LOWRANK_DROPOUT", "TMA_OK", "B_K_CONTIG"]
+
+# (PERSISTENT, USE_TMA) variants tried per tile: issue #3 asks sm90 to keep whichever of plain, persistent and TMA
+# measures faster, so all four combinations go to its autotuner. TMA needs sm90; sm8x keeps the plain kernel.
+_GEMM_VARIANTS = {
+    (9, 0): [(False, False), (True, False), (False, True), (True, True)],
+}
+
+# Test-only: a dict of _gemm_lowrank_kernel meta-parameters (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PERSISTENT, USE_TMA,
+# num_warps, num_stages) that replaces the autotuner/interpreter choice, so tests can run each variant explicitly.
+# USE_TMA is honoured only where TMA can read the operands (as the autotuner's prune), and on CUDA only on sm90.
+_GEMM_OVERRIDE: Optional[dict] = None
+
+
+def _set_tma_block_shapes(nargs, reset_only=False):
+    """Config pre-hook: the host descriptors' block shapes are the config's tiles. Set for every config, TMA or not,
+    because a descriptor's block shape is part of the kernel's signature: a stale one would recompile the plain
+    configs for each shape left behind by the previous config."""
+    a_desc, b_desc = nargs["a_desc"], nargs["b_desc"]
+    if a_desc is None:
+        return
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    a_desc.block_shape = [bm, bk]
+    b_desc.block_shape = [bn, bk] if nargs["B_K_CONTIG"] else [bk, bn]
+
+
+def _gemm_configs(arch: Tuple[int, int]):
+    variants = _GEMM_VARIANTS.get(arch, [(False, False)])
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=persistent, USE_TMA=tma),
+                      num_stages=st, num_warps=w, pre_hook=_set_tma_block_shapes if len(variants) > 1 else None)
+        for bm, bn, bk, st, w in _GEMM_CONFIGS[arch]
+        for persistent, tma in variants
+    ]
 
 
 @functools.lru_cache(maxsize=None)
 def _gemm_for(arch: Optional[Tuple[int, int]]):
     if arch is None:
         bm, bn, bk, stages, warps = _INTERPRET_GEMM
-        return _gemm_lowrank_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                                          num_stages=stages, num_warps=warps)
-    configs = [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_stages=st, num_warps=w)
-        for bm, bn, bk, st, w in _GEMM_CONFIGS[arch]
-    ]
-    return triton.autotune(configs=configs, key=_GEMM_KEY,
+        return _gemm_lowrank_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=False,
+                                          USE_TMA=False, num_stages=stages, num_warps=warps)
+    return triton.autotune(configs=_gemm_configs(arch), key=_GEMM_KEY,
                            prune_configs_by={"early_config_prune": _prune_gemm_configs})(_gemm_lowrank_kernel), {}
 
 
@@ -413,9 +496,19 @@ def _smem_limit(device_index: int) -> int:
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop configs whose shared memory exceeds this GPU's (sm86/sm89: 99 KB; fp32 inputs double the tiles), so the
-    autotuner does not compile them only to fail with OutOfResources; keep the smallest if none fits."""
+    """Drop TMA configs where the launcher could not build descriptors (TMA_OK false), persistent configs where the
+    tiles do not outnumber the SMs (they would launch the same programs as the plain config), and configs whose
+    shared memory exceeds this GPU's (sm86/sm89: 99 KB; fp32 inputs double the tiles), so the autotuner does not
+    compile them only to fail with OutOfResources; keep the smallest if none fits."""
     a = named_args["a_ptr"]
+    M, N = named_args["M"], named_args["N"]
+    n_sms = _sm_count(a.device)
+    configs = [
+        c for c in configs
+        if (kwargs.get("TMA_OK", False) or not c.kwargs.get("USE_TMA", False))
+        and (not c.kwargs.get("PERSISTENT", False)
+             or triton.cdiv(M, c.kwargs["BLOCK_M"]) * triton.cdiv(N, c.kwargs["BLOCK_N"]) > n_sms)
+    ]
     major = torch.cuda.get_device_capability(a.device)[0]
     limit = _smem_limit(a.device.index if a.device.index is not None else torch.cuda.current_device())
     r_chunk = kwargs.get("R_CHUNK", 0) if kwargs.get("LOWRANK", False) else 0
@@ -429,6 +522,31 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=need)]
 
 
+def _tma_descriptors(a, b, stride_bk, stride_bn, M, N, K):
+    """Host tensor descriptors (a over (M, K), b over (N, K) when its unit stride is along k, else over (K, N)), or
+    (None, None) when TMA cannot read both: it needs a unit last-dim stride and 16-byte aligned base pointer and row
+    stride (odd K or N in fp16/bf16, strided views of x and offset slices fail that). Rows that overlap (a broadcast
+    grad_y has row stride 0) stay on pointer loads too: no GPU run has tried TMA on them. The block shapes are
+    placeholders until _set_tma_block_shapes fills in the config's tiles."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def readable(t, row_stride, cols):
+        return (t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0 and row_stride >= cols)
+
+    if a.stride(1) != 1 or not readable(a, a.stride(0), K):
+        return None, None
+    if stride_bk == 1:
+        b_shape, b_row_stride = [N, K], stride_bn
+    elif stride_bn == 1:
+        b_shape, b_row_stride = [K, N], stride_bk
+    else:
+        return None, None
+    if not readable(b, b_row_stride, b_shape[1]):
+        return None, None
+    return (TensorDescriptor(a, [M, K], [a.stride(0), 1], [16, 16]),
+            TensorDescriptor(b, b_shape, [b_row_stride, 1], [16, 16]))
+
+
 def _launch_gemm(a, b_strided, l, lb_strided, bias, out, seed, M, N, K, R, keep_scale, threshold,
                  lowrank, lowrank_dropout, precision, lowrank_precision):
     """b_strided / lb_strided: (tensor, stride_k, stride_n) / (tensor, stride_r, stride_n) views of the right
@@ -438,16 +556,30 @@ def _launch_gemm(a, b_strided, l, lb_strided, bias, out, seed, M, N, K, R, keep_
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # the kernel reads b with unit stride (N elements, cheap)
     arch = None if a.device.type != "cuda" else _arch_key(a.device)
-    kernel, fixed = _gemm_for(arch)
+    override = _GEMM_OVERRIDE
+    if override is not None:
+        kernel, fixed = _gemm_lowrank_kernel, dict(override)
+        want_tma = bool(fixed.get("USE_TMA")) and arch in (None, (9, 0))
+    else:
+        kernel, fixed = _gemm_for(arch)
+        want_tma = any(tma for _, tma in _GEMM_VARIANTS.get(arch, ()))
+    a_desc, b_desc = _tma_descriptors(a, b, stride_bk, stride_bn, M, N, K) if want_tma else (None, None)
+    tma_ok = a_desc is not None
+    b_k_contig = stride_bk == 1
+    if override is not None:
+        fixed["USE_TMA"] = tma_ok
+        _set_tma_block_shapes(dict(fixed, a_desc=a_desc, b_desc=b_desc, B_K_CONTIG=b_k_contig))
     use_lowrank = lowrank
     r_pad = _r_pad(R) if use_lowrank else 16
+    n_sms = _sm_count(a.device)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, n_sms) if meta["PERSISTENT"] else tiles,)
 
     kernel[grid](
-        a, b, l if use_lowrank else a, lb if use_lowrank else b, bias if bias is not None else a, out,
-        seed if seed is not None else a,
+        a, b, a_desc, b_desc, l if use_lowrank else a, lb if use_lowrank else b, bias if bias is not None else a,
+        out, seed if seed is not None else a,
         M, N, K, R, _next_pow2(M),
         a.stride(0), a.stride(1), stride_bk, stride_bn,
         l.stride(0) if use_lowrank else 0, l.stride(1) if use_lowrank else 0, stride_lbr, stride_lbn,
@@ -455,7 +587,7 @@ def _launch_gemm(a, b_strided, l, lb_strided, bias, out, seed, M, N, K, R, keep_
         keep_scale, threshold,
         HAS_BIAS=bias is not None, LOWRANK=lowrank, LOWRANK_DROPOUT=lowrank and lowrank_dropout,
         INPUT_PRECISION=precision, LOWRANK_PRECISION=lowrank_precision, R_PAD=r_pad,
-        R_CHUNK=min(r_pad, _LOWRANK_CHUNK), **fixed,
+        R_CHUNK=min(r_pad, _LOWRANK_CHUNK), TMA_OK=tma_ok, B_K_CONTIG=b_k_contig, **fixed,
     )
 
 
