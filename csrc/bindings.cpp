@@ -163,6 +163,12 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weig
   sa.h = h.data_ptr<float>(); sa.s = s_lowp.data_ptr();
   sa.M = int(s.M); sa.K = int(s.K); sa.R = int(s.R);
   sa.drop = drop;
+  sa.splits = kasa::lowrank_shrink_splits(dt, sa.M, sa.K, sa.R);
+  Tensor shrink_partial;  // K split over blocks (few rows): per-split sums, added in a fixed order by the kernel
+  if (sa.splits > 1) {
+    shrink_partial = at::empty({sa.splits, s.M, s.R}, x_in.options().dtype(at::kFloat));
+    sa.partial = shrink_partial.data_ptr<float>();
+  }
   kasa::lowrank_shrink(dt, sa, stream);
 
   if (s.N == 0) return {y, h};

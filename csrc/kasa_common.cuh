@@ -84,6 +84,11 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
 }
+// The 4-byte form keeps fp32 rows that are not 16-byte aligned (K not a multiple of 4) asynchronous too.
+__device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem_src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
@@ -95,6 +100,14 @@ inline bool rows_are_16b_aligned(const void* p, int64_t ld, int elem_size) {
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
 int device_sm_count();
+
+// Element e of the sum over `tiles` partial slices of n elements each, slices added in index order: a split
+// reduction built on this gives the same bits on every run, whatever order the producing blocks ran in.
+__device__ __forceinline__ float sum_partials_at(const float* __restrict__ part, int64_t tiles, int64_t n, int64_t e) {
+  float s = 0.f;
+  for (int64_t t = 0; t < tiles; ++t) s += part[t * n + e];
+  return s;
+}
 
 // Deterministic block-wide sum (fixed shuffle tree, then warp 0 over the warp sums). All threads get the result.
 template <int NT>

@@ -20,6 +20,8 @@ struct DropoutArgs {
 };
 
 // Forward shrink: H = dropout(x) A^T (fp32) and S = H * sd (in x's dtype, the GEMM's low-rank operand).
+// When too few row blocks exist to fill the GPU (decode sizes), K is split over `splits` blocks per row block; the
+// slices go to `partial` and a second launch adds them in slice order (no atomics) and writes H and S.
 struct ShrinkArgs {
   const void* x; int64_t ldx;  // (M, K), unit column stride
   const float* a;              // (R, K) contiguous
@@ -28,7 +30,11 @@ struct ShrinkArgs {
   void* s;                     // (M, R) contiguous, x's dtype
   int M, K, R;
   DropoutArgs drop;
+  int splits = 1;              // lowrank_shrink_splits(...) for these sizes
+  float* partial = nullptr;    // (splits, M, R) fp32 workspace when splits > 1, allocated by the caller
 };
+// The split count lowrank_shrink expects for x of dtype dt and these sizes (depends on the current device).
+int lowrank_shrink_splits(DType dt, int M, int K, int R);
 void lowrank_shrink(DType dt, const ShrinkArgs& args, cudaStream_t stream);
 
 // Backward dY pass over G (M, N): gH = s (G B) * d, dB = s G^T (H * d), dd = colsum(s (G B) * H).
