@@ -361,6 +361,117 @@ def test_deterministic_mode_is_bitwise_repeatable(cuda_backend):
         torch.testing.assert_close(f, q, rtol=1e-4, atol=1e-4)
 
 
+# The forward shrink (csrc/lowrank_shrink.cu) picks its own layout: K is split over blocks when the row blocks cannot
+# fill the GPU (M <= 128 with K = 4096 splits on any GPU with two or more SMs), ranks above 32 are tiled in slices of
+# 32, and x rows that are not 16-byte aligned take the element-load path. H (linear_forward's second output) is held
+# to fp32 accuracy, which a lost or doubled split slice, or a value read past a row or rank edge, misses by far more
+# than rounding; NaN placed just past the edges turns any such read into a non-finite H.
+SHRINK_DECODE = [(1, 4096, 16), (16, 4096, 16), (64, 4096, 16), (1, 4099, 16), (16, 4099, 8), (64, 4099, 24)]
+SHRINK_WIDE_R = [(5, 136, 33), (130, 520, 64), (37, 4096, 128), (300, 264, 128)]
+
+
+def _shrink_case(m, k, r, dtype, n=72, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    a = torch.randn(r, k, generator=g) / k**0.5
+    d = torch.randn(r, generator=g)
+    bb = torch.randn(n, r, generator=g) / r**0.5
+    return tuple(t.cuda() for t in (x, w, b, a, d, bb))
+
+
+def _nan_tailed(t, offset=0):
+    """A contiguous copy of t inside a larger buffer of NaN, starting `offset` elements in: reading past either end
+    (or, with offset > 0, relying on 16-byte alignment) shows up in the result."""
+    buf = torch.full((t.numel() + offset + 64,), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf[offset:offset + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _shrink_reference(x, a, p, seed):
+    """H = dropout(x) A^T from the reference (kasa_linear_ref with W = 0, d = 1, B = I, s = 1): fp64 and fp32."""
+    m, k = x.shape
+    r = a.shape[0]
+    mask = keep_mask(seed, m, k, p) if p > 0 else None
+    out = []
+    for dt in (torch.float64, torch.float32):
+        z = torch.zeros(r, k, dtype=dt, device=x.device)
+        ones, eye = torch.ones(r, dtype=dt, device=x.device), torch.eye(r, dtype=dt, device=x.device)
+        out.append(ref.kasa_linear_ref(x.to(dt), z, None, a.to(dt), ones, eye, 1.0, dropout_mask=mask, dropout_p=p))
+    return out
+
+
+def _check_forward(name, x, w, b, a, d, bb, p=0.0, seed=None, scaling=2.0):
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references (and fp32 x) stay exact-fp32
+        y, h = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, scaling, p, seed)
+        h64, h32 = _shrink_reference(x, a, p, seed)
+        mask = keep_mask(seed, x.shape[0], x.shape[1], p) if p > 0 else None
+        y64 = ref.kasa_linear_ref(x.double(), w.double(), b.double(), a.double(), d.double(), bb.double(), scaling,
+                                  dropout_mask=mask, dropout_p=p)
+        ylp = ref.kasa_linear_ref(x, w, b, a, d, bb, scaling, dropout_mask=mask, dropout_p=p, dtype=x.dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert h.dtype == torch.float32 and h.shape == (x.shape[0], a.shape[0])
+    # fp32 products summed in a different order than cuBLAS's: a few times the fp32 reference's own error
+    assert_close_to_reference(f"{name} H", h, h64, h32, torch.float32, factor=4.0)
+    assert_close_to_reference(f"{name} y", y, y64, ylp, x.dtype)
+    return y, h
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHRINK_DECODE + SHRINK_WIDE_R, ids=str)
+def test_shrink_decode_and_wide_rank(cuda_backend, dtype, shape):
+    m, k, r = shape
+    x, w, b, a, d, bb = _shrink_case(m, k, r, dtype)
+    _check_forward(f"m{m} k{k} r{r}", _nan_tailed(x), w, b, _nan_tailed(a), d, bb)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(16, 4096, 16), (130, 520, 24), (37, 4099, 64)], ids=str)
+def test_shrink_unaligned_rows(cuda_backend, dtype, shape):
+    m, k, r = shape
+    x, w, b, a, d, bb = _shrink_case(m, k, r, dtype)
+    # rows padded with NaN (row stride k + 3: no row after the first is 16-byte aligned)
+    padded = torch.full((m, k + 3), float("nan"), dtype=dtype, device="cuda")
+    padded[:, :k] = x
+    _check_forward("padded rows", padded[:, :k], w, b, a, d, bb)
+    # contiguous, but the first row starts one element past a 16-byte boundary; A likewise one float in
+    _check_forward("offset base", _nan_tailed(x, offset=1), w, b, _nan_tailed(a, offset=1), d, bb)
+    # both: the row start and the row stride are off by one element
+    wide = torch.cat([torch.randn(m, 1, device="cuda").to(dtype), x], dim=1)
+    _check_forward("sliced columns", wide[:, 1:], w, b, a, d, bb)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("shape", [(1, 4096, 16), (64, 4099, 24), (130, 520, 64), (37, 264, 128)], ids=str)
+def test_shrink_dropout(cuda_backend, dtype, p, shape):
+    m, k, r = shape
+    x, w, b, a, d, bb = _shrink_case(m, k, r, dtype)
+    seed = make_seed(0x5EED0000ABCD, x.device)
+    _check_forward(f"p{p}", _nan_tailed(x), w, b, a, d, bb, p=p, seed=seed)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_shrink_split_k_is_bitwise_repeatable(cuda_backend, dtype, p):
+    # M = 16, K = 4096: one row block, so K is split and the slices are summed by the second launch in slice order.
+    x, w, b, a, d, bb = _shrink_case(16, 4096, 16, dtype)
+    seed = make_seed(11, x.device) if p > 0 else None
+    y1, h1 = _check_forward("split", x, w, b, a, d, bb, p=p, seed=seed)
+    for _ in range(3):
+        y2, h2 = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, 2.0, p, seed)
+        assert torch.equal(h1, h2) and torch.equal(y1, y2)
+
+
 @gpu
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_torch_compile_fullgraph(cuda_backend, p):
