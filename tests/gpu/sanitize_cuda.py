@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python tests/gpu/sanitize_cuda.py --quick
 
 Covers fp32 (FFMA and TF32), fp16, bf16; fp32 adapters beside low-precision activations; bias on/off; dropout on/off;
-strided rows and non-unit column strides; deterministic and atomic reductions; the regularizer in both forms.
+strided rows and non-unit column strides; deterministic and atomic reductions; decode sizes (split-K shrink); the
+adapter-off base_gemm; the regularizer in both forms.
 Exits non-zero on the first CUDA error; the sanitizer reports any out-of-bounds or misaligned access.
 """
 import argparse
@@ -15,7 +16,9 @@ import torch
 from kasa_kernels.ops import cuda_linear, cuda_reg
 from kasa_kernels.ops.rng import make_seed
 
-SHAPES = [(1, 7, 5, 1), (7, 37, 130, 4), (37, 130, 37, 16), (39, 64, 96, 8), (130, 136, 264, 33), (257, 520, 300, 24)]
+# (M, K, N, r). The last two are decode sizes, where the shrink splits K (its partials workspace and final sum).
+SHAPES = [(1, 7, 5, 1), (7, 37, 130, 4), (37, 130, 37, 16), (39, 64, 96, 8), (130, 136, 264, 33), (257, 520, 300, 24),
+          (1, 4099, 64, 16), (16, 4096, 72, 40)]
 
 
 def run_linear(m, k, n, r, dtype, adapter_dtype, bias, p, strided, seed):
@@ -34,8 +37,9 @@ def run_linear(m, k, n, r, dtype, adapter_dtype, bias, p, strided, seed):
     bb = torch.randn(n, r, device=dev, generator=g).to(adapter_dtype)
     y, h = cuda_linear.linear_forward(x, w, b, a, d, bb, 2.0, p, seed)
     grads = cuda_linear.linear_backward(gy, x, w, a, d, bb, h, 2.0, p, seed, (True, True, True, True))
+    y0 = cuda_linear.base_gemm(x, w, b)  # the adapter-off GEMM kasa-bench's cuda_gemm times
     torch.cuda.synchronize()
-    assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in grads)
+    assert torch.isfinite(y).all() and torch.isfinite(y0).all() and all(torch.isfinite(t).all() for t in grads)
 
 
 def main():
