@@ -112,21 +112,21 @@ LinearShapes check_linear(const Tensor& x, const Tensor& weight, const Tensor& l
   return {M, K, N, R};
 }
 
-// out += left right^T (forward: left (M,R), right (N,R)) or out += drop(left right) (backward: right (R,N)), the
-// product formed in fp32 by the FFMA GEMM with no main k-steps (one transient fp32 M x N tensor).
-void add_lowrank_fp32(Tensor& out, const Tensor& left_in, const Tensor& right, bool forward,
-                      const kasa::DropoutArgs& drop, cudaStream_t stream) {
-  const Tensor left = left_in.contiguous();
-  Tensor t = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-  kasa::GemmLowrankArgs l{};
-  l.M = int(out.size(0)); l.N = int(out.size(1)); l.K = 0;
-  l.lx = left.data_ptr(); l.ldlx = left.size(1);
-  l.lw = right.data_ptr(); l.ldlw = right.size(1);
-  l.R = int(left.size(1));
-  l.out = t.data_ptr(); l.ldo = out.size(1);
-  l.drop = drop;
-  kasa::gemm_lowrank_f32(forward, kasa::Fp32Math::kFFMA, l, stream);
-  out.add_(t);
+// fp16 cannot hold H-sized values (65504 max: S = H s d, or gH, can exceed it while the output does not). The rank-R
+// operands are therefore cast to fp16 only after an exact rebalancing by powers of two, as the torch backend does
+// (ops/torch_linear.py, _add_lowrank_): component j of left (M, R) is scaled by 2^-e_j and component j of right by
+// 2^e_j, e_j equalizing their largest magnitudes, so the product is unchanged and a cast overflows only where the
+// product itself would. right is (N, R) with components as columns (forward's B) or (R, K) as rows (backward's A).
+// bf16 has fp32's range and needs none of this.
+std::pair<Tensor, Tensor> rebalance_to_fp16(const Tensor& left, const Tensor& right, bool right_components_are_rows) {
+  const double tiny = std::numeric_limits<float>::min();
+  const Tensor big_left = left.abs().amax({0}).clamp_min(tiny);
+  const Tensor big_right = right.abs().amax({right_components_are_rows ? 1 : 0}).clamp_min(tiny);
+  // log domain: the ratio itself overflows fp32 when a factor is all zeros (B = 0 at initialization)
+  const Tensor scale = at::exp2(at::round(0.5 * (at::log2(big_left) - at::log2(big_right))).clamp(-60, 60));
+  const Tensor l = (left / scale).to(at::kHalf).contiguous();
+  const Tensor r = (right_components_are_rows ? right * scale.unsqueeze(1) : right * scale).to(at::kHalf).contiguous();
+  return {l, r};
 }
 
 std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weight_in, const optional<Tensor>& bias_in,
@@ -172,22 +172,21 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weig
   kasa::lowrank_shrink(dt, sa, stream);
 
   if (s.N == 0) return {y, h};
-  const Tensor b_lowp = lora_B.to(x_in.scalar_type()).contiguous();
+  const Tensor b_lowp = dt == kasa::DType::kF16 ? Tensor() : lora_B.to(x_in.scalar_type()).contiguous();
   kasa::GemmLowrankArgs g{};
   g.x = x.data_ptr(); g.ldx = row_stride(x);
   g.w = weight.data_ptr(); g.ldw = row_stride(weight);
   g.M = int(s.M); g.N = int(s.N); g.K = int(s.K);
   g.lx = s_lowp.data_ptr(); g.ldlx = s.R;
-  g.lw = b_lowp.data_ptr(); g.ldlw = s.R;
+  g.lw = b_lowp.defined() ? b_lowp.data_ptr() : nullptr; g.ldlw = s.R;
   g.R = int(s.R);
   g.bias = bias.defined() ? bias.data_ptr() : nullptr;
   g.out = y.data_ptr(); g.ldo = s.N;
-  if (dt == kasa::DType::kF16) {
-    // fp16 cannot hold H-sized values (65504 max; S = H s d can exceed it while Y does not), so the rank-R term is
-    // formed in fp32 and added, as the torch backend does. bf16 has fp32's range and keeps it fused.
-    g.lx = nullptr; g.ldlx = 0; g.R = 0;
+  if (dt == kasa::DType::kF16) {  // fp16's range: see rebalance_to_fp16; the rank-R term stays fused
+    const auto [s16, b16] = rebalance_to_fp16(h * sd, lora_B.to(at::kFloat), /*right_components_are_rows=*/false);
+    g.lx = s16.data_ptr();
+    g.lw = b16.data_ptr();
     kasa::gemm_lowrank_f16(true, g, stream);
-    add_lowrank_fp32(y, h * sd, lora_B.to(at::kFloat).contiguous(), /*forward=*/true, kasa::DropoutArgs{}, stream);
     return {y, h};
   }
   switch (dt) {
@@ -330,21 +329,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
     dx = at::empty({s.M, s.K}, x_in.options());
     if (s.K > 0) {
       const Tensor weight = unit_column_stride(weight_in);
-      const Tensor a_lowp = lora_A.to(x_in.scalar_type()).contiguous();
+      const Tensor a_lowp = dt == kasa::DType::kF16 ? Tensor() : lora_A.to(x_in.scalar_type()).contiguous();
       kasa::GemmLowrankArgs g{};
       g.x = grad_y.data_ptr(); g.ldx = row_stride(grad_y);
       g.w = weight.data_ptr(); g.ldw = row_stride(weight);  // W (N, K) read as the K-dim-major (N x K) operand
       g.M = int(s.M); g.N = int(s.K); g.K = int(s.N);
       g.lx = gh_lowp.defined() ? gh_lowp.data_ptr() : gh.data_ptr(); g.ldlx = s.R;
-      g.lw = a_lowp.data_ptr(); g.ldlw = s.K;
+      g.lw = a_lowp.defined() ? a_lowp.data_ptr() : nullptr; g.ldlw = s.K;
       g.R = int(s.R);
       g.bias = nullptr;
       g.out = dx.data_ptr(); g.ldo = s.K;
       g.drop = drop;
-      if (dt == kasa::DType::kF16) {  // fp16's range: see linear_forward
-        g.lx = nullptr; g.ldlx = 0; g.R = 0; g.drop = kasa::DropoutArgs{};
+      if (dt == kasa::DType::kF16) {  // fp16's range: see rebalance_to_fp16 (the dropout mask is applied unchanged)
+        const auto [gh16, a16] = rebalance_to_fp16(gh, lora_A.to(at::kFloat), /*right_components_are_rows=*/true);
+        g.lx = gh16.data_ptr();
+        g.lw = a16.data_ptr();
         kasa::gemm_lowrank_f16(false, g, stream);
-        add_lowrank_fp32(dx, gh, lora_A.to(at::kFloat).contiguous(), /*forward=*/false, drop, stream);
         return {dx, da, need_dd ? dd : none_f32(), need_db ? db : none_f32()};
       }
       switch (dt) {
