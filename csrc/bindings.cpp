@@ -129,20 +129,35 @@ std::pair<Tensor, Tensor> rebalance_to_fp16(const Tensor& left, const Tensor& ri
   return {l, r};
 }
 
+// The fused GEMM for x's dtype (forward: out = x w^T + lx lw^T + bias; backward: out = x w + drop(lx lw)).
+void run_gemm_lowrank(kasa::DType dt, bool forward, const kasa::GemmLowrankArgs& g, bool allow_tf32,
+                      cudaStream_t stream) {
+  switch (dt) {
+    case kasa::DType::kF16: kasa::gemm_lowrank_f16(forward, g, stream); break;
+    case kasa::DType::kBF16: kasa::gemm_lowrank_bf16(forward, g, stream); break;
+    case kasa::DType::kF32:
+      kasa::gemm_lowrank_f32(forward, allow_tf32 ? kasa::Fp32Math::kTF32 : kasa::Fp32Math::kFFMA, g, stream);
+      break;
+  }
+}
+
+// bias (N,) in x's dtype, made contiguous, or an undefined tensor when absent.
+Tensor checked_bias(const optional<Tensor>& bias_in, int64_t N, const Tensor& x, const at::Device& dev) {
+  if (!bias_in.has_value() || !bias_in->defined()) return Tensor();
+  check_on(*bias_in, "bias", dev);
+  check_shape(*bias_in, "bias", {N});
+  TORCH_CHECK(bias_in->scalar_type() == x.scalar_type(), "kasa_kernels cuda: bias: expected dtype ", x.scalar_type(),
+              " (x's), got ", bias_in->scalar_type());
+  return bias_in->contiguous();
+}
+
 std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weight_in, const optional<Tensor>& bias_in,
                                           const Tensor& lora_A, const Tensor& lora_diag, const Tensor& lora_B,
                                           double scaling, double dropout_p, const optional<Tensor>& seed,
                                           bool allow_tf32) {
   const LinearShapes s = check_linear(x_in, weight_in, lora_A, lora_diag, lora_B);
   const at::Device dev = x_in.device();
-  Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_on(*bias_in, "bias", dev);
-    check_shape(*bias_in, "bias", {s.N});
-    TORCH_CHECK(bias_in->scalar_type() == x_in.scalar_type(), "kasa_kernels cuda: bias: expected dtype ",
-                x_in.scalar_type(), " (x's), got ", bias_in->scalar_type());
-    bias = bias_in->contiguous();
-  }
+  const Tensor bias = checked_bias(bias_in, s.N, x_in, dev);
   const kasa::DropoutArgs drop = make_dropout(dropout_p, seed, dev);
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
@@ -182,20 +197,13 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weig
   g.R = int(s.R);
   g.bias = bias.defined() ? bias.data_ptr() : nullptr;
   g.out = y.data_ptr(); g.ldo = s.N;
-  if (dt == kasa::DType::kF16) {  // fp16's range: see rebalance_to_fp16; the rank-R term stays fused
-    const auto [s16, b16] = rebalance_to_fp16(h * sd, lora_B.to(at::kFloat), /*right_components_are_rows=*/false);
+  Tensor s16, b16;  // fp16's range: see rebalance_to_fp16; the rank-R term stays fused
+  if (dt == kasa::DType::kF16) {
+    std::tie(s16, b16) = rebalance_to_fp16(h * sd, lora_B.to(at::kFloat), /*right_components_are_rows=*/false);
     g.lx = s16.data_ptr();
     g.lw = b16.data_ptr();
-    kasa::gemm_lowrank_f16(true, g, stream);
-    return {y, h};
   }
-  switch (dt) {
-    case kasa::DType::kF16: kasa::gemm_lowrank_f16(true, g, stream); break;
-    case kasa::DType::kBF16: kasa::gemm_lowrank_bf16(true, g, stream); break;
-    case kasa::DType::kF32:
-      kasa::gemm_lowrank_f32(true, allow_tf32 ? kasa::Fp32Math::kTF32 : kasa::Fp32Math::kFFMA, g, stream);
-      break;
-  }
+  run_gemm_lowrank(dt, /*forward=*/true, g, allow_tf32, stream);
   return {y, h};
 }
 
@@ -215,14 +223,7 @@ Tensor base_gemm(const Tensor& x_in, const Tensor& weight_in, const optional<Ten
   check_dim_fits(M, "M (rows of x2d)");
   check_dim_fits(K, "K (in_features)");
   check_dim_fits(N, "N (out_features)");
-  Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    check_on(*bias_in, "bias", dev);
-    check_shape(*bias_in, "bias", {N});
-    TORCH_CHECK(bias_in->scalar_type() == x_in.scalar_type(), "kasa_kernels cuda: bias: expected dtype ",
-                x_in.scalar_type(), " (x's), got ", bias_in->scalar_type());
-    bias = bias_in->contiguous();
-  }
+  const Tensor bias = checked_bias(bias_in, N, x_in, dev);
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   Tensor y = at::empty({M, N}, x_in.options());
@@ -236,13 +237,7 @@ Tensor base_gemm(const Tensor& x_in, const Tensor& weight_in, const optional<Ten
   g.R = 0;
   g.bias = bias.defined() ? bias.data_ptr() : nullptr;
   g.out = y.data_ptr(); g.ldo = N;
-  switch (dt) {
-    case kasa::DType::kF16: kasa::gemm_lowrank_f16(true, g, stream); break;
-    case kasa::DType::kBF16: kasa::gemm_lowrank_bf16(true, g, stream); break;
-    case kasa::DType::kF32:
-      kasa::gemm_lowrank_f32(true, allow_tf32 ? kasa::Fp32Math::kTF32 : kasa::Fp32Math::kFFMA, g, stream);
-      break;
-  }
+  run_gemm_lowrank(dt, /*forward=*/true, g, allow_tf32, stream);
   return y;
 }
 
@@ -340,20 +335,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
       g.bias = nullptr;
       g.out = dx.data_ptr(); g.ldo = s.K;
       g.drop = drop;
-      if (dt == kasa::DType::kF16) {  // fp16's range: see rebalance_to_fp16 (the dropout mask is applied unchanged)
-        const auto [gh16, a16] = rebalance_to_fp16(gh, lora_A.to(at::kFloat), /*right_components_are_rows=*/true);
+      Tensor gh16, a16;  // fp16's range: see rebalance_to_fp16 (the dropout mask applies unchanged)
+      if (dt == kasa::DType::kF16) {
+        std::tie(gh16, a16) = rebalance_to_fp16(gh, lora_A.to(at::kFloat), /*right_components_are_rows=*/true);
         g.lx = gh16.data_ptr();
         g.lw = a16.data_ptr();
-        kasa::gemm_lowrank_f16(false, g, stream);
-        return {dx, da, need_dd ? dd : none_f32(), need_db ? db : none_f32()};
       }
-      switch (dt) {
-        case kasa::DType::kF16: kasa::gemm_lowrank_f16(false, g, stream); break;
-        case kasa::DType::kBF16: kasa::gemm_lowrank_bf16(false, g, stream); break;
-        case kasa::DType::kF32:
-          kasa::gemm_lowrank_f32(false, allow_tf32 ? kasa::Fp32Math::kTF32 : kasa::Fp32Math::kFFMA, g, stream);
-          break;
-      }
+      run_gemm_lowrank(dt, /*forward=*/false, g, allow_tf32, stream);
     }
   }
   return {dx, da, need_dd ? dd : none_f32(), need_db ? db : none_f32()};
