@@ -197,6 +197,7 @@ def test_gemm_prune_keeps_configs_that_fit():
     # sm86 (99 KB): fp32 tiles double the pipeline's shared memory; the estimate matches AOT compiles
     assert triton_linear._gemm_smem_bytes(8, 128, 256, 32, 3, 2, 0) == 49152
     assert triton_linear._gemm_smem_bytes(9, 128, 256, 64, 3, 2, 0) == 147456
+    assert triton_linear._gemm_smem_bytes(9, 128, 256, 64, 3, 2, 0, tma=True) == 147480  # + 3 mbarriers
     for bm, bn, bk, st, w in triton_linear._GEMM_CONFIGS[(8, 6)]:
         assert triton_linear._gemm_smem_bytes(8, bm, bn, bk, st, 2, 32) <= 99 * 1024
 
@@ -257,7 +258,8 @@ def _check_variant_launches(spy, case, persistent, tma):
 
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}_r{c[3]}_b{int(c[4])}_nc{int(c[5])}")
+@pytest.mark.parametrize("case", VARIANT_CASES,
+                         ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}_r{c[3]}_b{int(c[4])}_nc{int(c[5])}")
 @pytest.mark.parametrize("variant", list(VARIANTS), ids=str)
 def test_gemm_variant_matches_reference(variant, case, dtype, p, monkeypatch):
     persistent, tma = VARIANTS[variant]
@@ -548,3 +550,40 @@ def test_gpu_regularizer_bf16_many_layers():
         loss, ga, gb, gd = triton_reg.regularizer(a_s, b_s, d_s, 1e-4, 1e-3, form)
         want = ref.regularizer_ref([tuple(t.double() for t in lay) for lay in layers], 1e-4, 1e-3, form)
         torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("shape", [(4096, 2056, 2000, 16), (4096, 2050, 2048, 128)],
+                         ids=["aligned_partial_tiles", "odd_K"])
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=str)
+def test_gpu_gemm_variant_bf16(variant, shape, p, monkeypatch):
+    # Each sm90 variant run on its own at a real tile; the autotuner may pick any of them. odd_K: rows of x and W are
+    # 4100 bytes, so the forced TMA config must run on pointer loads instead.
+    persistent, tma = VARIANTS[variant]
+    cap = torch.cuda.get_device_capability()
+    if tma and cap[0] < 9:
+        pytest.skip("TMA needs sm90")
+    # sm90's largest tile, 128 x 256: at least 32 x 8 tiles here, more than an H100's 132 SMs, so persistent
+    # programs loop over several tiles
+    tile = triton_linear._GEMM_CONFIGS[(9, 0)][0] if cap == (9, 0) else (64, 64, 32, 3, 4)
+    m, k, n, r = shape
+    spy = _force_variant(monkeypatch, persistent, tma, tile)
+    case = make_case((m,), k, n, r, torch.bfloat16, torch.float32)
+    check_against_reference(case, p=p)
+    _check_variant_launches(spy, case, persistent, tma)
+
+
+@pytest.mark.gpu
+def test_gpu_autotuner_times_every_variant_and_keeps_tma_off_unaligned_operands():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the variants are sm90's")
+    tuner = triton_linear._gemm_for(triton_linear._arch_key(torch.device("cuda")))[0]
+    # 4096 x 1024: 256 tiles of 128 x 128, more than the SMs, so the persistent configs are not pruned either
+    check_against_reference(make_case((4096,), 1024, 1024, 16, torch.bfloat16, torch.float32), p=0.1)
+    timed = list(tuner.configs_timings)  # the dX launch's autotuning
+    assert any(c.kwargs["USE_TMA"] for c in timed) and any(c.kwargs["PERSISTENT"] for c in timed)
+    # K = 1030: rows of x (forward) and of W (dX) are 2060 bytes, so TMA cannot read them
+    check_against_reference(make_case((4096,), 1030, 1024, 16, torch.bfloat16, torch.float32), p=0.1)
+    assert not any(c.kwargs["USE_TMA"] for c in tuner.configs_timings)
+    assert not tuner.best_config.kwargs["USE_TMA"]

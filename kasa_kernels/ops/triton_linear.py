@@ -8,6 +8,8 @@ Backward, three launches (+ one tiny fp32 sum over split partials):
     dA                     dA = gH^T dropout(x), the mask regenerated from the seed
     gemm_lowrank           dx = G W + dropout_backward(gH A), the rank-r term (masked per element when p > 0) as
                            the accumulator's first k-steps
+On sm90 the gemm_lowrank autotuner also tries each tile persistent and with TMA loads of x/G and W (issue #3); the
+TMA configs only where host tensor descriptors can read those operands.
 Nothing of size M x N or M x K is allocated besides the outputs. Reductions over M accumulate in fp32; with
 torch.use_deterministic_algorithms(True) they go through per-block partials summed in a fixed order (no atomics), so
 reruns are bit-identical.
@@ -29,6 +31,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .precision import allow_tf32
 from .rng import dropout_threshold
@@ -442,11 +445,12 @@ _GEMM_VARIANTS = {
 
 # Test-only: a dict of _gemm_lowrank_kernel meta-parameters (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PERSISTENT, USE_TMA,
 # num_warps, num_stages) that replaces the autotuner/interpreter choice, so tests can run each variant explicitly.
-# USE_TMA is honoured only where TMA can read the operands (as the autotuner's prune), and on CUDA only on sm90.
+# USE_TMA is honoured only where TMA can read the operands (as the autotuner's prune), and on CUDA only where the
+# sm90 configs apply.
 _GEMM_OVERRIDE: Optional[dict] = None
 
 
-def _set_tma_block_shapes(nargs, reset_only=False):
+def _set_tma_block_shapes(nargs):
     """Config pre-hook: the host descriptors' block shapes are the config's tiles. Set for every config, TMA or not,
     because a descriptor's block shape is part of the kernel's signature: a stale one would recompile the plain
     configs for each shape left behind by the previous config."""
@@ -478,12 +482,14 @@ def _gemm_for(arch: Optional[Tuple[int, int]]):
                            prune_configs_by={"early_config_prune": _prune_gemm_configs})(_gemm_lowrank_kernel), {}
 
 
-def _gemm_smem_bytes(major: int, bm: int, bn: int, bk: int, stages: int, elem: int, r_chunk: int) -> int:
+def _gemm_smem_bytes(major: int, bm: int, bn: int, bk: int, stages: int, elem: int, r_chunk: int,
+                     tma: bool = False) -> int:
     """Upper bound of the GEMM's shared memory, fitted to AOT compiles (tools/aot_compile_triton.py, triton 3.8):
     sm90 allocates num_stages operand buffers, sm8x num_stages - 1 (bf16/fp16; fp32 inputs took up to one buffer
-    more, e.g. 160 KB for 128x256x32x3 on sm80); the rank-r step's fp32 tiles are counted on top."""
+    more, e.g. 160 KB for 128x256x32x3 on sm80); the rank-r step's fp32 tiles are counted on top. TMA configs add
+    one 8-byte mbarrier per stage (AOT sm90, bf16 128x256x64x3: 147480 B against the pointer loads' 147456)."""
     buffers = stages if major >= 9 or elem == 4 else stages - 1
-    return buffers * (bm * bk + bk * bn) * elem + (bm + bn) * r_chunk * 4
+    return buffers * (bm * bk + bk * bn) * elem + (bm + bn) * r_chunk * 4 + (8 * stages if tma else 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -516,7 +522,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     def need(c):
         k = c.kwargs
         return _gemm_smem_bytes(major, k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], c.num_stages, a.element_size(),
-                                r_chunk)
+                                r_chunk, k.get("USE_TMA", False))
 
     kept = [c for c in configs if need(c) <= limit]
     return kept or [min(configs, key=need)]
@@ -528,7 +534,6 @@ def _tma_descriptors(a, b, stride_bk, stride_bn, M, N, K):
     stride (odd K or N in fp16/bf16, strided views of x and offset slices fail that). Rows that overlap (a broadcast
     grad_y has row stride 0) stay on pointer loads too: no GPU run has tried TMA on them. The block shapes are
     placeholders until _set_tma_block_shapes fills in the config's tiles."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
 
     def readable(t, row_stride, cols):
         return (t.data_ptr() % 16 == 0 and (row_stride * t.element_size()) % 16 == 0 and row_stride >= cols)
