@@ -9,6 +9,7 @@ and triton_reg.py at the primary shape (M=8192, K=N=4096) and at ragged shapes, 
     python tools/aot_compile_triton.py                 # everything (a few minutes on 2 cores)
     python tools/aot_compile_triton.py --quick         # bf16 + fp32 GEMMs, fewer r
     python tools/aot_compile_triton.py --kernel gemm --arch 90 --dump /tmp/ttgir   # keep .ttgir/.ptx per compile
+    python tools/aot_compile_triton.py --kernel gemm --arch 90 --only tma         # jobs whose tag contains "tma"
 
 Exit status 1 when a compile fails or a config exceeds its arch's shared memory while the launcher's prune would
 keep it (the prune is kasa_kernels.ops.triton_linear._prune_gemm_configs, its estimate _gemm_smem_bytes).
@@ -42,6 +43,14 @@ class Ptr:
         self.dtype = dtype
 
 
+class Desc:
+    """A host TensorDescriptor argument: the runtime's signature is the element type and the block shape."""
+
+    def __init__(self, dtype: str, block_shape):
+        self.dtype = dtype
+        self.block_shape = list(block_shape)
+
+
 def _compile(fn, args: dict, num_warps: int, num_stages: int, cc: int, dump: str | None, tag: str):
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -49,6 +58,11 @@ def _compile(fn, args: dict, num_warps: int, num_stages: int, cc: int, dump: str
         if isinstance(v, Ptr):
             signature[name] = "*" + v.dtype
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, Desc):
+            signature[name] = f"tensordesc<{v.dtype}[{', '.join(map(str, v.block_shape))}]>"
+        elif v is None:  # the launcher passes None for descriptors it could not build: a constexpr None
+            signature[name] = "constexpr"
+            constexprs[name] = None
         elif fn.params[i].is_constexpr:
             signature[name] = "constexpr"
             constexprs[name] = v
@@ -112,26 +126,36 @@ def gemm_jobs(cc, dtypes, r_pads, M=8192, N=4096, K=4096):
             variants += [("fwd_tf32", True, True, False, r_pads[0])]
         for cfg in TL._GEMM_CONFIGS[arch]:
             bm, bn, bk, st, w = cfg
-            for name, bias, pro, epi, rp in variants:
-                lowrank = pro or epi
-                r_chunk = min(rp, TL._LOWRANK_CHUNK) if lowrank else 0
-                kept = TL._gemm_smem_bytes(cc // 10, bm, bn, bk, st, TDT_BYTES[dt], r_chunk) <= SMEM_LIMIT[cc]
-                p = Ptr(TDT[dt])
-                f32 = Ptr("fp32")
-                args = dict(
-                    a_ptr=p, b_ptr=p, l_ptr=f32, lb_ptr=f32 if name.startswith("dx") else Ptr(TDT[dt]),
-                    bias_ptr=p, out_ptr=p, seed_ptr=Ptr("i64"),
-                    M=M, N=N, K=K, R=rp, m_bucket=M,
-                    stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K,
-                    stride_lm=rp, stride_lr=1, stride_lbr=1, stride_lbn=rp,
-                    stride_om=N, stride_on=1, keep_scale=1.1, threshold=429496730,
-                    HAS_BIAS=bias, LOWRANK=lowrank, LOWRANK_DROPOUT=epi, R_CHUNK=max(r_chunk, 16),
-                    INPUT_PRECISION="tf32" if name == "fwd_tf32" else prec, LOWRANK_PRECISION=lowp,
-                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=rp, GROUP_M=8,
-                )
-                if name.startswith("dx"):
-                    args.update(stride_bk=K, stride_bn=1, stride_lbr=K, stride_lbn=1, stride_am=N)
-                jobs.append((f"gemm {name} {TDT[dt]} r{rp} {cfg}", TL._gemm_lowrank_kernel, args, w, st, cc, kept))
+            for persistent, tma in TL._GEMM_VARIANTS.get(arch, [(False, False)]):
+                kind = "+".join(n for n, on in (("persistent", persistent), ("tma", tma)) if on) or "plain"
+                for name, bias, pro, epi, rp in variants:
+                    lowrank = pro or epi
+                    r_chunk = min(rp, TL._LOWRANK_CHUNK) if lowrank else 0
+                    need = TL._gemm_smem_bytes(cc // 10, bm, bn, bk, st, TDT_BYTES[dt], r_chunk, tma)
+                    kept = need <= SMEM_LIMIT[cc]
+                    p = Ptr(TDT[dt])
+                    f32 = Ptr("fp32")
+                    dx = name.startswith("dx")
+                    args = dict(
+                        a_ptr=p, b_ptr=p, a_desc=None, b_desc=None,
+                        l_ptr=f32, lb_ptr=f32 if dx else Ptr(TDT[dt]),
+                        bias_ptr=p, out_ptr=p, seed_ptr=Ptr("i64"),
+                        M=M, N=N, K=K, R=rp, m_bucket=M,
+                        stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K,
+                        stride_lm=rp, stride_lr=1, stride_lbr=1, stride_lbn=rp,
+                        stride_om=N, stride_on=1, keep_scale=1.1, threshold=429496730,
+                        HAS_BIAS=bias, LOWRANK=lowrank, LOWRANK_DROPOUT=epi, R_CHUNK=max(r_chunk, 16),
+                        INPUT_PRECISION="tf32" if name == "fwd_tf32" else prec, LOWRANK_PRECISION=lowp,
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, R_PAD=rp, GROUP_M=8,
+                        PERSISTENT=persistent, USE_TMA=tma, TMA_OK=tma, B_K_CONTIG=not dx,
+                    )
+                    if dx:
+                        args.update(stride_bk=K, stride_bn=1, stride_lbr=K, stride_lbn=1, stride_am=N)
+                    if tma:  # the descriptors _set_tma_block_shapes gives this config
+                        args.update(a_desc=Desc(TDT[dt], [bm, bk]),
+                                    b_desc=Desc(TDT[dt], [bk, bn] if dx else [bn, bk]))
+                    jobs.append((f"gemm {name} {TDT[dt]} r{rp} {cfg} {kind}", TL._gemm_lowrank_kernel, args, w, st,
+                                 cc, kept))
     return jobs
 
 
@@ -220,6 +244,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dump", default=None)
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
+    ap.add_argument("--only", default=None, help="compile only the jobs whose tag contains this, e.g. 'tma'")
     a = ap.parse_args()
     dtypes = [torch.bfloat16, torch.float32] if a.quick else [torch.bfloat16, torch.float16, torch.float32]
     r_pads = [16, 128] if a.quick else [16, 32, 64, 128]
@@ -231,6 +256,8 @@ def main():
             jobs += small_jobs(cc, dtypes, r_pads)
         if a.kernel in ("all", "reg"):
             jobs += reg_jobs(cc, r_pads)
+    if a.only:
+        jobs = [j for j in jobs if a.only in j[0]]
     _JOBS[:] = jobs
     bad = 0
     print(f"{'kernel / variant / config':72s} {'arch':>5s} {'smem':>7s} {'regs':>5s} {'stack':>6s}  note")
