@@ -165,6 +165,36 @@ def test_matches_reference(case, dtype, p):
     check_against_reference(make_case(lead, k, n, r, dtype, adapter_dtype, bias, noncontig), p=p)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("splits", [None, (3, 64), (2, 128)], ids=["natural", "3x64", "2x128"])
+def test_split_k_shrink_matches_reference_and_repeats(monkeypatch, splits, p):
+    # Decode sizes split the shrink over K (partials summed in a fixed order by _shrink_finish_kernel). K = 130 with
+    # 64-column splits leaves a last split of 2 columns; "natural" is the launcher's own choice at M = 5, K = 300.
+    if splits is not None:
+        monkeypatch.setattr(triton_linear, "_shrink_splits", lambda *args: splits)
+    k = 300 if splits is None else 130
+    seen = []
+    real = triton_linear._shrink_finish_kernel
+    monkeypatch.setattr(triton_linear, "_shrink_finish_kernel", _Spy(real, seen))
+    case = make_case((5,), k, 24, 4, torch.float32, bias=True)
+    check_against_reference(case, p=p)
+    assert seen, "the shrink did not split"
+    seed = make_seed(3, DEVICE)
+    first, again = (run_triton(*case, 2.0, p, seed)[0] for _ in range(2))
+    assert torch.equal(first, again)
+
+
+class _Spy:
+    """Counts launches of a Triton kernel: kernel[grid](...) goes through __getitem__."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        self.seen.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
 def test_deterministic_mode_matches_and_repeats(deterministic):
     case = make_case((37,), 40, 130, 4, torch.float32, noncontig=True)

@@ -181,12 +181,15 @@ def small_jobs(cc, dtypes, r_pads, M=8192, N=4096, K=4096):
                 x = Ptr(TDT[dt])
                 f32 = Ptr("fp32")
                 prec = "tf32" if dt != torch.float32 else "ieee"
-                for drop in (False, True):
-                    args = dict(x_ptr=x, a_ptr=x, d_ptr=x, h_ptr=f32, s_ptr=f32, seed_ptr=Ptr("i64"),
-                                M=M, K=K, R=rp, stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_d=1,
-                                scaling=2.0, keep_scale=1.1, threshold=429496730,
-                                DROPOUT=drop, INPUT_PRECISION=prec, BLOCK_M=bm, BLOCK_K=bk, R_PAD=rp)
-                    jobs.append((f"shrink {TDT[dt]} r{rp} drop{int(drop)} ({bm},{bk},w{w},s{st})",
+                for drop, split in ((False, False), (True, False), (False, True)):
+                    # split: the decode-size launch (M = 64 rows, K cut into 64-column-multiple slices)
+                    m = 64 if split else M
+                    args = dict(x_ptr=x, a_ptr=x, d_ptr=x, h_ptr=f32, s_ptr=f32, part_ptr=f32, seed_ptr=Ptr("i64"),
+                                M=m, K=K, R=rp, k_per_split=K // 32 if split else K, stride_xm=K, stride_xk=1,
+                                stride_ar=K, stride_ak=1, stride_d=1, scaling=2.0, keep_scale=1.1,
+                                threshold=429496730, DROPOUT=drop, SPLIT_K=split, INPUT_PRECISION=prec,
+                                BLOCK_M=bm, BLOCK_K=bk, R_PAD=rp)
+                    jobs.append((f"shrink {TDT[dt]} r{rp} drop{int(drop)} split{int(split)} ({bm},{bk},w{w},s{st})",
                                  TL._shrink_kernel, args, w, st, cc, True))
                     args = dict(x_ptr=x, gh_ptr=f32, seed_ptr=Ptr("i64"), da_ptr=f32,
                                 M=M, K=K, R=rp, rows_per_split=M // 2, stride_xm=K, stride_xk=1,
@@ -209,6 +212,10 @@ def small_jobs(cc, dtypes, r_pads, M=8192, N=4096, K=4096):
                     args = dict(gh_ptr=Ptr("fp32"), h_ptr=Ptr("fp32"), d_ptr=x, dd_ptr=Ptr("fp32"), M=M, R=rp,
                                 stride_d=1, scaling=2.0, NEED_DD=True, BLOCK_M=bm, R_PAD=rp)
                     jobs.append((f"dy_finish r{rp} ({bm},w4)", TL._dy_finish_kernel, args, 4, 1, cc, True))
+                    args = dict(part_ptr=Ptr("fp32"), d_ptr=x, h_ptr=Ptr("fp32"), s_ptr=Ptr("fp32"), M=64, R=rp,
+                                n_splits=32, split_stride=64 * rp, stride_d=1, scaling=2.0, keep_scale=1.1,
+                                BLOCK_M=bm, R_PAD=rp)
+                    jobs.append((f"shrink_finish r{rp} ({bm},w4)", TL._shrink_finish_kernel, args, 4, 1, cc, True))
     finally:
         TL._arch_key = orig
     return jobs

@@ -109,6 +109,17 @@ def _small_cfg(device: torch.device, r_pad: int):
     return 64, block_k, 4, stages
 
 
+def _shrink_splits(device: torch.device, M: int, K: int, block_m: int, block_k: int) -> Tuple[int, int]:
+    """(splits of K, columns per split) for the shrink: about two programs per SM when the row blocks alone are
+    fewer, each split at least two k-steps, at most 64 splits (the partials are splits x M x r fp32)."""
+    n_mblocks = triton.cdiv(M, block_m)
+    k_blocks = triton.cdiv(K, block_k)
+    want = triton.cdiv(2 * _sm_count(device), n_mblocks)
+    n_split = max(1, min(want, k_blocks // 2, 64))
+    cols = triton.cdiv(k_blocks, n_split) * block_k
+    return triton.cdiv(K, cols), cols
+
+
 def _dy_pass_splits(device: torch.device, n_mblocks: int, N: int, block_n: int) -> Tuple[int, int]:
     """(slices of N's columns, columns per slice) for the dy pass: about two programs per SM, each slice at least
     two column blocks (each slice costs one M x r atomic add of its partial G B)."""
@@ -155,23 +166,42 @@ def _keep_mask(seed_ptr, offs_row, offs_col, n_cols, threshold):
 
 
 @triton.jit
+def _store_h_s(acc, d_ptr, h_ptr, s_ptr, offs_m, offs_r, m_ok, r_ok, R, stride_d, scaling, keep_scale):
+    # 1/(1-p) applied once to the fp32 H rather than to each low-precision x element.
+    h = acc * keep_scale
+    d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
+    s = h * (d * scaling)[None, :]
+    out_off = offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
+    out_ok = m_ok[:, None] & r_ok[None, :]
+    tl.store(h_ptr + out_off, h, mask=out_ok)
+    tl.store(s_ptr + out_off, s.to(s_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, d_ptr, h_ptr, s_ptr, seed_ptr,
-    M, K, R,
+    x_ptr, a_ptr, d_ptr, h_ptr, s_ptr, part_ptr, seed_ptr,
+    M, K, R, k_per_split,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_d,
     scaling, keep_scale, threshold,
-    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
 ):
+    """H = dropout(x) A^T and S = H (s d) for one row block, over columns [pid_k k_per_split, +k_per_split) of K.
+    Without SPLIT_K one program covers all of K and writes H and S. With it (too few row blocks to fill the GPU:
+    cdiv(M, 64) programs are 128 at M = 8192 and one at decode sizes) each program writes its fp32 partial to
+    part[pid_k] and _shrink_finish_kernel adds the partials in a fixed order: no atomics, the same bits every run."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     m_ok = offs_m < M
     r_ok = offs_r < R
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * k_per_split
+    k_end = min(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
+        k_ok = offs_k < k_end
         x = tl.load(
             x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
             mask=m_ok[:, None] & k_ok[None, :], other=0.0,
@@ -183,14 +213,30 @@ def _shrink_kernel(
             mask=k_ok[:, None] & r_ok[None, :], other=0.0,
         ).to(tl.float32)
         acc = tl.dot(x, a_t, acc, input_precision=INPUT_PRECISION)
-    # 1/(1-p) applied once to the fp32 H rather than to each low-precision x element.
-    h = acc * keep_scale
-    d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
-    s = h * (d * scaling)[None, :]
-    out_off = offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
-    out_ok = m_ok[:, None] & r_ok[None, :]
-    tl.store(h_ptr + out_off, h, mask=out_ok)
-    tl.store(s_ptr + out_off, s.to(s_ptr.dtype.element_ty), mask=out_ok)
+    if SPLIT_K:
+        part_off = (pid_k.to(tl.int64) * M + offs_m[:, None].to(tl.int64)) * R + offs_r[None, :]
+        tl.store(part_ptr + part_off, acc, mask=m_ok[:, None] & r_ok[None, :])
+    else:
+        _store_h_s(acc, d_ptr, h_ptr, s_ptr, offs_m, offs_r, m_ok, r_ok, R, stride_d, scaling, keep_scale)
+
+
+@triton.jit
+def _shrink_finish_kernel(
+    part_ptr, d_ptr, h_ptr, s_ptr,
+    M, R, n_splits, split_stride, stride_d, scaling, keep_scale,
+    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """H and S from the split shrink's partials, added in split order."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    off = offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for t in range(0, n_splits):
+        # split_stride = M * R: splits happen only while cdiv(M, BLOCK_M) < 2 SMs, so t * M * R stays far below 2**31
+        acc += tl.load(part_ptr + t * split_stride + off, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    _store_h_s(acc, d_ptr, h_ptr, s_ptr, offs_m, offs_r, m_ok, r_ok, R, stride_d, scaling, keep_scale)
 
 
 @triton.jit
@@ -633,14 +679,21 @@ def _linear_fwd_op(
     s = torch.empty((M, R), dtype=torch.float32, device=dev)
     if use_adapter:
         bm, bk, warps, stages = _small_cfg(dev, r_pad)
-        _shrink_kernel[(triton.cdiv(M, bm),)](
-            x2d, lora_A, lora_diag, h, s, seed if dropout else x2d,
-            M, K, R,
+        n_split, k_per_split = _shrink_splits(dev, M, K, bm, bk)
+        part = torch.empty((n_split, M, R), dtype=torch.float32, device=dev) if n_split > 1 else h
+        _shrink_kernel[(triton.cdiv(M, bm), n_split)](
+            x2d, lora_A, lora_diag, h, s, part, seed if dropout else x2d,
+            M, K, R, k_per_split,
             x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), lora_diag.stride(0),
             float(scaling), keep_scale, threshold,
-            DROPOUT=dropout, INPUT_PRECISION=_precision(x2d.dtype, True),
+            DROPOUT=dropout, SPLIT_K=n_split > 1, INPUT_PRECISION=_precision(x2d.dtype, True),
             BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad, num_warps=warps, num_stages=stages,
         )
+        if n_split > 1:
+            _shrink_finish_kernel[(triton.cdiv(M, bm),)](
+                part, lora_diag, h, s, M, R, n_split, M * R, lora_diag.stride(0), float(scaling), keep_scale,
+                BLOCK_M=bm, R_PAD=r_pad, num_warps=4,
+            )
     _launch_gemm(
         x2d, (weight, weight.stride(1), weight.stride(0)), s, (lora_B, lora_B.stride(1), lora_B.stride(0)),
         bias, y, None, M, N, K, R, 1.0, 0, use_adapter, False, _precision(x2d.dtype, False),
