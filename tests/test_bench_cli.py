@@ -64,6 +64,20 @@ def test_report_one_and_two_devices(results, tmp_path):
     assert "Side by side" in md2 and "rtx3090-test" in md2 and data["device_slug"] in md2
 
 
+def test_time_budget_writes_what_ran_and_lists_what_did_not(tmp_path):
+    out = tmp_path / "budget.json"
+    # a zero budget is spent before the first case: nothing runs, both cases are listed, the file is still written
+    rc = main(["run", "--shape", "8,16,16,2", "--shape", "8,24,16,2", "--dropout", "0", "--no-whole-model",
+               "--providers", "torch_eager", "--modes", "forward", "--time-budget-s", "0", "--out", str(out)] + FAST)
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["rows"] == []
+    left_out = [s["case"] for s in data["skipped"] if "time-budget" in s["reason"]]
+    assert len(left_out) == 2 and "K=16" in left_out[0] and "K=24" in left_out[1]
+    assert main(["report", str(out), "--out-dir", str(tmp_path / "r"), "--no-plots"]) == 0
+    assert "every provider" in next((tmp_path / "r").glob("*.md")).read_text()
+
+
 @pytest.mark.parametrize("gemm_ms,verdict", [(1.0, "PASS"), (1.2, "FAIL")])
 @pytest.mark.parametrize("gemm", ["triton_gemm", "cuda_gemm"])
 def test_report_judges_our_gemm_against_cublas(results, tmp_path, gemm, gemm_ms, verdict):

@@ -354,6 +354,9 @@ def test_unaligned_operands_never_choose_tma(monkeypatch):
     assert any(c.kwargs["PERSISTENT"] for c in prune(True, 8192))
     # decode size: at most 64 x 16 tiles, fewer than the SMs: persistent would launch the same programs
     assert not any(c.kwargs["PERSISTENT"] for c in prune(True, 16))
+    # decode tiles (BLOCK_M <= 32) only while M <= 64, the others only while M > 32
+    for m, want in ((16, {True}), (48, {True, False}), (8192, {False})):
+        assert {c.kwargs["BLOCK_M"] <= triton_linear._DECODE_BLOCK_M for c in prune(True, m)} == want, m
     for arch in ((8, 0), (8, 6)):
         assert not any(c.kwargs["PERSISTENT"] or c.kwargs["USE_TMA"] for c in triton_linear._gemm_configs(arch))
 

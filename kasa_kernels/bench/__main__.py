@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     wm.add_argument("--no-whole-model", dest="whole_model", action="store_false")
     r.add_argument("--whole-model-small", action="store_true", help="tiny whole-model widths even on a GPU")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--time-budget-s", type=float, default=None,
+                   help="start no new case (or whole-model run) after this many seconds; the results file is still "
+                        "written, and the cases left out are listed under 'skipped'")
     r.add_argument("--report", action="store_true", help="render the report next to the results file afterwards")
 
     p = sub.add_parser("report", help="render markdown tables and PNG plots from one or more results files")

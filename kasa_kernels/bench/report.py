@@ -295,7 +295,8 @@ def _file_header(data: Dict) -> List[str]:
     sk = data.get("skipped", [])
     for s in sk:
         where = f" ({s['case']}{', ' + s['mode'] if s.get('mode') else ''})" if s.get("case") else ""
-        out.append(f"- skipped `{s['provider']}`{where}: {s['reason']}")
+        what = f"`{s['provider']}`" if s.get("provider") else "every provider"
+        out.append(f"- skipped {what}{where}: {s['reason']}")
     return out + [""]
 
 

@@ -292,11 +292,23 @@ def run(args, cases: Sequence[Case], names: Sequence[str], modes: Sequence[str],
     log(f"kasa-bench on {env['device']}: {len(cases)} cases x {len(modes)} modes x {len(runnable)} providers")
     timer = Timer(device, flush=not args.no_flush)
     rows: List[Dict] = []
+    budget = getattr(args, "time_budget_s", None)
+
+    def over_budget() -> bool:
+        return budget is not None and time.perf_counter() - t_start > budget
+
     for i, case in enumerate(cases):
+        if over_budget():
+            for left in cases[i:]:
+                skipped.append({"case": str(left), "reason": f"--time-budget-s {budget:g} spent"})
+            log(f"time budget spent: {len(cases) - i} cases left out")
+            break
         log(f"[{i + 1}/{len(cases)}] {case}  ({time.perf_counter() - t_start:.0f} s elapsed)")
         rows += bench_case(case, runnable, modes, device, timer, args, log, skipped)
     whole: List[Dict] = []
-    if args.whole_model:
+    if args.whole_model and over_budget():
+        skipped.append({"case": "whole-model runs", "reason": f"--time-budget-s {budget:g} spent"})
+    elif args.whole_model:
         from . import wholemodel
 
         log("whole-model runs")

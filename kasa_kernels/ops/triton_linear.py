@@ -41,6 +41,9 @@ from .rng import dropout_threshold
 
 # GEMM tiles per architecture. sm86 (RTX 3090) has ~100 KB of shared memory per SM against ~164 KB (sm80) and
 # ~228 KB (sm90), hence shallower pipelines there. Untuned starting points: a GPU session measures and prunes.
+# Tiles with BLOCK_M = 32 serve decode sizes (M <= 64, DESIGN.md's "fused forward / T_mm <= 1.30"): at N = 4096 a
+# 64-wide BLOCK_N gives 64 programs per 32 rows, where 128 x 128 tiles would give 32 in all. _prune_gemm_configs keeps
+# them for small M only, and the others for M > 32 only, so neither side pays the other's autotuning.
 _GEMM_CONFIGS = {
     (9, 0): [
         (128, 256, 64, 3, 8),
@@ -50,6 +53,8 @@ _GEMM_CONFIGS = {
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 5, 4),
+        (32, 64, 128, 4, 4),
+        (32, 32, 128, 4, 4),
     ],
     (8, 0): [
         (128, 256, 32, 3, 8),
@@ -58,6 +63,8 @@ _GEMM_CONFIGS = {
         (64, 128, 32, 4, 4),
         (128, 64, 32, 4, 4),
         (64, 64, 32, 5, 4),
+        (32, 64, 64, 4, 4),
+        (32, 32, 128, 4, 4),
     ],
     (8, 6): [
         (128, 128, 32, 3, 4),
@@ -65,8 +72,11 @@ _GEMM_CONFIGS = {
         (64, 128, 32, 4, 4),
         (64, 64, 32, 4, 4),
         (64, 64, 64, 3, 4),
+        (32, 64, 64, 3, 4),
+        (32, 32, 128, 3, 4),
     ],
 }
+_DECODE_BLOCK_M = 32  # configs with BLOCK_M <= this are the decode tiles
 # Columns of r per k-step of the GEMM's rank-r term (its fp32 operand tiles sit in shared memory beside the pipeline).
 _LOWRANK_CHUNK = 32
 # The CPU interpreter costs per numpy op, not per flop: few, large-ish tiles keep the tests fast.
@@ -548,13 +558,20 @@ def _smem_limit(device_index: int) -> int:
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop TMA configs where the launcher could not build descriptors (TMA_OK false), persistent configs where the
-    tiles do not outnumber the SMs (they would launch the same programs as the plain config), and configs whose
-    shared memory exceeds this GPU's (sm86/sm89: 99 KB; fp32 inputs double the tiles), so the autotuner does not
-    compile them only to fail with OutOfResources; keep the smallest if none fits."""
+    """Drop decode tiles (BLOCK_M <= 32) unless M <= 64 and the others unless M > 32, TMA configs where the
+    launcher could not build descriptors (TMA_OK false), persistent configs where the tiles do not outnumber the SMs
+    (they would launch the same programs as the plain config), and configs whose shared memory exceeds this GPU's
+    (sm86/sm89: 99 KB; fp32 inputs double the tiles), so the autotuner does not compile them only to fail with
+    OutOfResources; keep the smallest if none fits."""
     a = named_args["a_ptr"]
     M, N = named_args["M"], named_args["N"]
     n_sms = _sm_count(a.device)
+
+    def fits_m(c):  # constant over an autotune key: its m_bucket (next power of two) splits at 32 and 64 too
+        decode_tile = c.kwargs["BLOCK_M"] <= _DECODE_BLOCK_M
+        return M <= 2 * _DECODE_BLOCK_M if decode_tile else M > _DECODE_BLOCK_M
+
+    configs = [c for c in configs if fits_m(c)] or configs
     configs = [
         c for c in configs
         if (kwargs.get("TMA_OK", False) or not c.kwargs.get("USE_TMA", False))
