@@ -19,7 +19,8 @@ ENV_VAR = "KASA_KERNELS_BACKEND"
 
 # `auto` on a CUDA device picks, per compute capability, the first backend of this list that can run there. An
 # entry is added only with a committed benchmark result (benchmarks/results/) showing that backend faster than the
-# ones after it on that architecture; until then `auto` stays on the torch backend.
+# ones after it on that architecture; until then `auto` stays on the torch backend. tools/auto_preference.py derives
+# (and with --write rewrites) this table from those results files.
 AUTO_PREFERENCE: Dict[Tuple[int, int], Tuple[str, ...]] = {}
 
 
