@@ -8,7 +8,8 @@
 #   bash tools/gpu_session.sh whole-model  # the 32-layer regularizer and the Llama training step
 #   bash tools/gpu_session.sh profile      # per-kernel time at P and at decode M=64 (where a missed target goes)
 #
-# Then commit $OUT's results under benchmarks/results/<device>/ with this exact command and the device name.
+# Then commit $OUT's results under benchmarks/results/<device>/ with this exact command and the device name, and run
+# `python tools/auto_preference.py benchmarks/results/*/*.json --write` so `auto` follows the measurements.
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh build-test|sanitize|bench|whole-model|profile}
 OUT=${OUT:-/tmp/kasa_gpu_out}
