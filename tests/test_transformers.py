@@ -192,7 +192,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
 
     want = grads(model)
     ckpt = enable_gradient_checkpointing(copy.deepcopy(model), use_reentrant=use_reentrant)
-    assert ckpt.is_gradient_checkpointing
+    assert getattr(ckpt, "is_activation_checkpointing", None) or ckpt.is_gradient_checkpointing
     got = grads(ckpt)
     assert want.keys() == got.keys()
     for n in want:

@@ -84,9 +84,14 @@ def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False)
     output does not (the embeddings are frozen), so the input embeddings are made to require grad as PEFT does.
     The non-reentrant default needs nothing. Dropout masks are reproduced in the recomputation: kasa_linear draws
     its seed from torch's generator, whose state checkpointing restores."""
-    if not hasattr(model, "gradient_checkpointing_enable"):
+    kwargs = {"use_reentrant": use_reentrant}
+    # transformers 5.23 (CI's) deprecates gradient_checkpointing_enable for this name; older ones may lack it
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
         raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     if use_reentrant and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if getattr(model.config, "use_cache", False):
