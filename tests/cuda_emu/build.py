@@ -1,0 +1,78 @@
+"""Builds the CPU emulator of csrc/'s kernels with g++ (used by tests/test_cuda_emulation.py; also runnable by hand:
+`python tests/cuda_emu/build.py OUT_DIR`).
+
+The kernels are csrc/'s own text. g++ cannot parse four CUDA-only constructs, so the sources are copied with exactly
+these mechanical substitutions, each checked to leave none of the construct behind:
+  - the inline-asm cp.async helpers of kasa_common.cuh -> emu_async.h (deferred copies, see emu_cuda.h);
+  - `kernel<<<grid, block, smem, stream>>>(args)`  -> `::emu::launch(kernel, grid, block, smem, stream)(args)`;
+  - `extern __shared__ ... name[];`                -> a pointer to the block's dynamic shared memory;
+  - `__shared__ T name[..];`                       -> a static shared by the block's threads, refilled with NaN
+                                                      bytes at the start of every block.
+Everything else, host launchers and split heuristics included, is compiled as written.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parents[1] / "csrc"
+UNITS = ["gemm_lowrank_f16.cu", "gemm_lowrank_bf16.cu", "gemm_lowrank_f32.cu", "lowrank_shrink.cu", "dy_pass.cu",
+         "lowrank_da.cu", "regularizer.cu"]
+HEADERS = ["kasa_common.cuh", "kasa_launch.h", "gemm_lowrank.cuh"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+CXXFLAGS = ["-std=c++20", "-O1", "-g0", "-pthread", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas",
+            "-Wno-unused-variable", "-Wno-unused-but-set-variable"]
+
+_ASYNC_START = "// Asynchronous 16-byte global"
+_ASYNC_END = "// 16-byte vector access is legal"
+_LAUNCH = re.compile(r"^(\s*)(\S.*?)<<<(.*?)>>>\((.*)\);\s*$", re.M)
+_DYN_SMEM = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];")
+_STATIC_SMEM = re.compile(r"__shared__ ((?:__align__\(\d+\) )?[\w:]+) (\w+)((?:\[[^\]\n]+\])*);")
+
+
+def prepare(text, name):
+    if name == "kasa_common.cuh":
+        a, b = text.index(_ASYNC_START), text.index(_ASYNC_END)
+        assert text.count(_ASYNC_START) == 1 and a < b
+        text = text[:a] + '#include "emu_async.h"\n\n' + text[b:]
+    text = _LAUNCH.sub(lambda m: f"{m[1]}::emu::launch({m[2]}, {m[3]})({m[4]});", text)
+    text = _DYN_SMEM.sub(r"unsigned char* const \1 = ::emu::dynamic_smem();", text)
+    text = _STATIC_SMEM.sub(r"static \1 \2\3; ::emu::shared_fresh(&\2, sizeof(\2));", text)
+    code = re.sub(r"//[^\n]*", "", text)  # comments may mention the constructs
+    for left in ("<<<", "__shared__", "asm ", "asm(", "__cvta"):
+        assert left not in code, f"{name}: `{left}` survived the emulation rewrite; extend build.py"
+    return text
+
+
+def build(out_dir, jobs=2, sanitize=True, cxx="g++"):
+    out = Path(out_dir)
+    src = out / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in HEADERS + UNITS:
+        (src / name).write_text(prepare((CSRC / name).read_text(), name))
+    flags = CXXFLAGS + (SANITIZE if sanitize else []) + ["-I", str(src), "-I", str(HERE), "-I", str(HERE / "include")]
+    jobs_list = [(src / u, out / (u + ".o"), ["-x", "c++"]) for u in UNITS] + [(HERE / "driver.cpp", out / "driver.o", [])]
+
+    def compile_one(job):
+        s, o, lang = job
+        r = subprocess.run([cxx, *flags, *lang, "-c", str(s), "-o", str(o)], capture_output=True, text=True)
+        return s, r
+
+    with ThreadPoolExecutor(max_workers=jobs) as ex:
+        for s, r in ex.map(compile_one, jobs_list):
+            if r.returncode != 0:
+                raise RuntimeError(f"compiling {s.name} failed:\n{r.stderr[-6000:]}")
+    exe = out / "kasa_emu"
+    link = [cxx, *flags, *(str(o) for _, o, _ in jobs_list), "-o", str(exe)]
+    r = subprocess.run(link, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"linking failed:\n{r.stderr[-6000:]}")
+    return exe
+
+
+if __name__ == "__main__":
+    print(build(sys.argv[1] if len(sys.argv) > 1 else "build/cuda_emu", jobs=os.cpu_count() or 2))

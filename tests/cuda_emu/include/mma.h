@@ -1,0 +1,3 @@
+#pragma once
+#include "../emu_cuda.h"
+#include "../emu_wmma.h"

@@ -1,0 +1,423 @@
+"""csrc/'s CUDA kernels run on the CPU, against the reference (tests/cuda_emu/ emulates the device: blocks one after
+another, the threads of a block as concurrent std::threads with real barriers and warp shuffles, cp.async copies
+deferred until their wait, shared memory that starts as NaN, WMMA tiles with TF32 rounding, under ASan and UBSan).
+
+No GPU is needed, so CI runs the kernels' indexing, edge masks, pipelines and epilogues on every change. What the
+emulation cannot see: timing-dependent races between warps that the barriers do not order (threads interleave by the
+OS scheduler, not by the hardware's), bank conflicts, performance, register spills, and anything nvcc does that g++
+does not (it only proves the kernels compile for sm_80 in tests/test_cuda.py).
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kasa_reference as ref
+from helpers import assert_close_to_reference
+from kasa_kernels.ops.rng import dropout_threshold, keep_mask
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "cuda_emu"))
+import build as emu_build  # noqa: E402
+
+DT = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "tf32": torch.float32,
+      "ffma": torch.float32}
+RUN_TIMEOUT = 120
+
+
+def _in_ci():
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        assert not _in_ci(), f"CI must run the CUDA emulation, but {cxx} is not on PATH"
+        pytest.skip(f"{cxx} is not on PATH: the CUDA emulation needs a C++20 g++")
+    return emu_build.build(tmp_path_factory.mktemp("cuda_emu"), jobs=max(2, os.cpu_count() or 2), cxx=cxx)
+
+
+def _raw(t):
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def _load(path, dtype):
+    a = np.fromfile(path, dtype=np.uint8)
+    return torch.from_numpy(a.copy()).view(dtype)
+
+
+class Case:
+    """Buffers for one launch in a directory; each tensor is written with its exact storage."""
+
+    def __init__(self, exe, tmp_path):
+        self.exe, self.dir, self.params = exe, tmp_path, {}
+        tmp_path.mkdir(parents=True, exist_ok=True)
+
+    def put(self, name, flat, off_elems=0):
+        (self.dir / f"{name}.bin").write_bytes(_raw(flat))
+        if off_elems:
+            self.params[f"{name}_off"] = off_elems * flat.element_size()
+
+    def run(self, op, **params):
+        self.params.update(params)
+        args = [str(self.exe), op, str(self.dir)] + [f"{k}={v}" for k, v in self.params.items()]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        assert r.returncode == 0, f"emulator failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+        return r.stdout
+
+    def get(self, name, dtype):
+        return _load(self.dir / f"{name}.out", dtype)
+
+
+def strided(rows, cols, ld, dtype, gen, off=0, scale=1.0, fill=float("nan")):
+    """A (rows, cols) matrix with row stride ld inside exact storage of off + (rows-1)*ld + cols elements; the
+    elements no row owns (the offset and the gaps between rows) hold `fill`, so reading them shows up."""
+    n = off + (rows - 1) * ld + cols if rows > 0 else off
+    flat = torch.full((n,), fill, dtype=torch.float32)
+    vals = torch.randn(rows, cols, generator=gen) * scale
+    view = flat[off:].as_strided((rows, cols), (ld, 1)) if rows > 0 else flat[:0].view(0, cols)
+    view.copy_(vals)
+    flat = flat.to(dtype)
+    return flat, flat[off:].as_strided((rows, cols), (ld, 1))
+
+
+def seed_tensor(s0, s1):
+    return torch.tensor([s0, s1], dtype=torch.int64)
+
+
+def tf32_round(t):
+    """cvt.rna.tf32.f32 on a float32 tensor: nearest, ties away from zero, 10 mantissa bits."""
+    u = t.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    finite = (u & 0x7F800000) != 0x7F800000
+    r = torch.where(finite, (u + 0x1000) & 0xFFFFE000, u)
+    r = torch.where(r >= 2**31, r - 2**32, r).to(torch.int32)
+    return r.view(torch.float32)
+
+
+def lowp_matmul(a, b, dt):
+    if dt == "tf32":
+        return tf32_round(a.float()) @ tf32_round(b.float())
+    return a @ b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gemm_lowrank: forward out = x w^T + lx lw^T + bias; backward out = x w + drop(lx lw)
+
+def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0, seed=(0x1234, 0x9876), gen=None):
+    dtype = DT[dt]
+    gen = gen or torch.Generator().manual_seed(M * 7919 + N * 31 + K * 7 + R)
+    c = Case(emu, tmp_path)
+    x_flat, x = strided(M, K, K + pad, dtype, gen, off)
+    if fwd:
+        w_flat, w = strided(N, K, K + pad, dtype, gen, off, scale=K ** -0.5)
+        lw_flat, lw = strided(N, R, R + pad, dtype, gen, off)
+    else:
+        w_flat, w = strided(K, N, N + pad, dtype, gen, off, scale=K ** -0.5)
+        lw_flat, lw = strided(R, N, N + pad, dtype, gen, off)
+    lx_flat, lx = strided(M, R, R + pad, dtype, gen, off, scale=R ** -0.5)
+    ldo = N + pad
+    o_flat = torch.full((off + (M - 1) * ldo + N,), 7.0).to(dtype)
+    for name, flat in (("x", x_flat), ("w", w_flat), ("lx", lx_flat), ("lw", lw_flat), ("out", o_flat)):
+        c.put(name, flat, off)
+    b = None
+    if bias:
+        b_flat, b = strided(1, N, N, dtype, gen, off)
+        b = b[0]
+        c.put("bias", b_flat, off)
+    params = dict(dt=dt, fwd=int(fwd), M=M, N=N, K=K, R=R, ldx=K + pad, ldw=(K if fwd else N) + pad, ldlx=R + pad,
+                  ldlw=(R if fwd else N) + pad, ldo=ldo)
+    mask = None
+    if p > 0:
+        assert not fwd
+        sd = seed_tensor(*seed)
+        c.put("seed", sd)
+        params.update(threshold=dropout_threshold(p), keep_scale=repr(1.0 / (1.0 - p)))
+        mask = keep_mask(sd, M, N, p).double() / (1.0 - p)
+    c.run("gemm", **params)
+    got_flat = c.get("out", dtype)
+    got = got_flat[off:].as_strided((M, N), (ldo, 1))
+    # Nothing outside the (M, N) view may change: not the row gaps, not the leading offset.
+    untouched = torch.ones(got_flat.numel(), dtype=torch.bool)
+    untouched[off:].as_strided((M, N), (ldo, 1)).fill_(False)
+    assert (got_flat[untouched].float() == 7.0).all(), "gemm wrote outside its output rows"
+
+    d = lambda t: t.double()  # noqa: E731
+    if fwd:
+        main64, lr64 = d(x) @ d(w).T, d(lx) @ d(lw).T
+        main_lp, lr_lp = lowp_matmul(x, w.T, dt), lowp_matmul(lx, lw.T, dt)
+    else:
+        main64, lr64 = d(x) @ d(w), d(lx) @ d(lw)
+        main_lp, lr_lp = lowp_matmul(x, w, dt), lowp_matmul(lx, lw, dt)
+    if mask is not None:
+        lr64 = lr64 * mask
+        lr_lp = (lr_lp.double() * mask).to(lr_lp.dtype)
+    ref64 = main64 + lr64 + (d(b) if b is not None else 0)
+    ref_lp = main_lp + lr_lp + (b if b is not None else 0)
+    assert_close_to_reference(f"gemm {dt} fwd={fwd} {M}x{N}x{K} r{R}", got, ref64, ref_lp.to(dtype), dtype,
+                              factor=4.0 if dt in ("tf32", "ffma") else 2.0)
+    return got
+
+
+GEMM_SHAPES = [  # M, N, K, R: every edge of the 128 x 128 tile, the k-tile (32 / 16) and the rank tile
+    (1, 5, 7, 1),
+    (37, 130, 136, 16),
+    (130, 264, 264, 33),
+]
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16", "tf32", "ffma"])
+@pytest.mark.parametrize("fwd", [True, False], ids=["fwd", "bwd"])
+def test_gemm_lowrank_odd_shapes(emu, tmp_path, dt, fwd):
+    for i, (M, N, K, R) in enumerate(GEMM_SHAPES):
+        run_gemm(emu, tmp_path / str(i), dt, fwd, M, N, K, R, bias=fwd and i != 1)
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16", "tf32", "ffma"])
+def test_gemm_lowrank_strided_unaligned(emu, tmp_path, dt):
+    # Rows padded (ld > K) but 16-byte aligned: the cp.async path; then odd strides and an odd base: element loads.
+    run_gemm(emu, tmp_path / "a", dt, True, 37, 70, 40, 8, pad=8, bias=True)
+    run_gemm(emu, tmp_path / "b", dt, True, 37, 70, 41, 9, pad=3, off=1, bias=True)
+    run_gemm(emu, tmp_path / "c", dt, False, 37, 70, 41, 9, pad=1, off=1, bias=False)
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16", "tf32", "ffma"])
+def test_gemm_lowrank_backward_dropout(emu, tmp_path, dt):
+    run_gemm(emu, tmp_path / "a", dt, False, 130, 37, 40, 16, bias=False, p=0.3)
+    run_gemm(emu, tmp_path / "b", dt, False, 5, 130, 7, 33, pad=1, off=1, bias=False, p=0.5)
+
+
+def test_gemm_dropout_mask_bit_identical(emu, tmp_path):
+    # x = 0 and lx lw = 1 leave out = keep_mask / (1 - p) exactly, element by element.
+    M, N, p, seed = 67, 150, 0.25, (0xDEADBEEF, 0x01234567)
+    c = Case(emu, tmp_path)
+    c.put("x", torch.zeros(M * 8))
+    c.put("w", torch.zeros(8 * N))
+    c.put("lx", torch.ones(M))
+    c.put("lw", torch.ones(N))
+    c.put("out", torch.full((M * N,), 7.0))
+    sd = seed_tensor(*seed)
+    c.put("seed", sd)
+    c.run("gemm", dt="ffma", fwd=0, M=M, N=N, K=8, R=1, ldx=8, ldw=N, ldlx=1, ldlw=N, ldo=N,
+          threshold=dropout_threshold(p), keep_scale=repr(1.0 / (1.0 - p)))
+    got = c.get("out", torch.float32).view(M, N)
+    want = keep_mask(sd, M, N, p).float() * np.float32(1.0 / (1.0 - p))
+    assert torch.equal(got, want), f"{(got != want).sum().item()} mask elements differ"
+
+
+def test_gemm_tf32_rounds_operands_like_hardware(emu, tmp_path):
+    # x = 1 + k 2^-13 (k < 8) sits between TF32 neighbours 2^-10 apart, k = 4 exactly halfway; w = +-2^j. Every
+    # product and every partial sum is exact in fp32, so out must equal round_tf32(x) round_tf32(w)^T bit for bit:
+    # any other rounding of the operands (truncation, ties to even, none) changes some element.
+    gen = torch.Generator().manual_seed(3)
+    M, N, K = 20, 24, 8
+    x = 1 + torch.randint(0, 8, (M, K), generator=gen).float() * 2.0 ** -13
+    w = torch.randint(0, 2, (N, K), generator=gen).float() * 2 - 1
+    w = w * 2.0 ** torch.randint(-2, 3, (N, K), generator=gen).float()
+    c = Case(emu, tmp_path)
+    c.put("x", x.flatten())
+    c.put("w", w.flatten())
+    c.put("lx", torch.zeros(M))
+    c.put("lw", torch.zeros(N))
+    c.put("out", torch.full((M * N,), 7.0))
+    c.run("gemm", dt="tf32", fwd=1, M=M, N=N, K=K, R=1, ldx=K, ldw=K, ldlx=1, ldlw=1, ldo=N)
+    got = c.get("out", torch.float32).view(M, N)
+    want = (tf32_round(x).double() @ tf32_round(w).double().T).float()
+    assert torch.equal(got, want)
+    assert not torch.equal(want, (x.double() @ w.double().T).float())  # the case does tell roundings apart
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lowrank_shrink: H = dropout(x) A^T (fp32), S = H * sd (x's dtype)
+
+def run_shrink(emu, tmp_path, dt, M, K, R, pad=0, off=0, splits=1, p=0.0, seed=(77, 99), sms=4):
+    dtype = DT[dt]
+    gen = torch.Generator().manual_seed(M * 131 + K * 17 + R)
+    c = Case(emu, tmp_path)
+    x_flat, x = strided(M, K, K + pad, dtype, gen, off)
+    a = torch.randn(R, K, generator=gen) * K ** -0.5
+    sdv = torch.randn(R, generator=gen) * 2
+    c.put("x", x_flat, off)
+    c.put("a", a)
+    c.put("sd", sdv)
+    c.put("h", torch.full((M * R,), float("nan")))
+    c.put("s", torch.full((M * R,), float("nan")).to(dtype))
+    params = dict(dt=dt, M=M, K=K, R=R, ldx=K + pad, splits=splits, sms=sms)
+    xd = x.double()
+    if p > 0:
+        sd = seed_tensor(*seed)
+        c.put("seed", sd)
+        params.update(threshold=dropout_threshold(p), keep_scale=repr(1.0 / (1.0 - p)))
+        xd = xd * keep_mask(sd, M, K, p).double() / (1.0 - p)
+    stdout = c.run("shrink", **params)
+    h = c.get("h", torch.float32).view(M, R)
+    s = c.get("s", dtype).view(M, R)
+    ref64 = xd @ a.double().T
+    assert_close_to_reference(f"shrink H {dt} {M}x{K} r{R} splits={splits}", h, ref64, (xd.float() @ a.T),
+                              torch.float32, factor=4.0)
+    want_s = (h * sdv).to(dtype)  # fp32 product, one rounding: bit-exact
+    assert torch.equal(s.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       want_s.view(torch.int16 if dtype != torch.float32 else torch.int32)), "S != H * sd rounded"
+    return stdout, h
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
+def test_lowrank_shrink(emu, tmp_path, dt):
+    run_shrink(emu, tmp_path / "a", dt, 1, 7, 1)
+    run_shrink(emu, tmp_path / "b", dt, 37, 136, 16, pad=3, off=1)            # element loads
+    run_shrink(emu, tmp_path / "c", dt, 130, 264, 33, splits=3)               # two row blocks, two rank tiles
+    run_shrink(emu, tmp_path / "d", dt, 5, 300, 9, splits=-1, sms=64, p=0.3)  # the split heuristic picks
+    run_shrink(emu, tmp_path / "e", dt, 3, 130, 5, splits=7)                   # more splits than k-steps allow
+
+
+def test_lowrank_shrink_dropout_mask_bit_identical(emu, tmp_path):
+    # x = 1, A = I: H = dropout(x) exactly, so H / keep_scale is the mask.
+    M, K, p, seed = 45, 40, 0.4, (0x5EED, 0xF00D)
+    c = Case(emu, tmp_path)
+    c.put("x", torch.ones(M * K))
+    c.put("a", torch.eye(K).flatten())
+    c.put("sd", torch.ones(K))
+    c.put("h", torch.full((M * K,), float("nan")))
+    c.put("s", torch.full((M * K,), float("nan")))
+    sd = seed_tensor(*seed)
+    c.put("seed", sd)
+    c.run("shrink", dt="f32", M=M, K=K, R=K, ldx=K, splits=1, threshold=dropout_threshold(p),
+          keep_scale=repr(1.0 / (1.0 - p)))
+    h = c.get("h", torch.float32).view(M, K)
+    want = keep_mask(sd, M, K, p).float() * np.float32(1.0 / (1.0 - p))
+    assert torch.equal(h, want), f"{(h != want).sum().item()} mask elements differ"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dy_pass: gH = s (G B) d, dB = s G^T (H d), dd = colsum(s (G B) H); sum_partials
+
+@pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_dy_pass(emu, tmp_path, dt, det):
+    dtype = DT[dt]
+    for i, (M, N, R, pad) in enumerate([(1, 5, 1, 0), (130, 70, 33, 3), (64, 129, 16, 0)]):
+        gen = torch.Generator().manual_seed(M + N * 3 + R)
+        c = Case(emu, tmp_path / str(i))
+        g_flat, g = strided(M, N, N + pad, dtype, gen)
+        b = torch.randn(N, R, generator=gen)
+        h = torch.randn(M, R, generator=gen)
+        d = torch.randn(R, generator=gen)
+        s = 0.75
+        for name, t in (("g", g_flat), ("b", b), ("h", h), ("d", d)):
+            c.put(name, t.flatten())
+        c.put("gh", torch.full((M * R,), float("nan")))
+        c.put("gh_lowp", torch.full((M * R,), float("nan")).to(dtype))
+        c.put("db", torch.zeros(N * R))
+        c.put("dd", torch.full((R,), float("nan")))
+        c.run("dy", dt=dt, M=M, N=N, R=R, ldg=N + pad, scaling=repr(s), det=int(det))
+        gh = c.get("gh", torch.float32).view(M, R)
+        db = c.get("db", torch.float32).view(N, R)
+        dd = c.get("dd", torch.float32)
+        G, B, H, D = g.double(), b.double(), h.double(), d.double()
+        gz64 = s * G @ B
+        gf, bf = g.float(), b
+        gz32 = s * (gf @ bf)
+        name = f"dy {dt} {M}x{N} r{R}"
+        assert_close_to_reference(name + " gH", gh, gz64 * D, gz32 * d, torch.float32, factor=4.0)
+        assert_close_to_reference(name + " dB", db, s * G.T @ (H * D), s * gf.T @ (h * d), torch.float32, factor=4.0)
+        assert_close_to_reference(name + " dd", dd, (gz64 * H).sum(0), (gz32 * h).sum(0), torch.float32, factor=4.0)
+        assert torch.equal(c.get("gh_lowp", dtype).view(M, R).float(), gh.to(dtype).float()), "gh_lowp != gh rounded"
+
+
+def test_dy_pass_deterministic_is_bitwise_repeatable(emu, tmp_path):
+    outs = []
+    for rep in range(2):
+        gen = torch.Generator().manual_seed(5)
+        M, N, R = 200, 70, 16
+        c = Case(emu, tmp_path / str(rep))
+        c.put("g", torch.randn(M * N, generator=gen).to(torch.bfloat16))
+        c.put("b", torch.randn(N * R, generator=gen))
+        c.put("h", torch.randn(M * R, generator=gen))
+        c.put("d", torch.randn(R, generator=gen))
+        c.put("gh", torch.zeros(M * R))
+        c.put("db", torch.zeros(N * R))
+        c.put("dd", torch.zeros(R))
+        c.run("dy", dt="bf16", M=M, N=N, R=R, ldg=N, scaling="0.5", det=1)
+        outs.append((c.get("db", torch.float32), c.get("dd", torch.float32)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lowrank_da: dA = gH^T dropout(x), split over M, partials summed in order
+
+@pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
+def test_lowrank_da(emu, tmp_path, dt):
+    dtype = DT[dt]
+    for i, (M, K, R, pad, splits, p) in enumerate([(1, 7, 1, 0, 1, 0.0), (130, 70, 33, 3, 3, 0.0),
+                                                   (300, 65, 16, 1, -1, 0.3), (37, 129, 5, 0, 1, 0.5)]):
+        gen = torch.Generator().manual_seed(M + K * 3 + R)
+        c = Case(emu, tmp_path / str(i))
+        x_flat, x = strided(M, K, K + pad, dtype, gen)
+        gh = torch.randn(M, R, generator=gen)
+        c.put("x", x_flat)
+        c.put("gh", gh.flatten())
+        c.put("da", torch.full((R * K,), float("nan")))
+        params = dict(dt=dt, M=M, K=K, R=R, ldx=K + pad, splits=splits, sms=8)
+        xd = x.double()
+        if p > 0:
+            sd = seed_tensor(i * 1000 + 1, i)
+            c.put("seed", sd)
+            params.update(threshold=dropout_threshold(p), keep_scale=repr(1.0 / (1.0 - p)))
+            xd = xd * keep_mask(sd, M, K, p).double() / (1.0 - p)
+        out = c.run("da", **params)
+        if splits == -1:
+            assert "splits=1" not in out, "the heuristic was meant to split this case"
+        da = c.get("da", torch.float32).view(R, K)
+        assert_close_to_reference(f"da {dt} {M}x{K} r{R}", da, gh.double().T @ xd, gh.T @ xd.float(),
+                                  torch.float32, factor=4.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# regularizer: every layer's loss term and closed-form gradients, one launch
+
+@pytest.mark.parametrize("official", [False, True], ids=["paper", "official"])
+def test_regularizer(emu, tmp_path, official):
+    gen = torch.Generator().manual_seed(11)
+    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    specs = [(1, 7, 5, torch.float32, torch.float32, torch.float32),
+             (33, 40, 70, torch.bfloat16, torch.float16, torch.float32),
+             (16, 300, 20, torch.float16, torch.float32, torch.bfloat16)]
+    c = Case(emu, tmp_path)
+    params = dict(layers=len(specs), beta="0.01", gamma="0.1", official=int(official), reps=2)
+    layers = []
+    for l, (r, K, N, ta, tb, td) in enumerate(specs):
+        a = (torch.randn(r, K, generator=gen) * K ** -0.5).to(ta)
+        b = (torch.randn(N, r, generator=gen) * N ** -0.5).to(tb)
+        d = torch.randn(r, generator=gen).to(td)
+        layers.append((a, b, d))
+        c.put(f"a{l}", a.flatten())
+        c.put(f"b{l}", b.flatten())
+        c.put(f"d{l}", d.flatten())
+        for g, n in (("ga", r * K), ("gb", N * r), ("gd", r)):
+            c.put(f"{g}{l}", torch.full((n,), float("nan")))
+        params[f"layer{l}"] = f"{r},{K},{N},{codes[ta]},{codes[tb]},{codes[td]}"
+    c.put("loss", torch.full((1,), float("nan")))
+    c.run("reg", **params)
+    form = "official" if official else "paper"
+
+    def loss_and_grads(dtype):
+        ps = [tuple(t.detach().to(dtype).requires_grad_() for t in lay) for lay in layers]
+        loss = ref.regularizer_ref(ps, beta=0.01, gamma=0.1, form=form)
+        loss.backward()
+        return loss, ps
+
+    l64, p64 = loss_and_grads(torch.float64)
+    l32, p32 = loss_and_grads(torch.float32)
+    assert_close_to_reference("reg loss", c.get("loss", torch.float32)[0], l64, l32, torch.float32, factor=4.0)
+    for l, (r, K, N, *_ ) in enumerate(specs):
+        for j, (g, shape) in enumerate((("ga", (r, K)), ("gb", (N, r)), ("gd", (r,)))):
+            assert_close_to_reference(f"reg {g}{l}", c.get(f"{g}{l}", torch.float32).view(shape), p64[l][j].grad,
+                                      p32[l][j].grad, torch.float32, factor=4.0)
