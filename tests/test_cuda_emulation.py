@@ -114,17 +114,20 @@ def lowp_matmul(a, b, dt):
 
 def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0, seed=(0x1234, 0x9876), gen=None):
     dtype = DT[dt]
+    # pad < 0: every row padded to the next 32-byte boundary past its end, so rows are aligned for 16-byte copies
+    # while the last chunk of a row still crosses the matrix edge.
+    ld = (lambda cols: cols + pad) if pad >= 0 else (lambda cols: (cols + 8) // 8 * 8)
     gen = gen or torch.Generator().manual_seed(M * 7919 + N * 31 + K * 7 + R)
     c = Case(emu, tmp_path)
-    x_flat, x = strided(M, K, K + pad, dtype, gen, off)
+    x_flat, x = strided(M, K, ld(K), dtype, gen, off)
     if fwd:
-        w_flat, w = strided(N, K, K + pad, dtype, gen, off, scale=K ** -0.5)
-        lw_flat, lw = strided(N, R, R + pad, dtype, gen, off)
+        w_flat, w = strided(N, K, ld(K), dtype, gen, off, scale=K ** -0.5)
+        lw_flat, lw = strided(N, R, ld(R), dtype, gen, off)
     else:
-        w_flat, w = strided(K, N, N + pad, dtype, gen, off, scale=K ** -0.5)
-        lw_flat, lw = strided(R, N, N + pad, dtype, gen, off)
-    lx_flat, lx = strided(M, R, R + pad, dtype, gen, off, scale=R ** -0.5)
-    ldo = N + pad
+        w_flat, w = strided(K, N, ld(N), dtype, gen, off, scale=K ** -0.5)
+        lw_flat, lw = strided(R, N, ld(N), dtype, gen, off)
+    lx_flat, lx = strided(M, R, ld(R), dtype, gen, off, scale=R ** -0.5)
+    ldo = ld(N)
     o_flat = torch.full((off + (M - 1) * ldo + N,), 7.0).to(dtype)
     for name, flat in (("x", x_flat), ("w", w_flat), ("lx", lx_flat), ("lw", lw_flat), ("out", o_flat)):
         c.put(name, flat, off)
@@ -133,8 +136,8 @@ def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0,
         b_flat, b = strided(1, N, N, dtype, gen, off)
         b = b[0]
         c.put("bias", b_flat, off)
-    params = dict(dt=dt, fwd=int(fwd), M=M, N=N, K=K, R=R, ldx=K + pad, ldw=(K if fwd else N) + pad, ldlx=R + pad,
-                  ldlw=(R if fwd else N) + pad, ldo=ldo)
+    params = dict(dt=dt, fwd=int(fwd), M=M, N=N, K=K, R=R, ldx=ld(K), ldw=ld(K if fwd else N), ldlx=ld(R),
+                  ldlw=ld(R if fwd else N), ldo=ldo)
     mask = None
     if p > 0:
         assert not fwd
@@ -187,12 +190,33 @@ def test_gemm_lowrank_strided_unaligned(emu, tmp_path, dt):
     run_gemm(emu, tmp_path / "a", dt, True, 37, 70, 40, 8, pad=8, bias=True)
     run_gemm(emu, tmp_path / "b", dt, True, 37, 70, 41, 9, pad=3, off=1, bias=True)
     run_gemm(emu, tmp_path / "c", dt, False, 37, 70, 41, 9, pad=1, off=1, bias=False)
+    # Aligned rows with ragged edges: 16-byte copies inside, element loads for the chunk that crosses K, N or R.
+    run_gemm(emu, tmp_path / "d", dt, True, 37, 70, 41, 9, pad=-1, bias=True)
+    run_gemm(emu, tmp_path / "e", dt, False, 37, 70, 41, 9, pad=-1, bias=False)
 
 
 @pytest.mark.parametrize("dt", ["f16", "bf16", "tf32", "ffma"])
 def test_gemm_lowrank_backward_dropout(emu, tmp_path, dt):
     run_gemm(emu, tmp_path / "a", dt, False, 130, 37, 40, 16, bias=False, p=0.3)
     run_gemm(emu, tmp_path / "b", dt, False, 5, 130, 7, 33, pad=1, off=1, bias=False, p=0.5)
+
+
+@pytest.mark.parametrize("dt", ["bf16", "tf32"])
+def test_gemm_base_without_adapter(emu, tmp_path, dt):
+    # base_gemm passes R = 0 and no rank-R operands; K = 0 leaves out = bias.
+    dtype = DT[dt]
+    for i, (M, N, K) in enumerate([(37, 130, 41), (3, 20, 0)]):
+        gen = torch.Generator().manual_seed(i)
+        c = Case(emu, tmp_path / str(i))
+        x, w, b = (torch.randn(M, K, generator=gen).to(dtype), torch.randn(N, K, generator=gen).to(dtype),
+                   torch.randn(N, generator=gen).to(dtype))
+        for name, t in (("x", x), ("w", w), ("bias", b), ("out", torch.full((M * N,), 7.0).to(dtype))):
+            c.put(name, t.flatten())
+        c.run("gemm", dt=dt, fwd=1, M=M, N=N, K=K, R=0, ldx=max(K, 1), ldw=max(K, 1), ldo=N)
+        got = c.get("out", dtype).view(M, N)
+        ref64 = x.double() @ w.double().T + b.double()
+        assert_close_to_reference(f"base gemm {dt} {M}x{N}x{K}", got, ref64,
+                                  (lowp_matmul(x, w.T, dt) + b).to(dtype), dtype, factor=4.0)
 
 
 def test_gemm_dropout_mask_bit_identical(emu, tmp_path):
@@ -214,14 +238,14 @@ def test_gemm_dropout_mask_bit_identical(emu, tmp_path):
 
 
 def test_gemm_tf32_rounds_operands_like_hardware(emu, tmp_path):
-    # x = 1 + k 2^-13 (k < 8) sits between TF32 neighbours 2^-10 apart, k = 4 exactly halfway; w = +-2^j. Every
-    # product and every partial sum is exact in fp32, so out must equal round_tf32(x) round_tf32(w)^T bit for bit:
-    # any other rounding of the operands (truncation, ties to even, none) changes some element.
+    # x, |w| = 1 + k 2^-13 (k < 8) lie between the TF32 neighbours 1 and 1 + 2^-10, k = 4 exactly halfway. Once
+    # rounded, every product and every partial sum is exact in fp32, so out must equal round_tf32(x) round_tf32(w)^T
+    # bit for bit: any other rounding of either operand (truncation, ties to even, none) changes some element.
     gen = torch.Generator().manual_seed(3)
     M, N, K = 20, 24, 8
     x = 1 + torch.randint(0, 8, (M, K), generator=gen).float() * 2.0 ** -13
-    w = torch.randint(0, 2, (N, K), generator=gen).float() * 2 - 1
-    w = w * 2.0 ** torch.randint(-2, 3, (N, K), generator=gen).float()
+    w = (1 + torch.randint(0, 8, (N, K), generator=gen).float() * 2.0 ** -13)
+    w = w * (torch.randint(0, 2, (N, K), generator=gen).float() * 2 - 1)
     c = Case(emu, tmp_path)
     c.put("x", x.flatten())
     c.put("w", w.flatten())
@@ -232,7 +256,10 @@ def test_gemm_tf32_rounds_operands_like_hardware(emu, tmp_path):
     got = c.get("out", torch.float32).view(M, N)
     want = (tf32_round(x).double() @ tf32_round(w).double().T).float()
     assert torch.equal(got, want)
-    assert not torch.equal(want, (x.double() @ w.double().T).float())  # the case does tell roundings apart
+    # The case tells the roundings apart: truncating either operand instead gives other bits.
+    trunc = lambda t: (t.view(torch.int32) & -8192).view(torch.float32)  # noqa: E731
+    for xa, wa in ((tf32_round(x), trunc(w)), (trunc(x), tf32_round(w))):
+        assert not torch.equal(want, (xa.double() @ wa.double().T).float())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,9 +299,11 @@ def run_shrink(emu, tmp_path, dt, M, K, R, pad=0, off=0, splits=1, p=0.0, seed=(
 @pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
 def test_lowrank_shrink(emu, tmp_path, dt):
     run_shrink(emu, tmp_path / "a", dt, 1, 7, 1)
+    run_shrink(emu, tmp_path / "g", dt, 1, 300, 16, pad=1, splits=-1, sms=64)  # decode: one row, K split
     run_shrink(emu, tmp_path / "b", dt, 37, 136, 16, pad=3, off=1)            # element loads
     run_shrink(emu, tmp_path / "c", dt, 130, 264, 33, splits=3)               # two row blocks, two rank tiles
-    run_shrink(emu, tmp_path / "d", dt, 5, 300, 9, splits=-1, sms=64, p=0.3)  # the split heuristic picks
+    run_shrink(emu, tmp_path / "d", dt, 5, 300, 9, pad=4, splits=-1, sms=64, p=0.3)  # the heuristic splits
+    run_shrink(emu, tmp_path / "f", dt, 20, 130, 16, pad=6, p=0.2)  # aligned rows, last chunk crosses K
     run_shrink(emu, tmp_path / "e", dt, 3, 130, 5, splits=7)                   # more splits than k-steps allow
 
 

@@ -89,8 +89,8 @@ void run_gemm() {
   a.M = int(geti("M")); a.N = int(geti("N")); a.K = int(geti("K")); a.R = int(geti("R"));
   a.x = in("x"); a.ldx = geti("ldx");
   a.w = in("w"); a.ldw = geti("ldw");
-  a.lx = in("lx"); a.ldlx = geti("ldlx");
-  a.lw = in("lw"); a.ldlw = geti("ldlw");
+  a.lx = in("lx", true); a.ldlx = geti("ldlx", 0);  // absent for the adapter-off base GEMM (R = 0)
+  a.lw = in("lw", true); a.ldlw = geti("ldlw", 0);
   a.bias = in("bias", true);
   a.out = in("out"); a.ldo = geti("ldo");
   const bool fwd = geti("fwd") != 0;

@@ -67,9 +67,16 @@ inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 namespace emu { inline int sm_count = 4; }  // set by the driver: the split heuristics read it
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = emu::sm_count; return cudaSuccess; }
-template <class F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int bytes) {
-  // An sm_80 block may opt into at most 163 KB (99 KB on sm_86/89); more would fail the launch on hardware.
+namespace emu {
+// What each kernel opted into: a launch above the 48 KB default without it fails on hardware.
+inline std::mutex optin_mu;
+inline std::map<const void*, int> optin;
+}  // namespace emu
+template <class F> cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute, int bytes) {
+  // sm_86/89 blocks may opt into at most 99 KB (sm_80: 163 KB); the build targets all of them.
   if (bytes > 99 * 1024) { fprintf(stderr, "emu: %d B of dynamic shared memory exceeds sm_86's 99 KB\n", bytes); std::abort(); }
+  std::lock_guard<std::mutex> lk(emu::optin_mu);
+  emu::optin[reinterpret_cast<const void*>(f)] = bytes;
   return cudaSuccess;
 }
 template <class F> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) { *a = {}; return cudaSuccess; }
@@ -156,6 +163,11 @@ template <class... P> struct Launch {
     const unsigned nt = blk.x * blk.y * blk.z;
     if (nt == 0 || nt > 1024 || nt % 32) fail("block size must be a multiple of 32 in [32, 1024]");
     if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) fail("bad grid");
+    if (smem > 48 * 1024) {
+      std::lock_guard<std::mutex> lk(optin_mu);
+      auto it = optin.find(reinterpret_cast<const void*>(kernel));
+      if (it == optin.end() || size_t(it->second) < smem) fail("launch above 48 KB of dynamic shared memory without opting in");
+    }
     for (unsigned bz = 0; bz < grid.z; ++bz)
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
