@@ -7,10 +7,10 @@ emulation cannot see: timing-dependent races between warps that the barriers do 
 OS scheduler, not by the hardware's), bank conflicts, performance, register spills, and anything nvcc does that g++
 does not (it only proves the kernels compile for sm_80 in tests/test_cuda.py).
 """
+import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,10 @@ from helpers import assert_close_to_reference
 from kasa_kernels.ops.rng import dropout_threshold, keep_mask
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "cuda_emu"))
-import build as emu_build  # noqa: E402
+# Loaded by path under its own name: a plain `import build` could find PyPA's `build` package instead.
+_spec = importlib.util.spec_from_file_location("kasa_cuda_emu_build", HERE / "cuda_emu" / "build.py")
+emu_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(emu_build)
 
 DT = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "tf32": torch.float32,
       "ffma": torch.float32}
@@ -40,7 +42,10 @@ def emu(tmp_path_factory):
     if shutil.which(cxx) is None:
         assert not _in_ci(), f"CI must run the CUDA emulation, but {cxx} is not on PATH"
         pytest.skip(f"{cxx} is not on PATH: the CUDA emulation needs a C++20 g++")
-    return emu_build.build(tmp_path_factory.mktemp("cuda_emu"), jobs=max(2, os.cpu_count() or 2), cxx=cxx)
+    # KASA_EMU_SANITIZE=0 builds without ASan/UBSan, for a toolchain that lacks their runtimes (CI keeps them).
+    sanitize = os.environ.get("KASA_EMU_SANITIZE", "1") != "0"
+    return emu_build.build(tmp_path_factory.mktemp("cuda_emu"), jobs=max(2, os.cpu_count() or 2), sanitize=sanitize,
+                           cxx=cxx)
 
 
 def _raw(t):
