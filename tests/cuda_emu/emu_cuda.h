@@ -106,17 +106,24 @@ inline thread_local std::vector<Copy> open_group;
 inline std::atomic<uint64_t> block_epoch{0};
 
 inline unsigned char* dynamic_smem() { return block->dyn; }
+inline size_t dyn_bytes_of_block() { return block->dyn_bytes; }
 
 // Static __shared__ arrays are function-local statics (one per kernel instantiation, shared by the block's threads
 // because blocks run one at a time); the first thread to reach one in a block refills it with NaN bytes.
 inline void shared_fresh(void* p, size_t n) {
   static std::mutex mu;
   static std::map<void*, uint64_t> seen;
+  static uint64_t static_epoch = 0;
+  static size_t static_bytes = 0;  // this block's static shared memory so far
   std::lock_guard<std::mutex> lk(mu);
   const uint64_t e = block_epoch.load();
   auto it = seen.find(p);
   if (it != seen.end() && it->second == e) return;
   seen[p] = e;
+  if (static_epoch != e) static_epoch = e, static_bytes = 0;
+  static_bytes += n;
+  // Static shared memory may not exceed 48 KB; with dynamic memory added, 99 KB (sm_86/89).
+  if (static_bytes > 48 * 1024 || static_bytes + dyn_bytes_of_block() > 99 * 1024) fail("too much shared memory per block");
   std::memset(p, 0xFF, n);
 }
 
