@@ -30,6 +30,7 @@ try:
 
     import kasa_kernels as kk
     import kasa_reference as ref
+    from helpers import assert_close_to_reference
     from kasa_kernels import _backend
     from kasa_kernels.ops import triton_linear, triton_reg
     from kasa_kernels.ops.rng import keep_mask, make_seed
@@ -57,27 +58,6 @@ def test_interpreter_suite_in_subprocess():
     # a subprocess whose tests all skipped would also exit 0: require the interpreter suite to have run
     passed = re.search(r"(\d+) passed", proc.stdout)
     assert passed and int(passed.group(1)) >= 30, "the interpreter suite did not run in the subprocess"
-
-
-def assert_close_to_reference(name, got, ref64, ref_lowp, dtype, magnitude=None, factor=2.0):
-    """tests/helpers.py's rule (at most `factor` times the plain formula's own error in `dtype`, plus one ulp of
-    the largest reference value), plus, when `magnitude` (the same formula on absolute values, fp64) is given, 4 fp32
-    ulps of it: a sum that cancels is only known to eps * sum(|terms|), and the plain formula sometimes rounds
-    luckily on a single element. Any real bug (a wrong mask, a missing term) is orders of magnitude above it."""
-    got = got.detach().double().cpu()
-    ref64 = ref64.detach().double().cpu()
-    ref_lowp = ref_lowp.detach().double().cpu()
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(ref64.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = (got - ref64).abs()
-    err_ref = (ref_lowp - ref64).abs().max().item()
-    floor = torch.finfo(dtype).eps * ref64.abs().max().item()
-    if magnitude is not None:
-        floor += 4 * torch.finfo(torch.float32).eps * magnitude.detach().abs().max().item()
-    bound = factor * err_ref + floor
-    print(f"{name} [{dtype}]: max err {err.max().item():.3e} mean {err.mean().item():.3e}; "
-          f"reference's own {err_ref:.3e}; bound {bound:.3e}")
-    assert err.max().item() <= bound, f"{name}: max error {err.max().item():.3e} > bound {bound:.3e}"
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +123,7 @@ def check_against_reference(case, scaling=2.0, p=0.0):
     for t, param in zip(got[2:], (a, d, bb)):
         assert t.dtype == param.dtype and t.shape == param.shape
     for name, g_, w64, wlp, mag in zip(NAMES, got, want64, wantlp, magnitude):
-        assert_close_to_reference(name, g_, w64, wlp, dtype, mag)
+        assert_close_to_reference(name, g_, w64, wlp, dtype, magnitude=mag)
 
 
 # (leading dims, K, N, r, bias, non-contiguous x, fp32 adapters)
