@@ -25,3 +25,18 @@ def assert_close_to_reference(name, got, ref64, ref_lowp, dtype, factor=2.0, mag
     print(f"{name} [{dtype}]: max err {err.max().item():.3e} mean {err.mean().item():.3e}; "
           f"reference's own {err_ref:.3e}; bound {bound:.3e}")
     assert err.max().item() <= bound, f"{name}: max error {err.max().item():.3e} > bound {bound:.3e}"
+
+
+# Whole-model checks (PEFT and transformers integrations), where many ops compose: a fixed per-dtype floor relative
+# to max(1, |ref64|) stands in for the one-ulp floor above.
+FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def assert_within_ref(name, out, ref64, ref_lp, dtype):
+    """|out - ref64| <= 2 |ref_lp - ref64| + floor * max(1, |ref64|), all as max norms."""
+    scale = max(1.0, ref64.abs().max().item())
+    err = (out.double() - ref64).abs().max().item()
+    ref_err = (ref_lp.double() - ref64).abs().max().item()
+    bound = 2 * ref_err + FLOOR[dtype] * scale
+    print(f"{name}: err {err:.3e}  ref err {ref_err:.3e}  bound {bound:.3e}")
+    assert err <= bound, f"{name}: error {err:.3e} exceeds {bound:.3e} (reference error {ref_err:.3e})"

@@ -23,18 +23,8 @@ import kasa_kernels as kk  # noqa: E402
 from kasa_kernels.integrations import peft as kk_peft  # noqa: E402
 from kasa_kernels.ops.rng import keep_mask  # noqa: E402
 from kasa_reference import kasa_linear_ref, regularizer_ref, svd_truncate_ref  # noqa: E402
+from helpers import assert_within_ref  # noqa: E402
 
-FLOOR = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-def assert_within_ref(name, out, ref64, ref_lp, dtype):
-    """|out - ref64| <= 2 |ref_lp - ref64| + floor * max(1, |ref64|), all as max norms."""
-    scale = max(1.0, ref64.abs().max().item())
-    err = (out.double() - ref64).abs().max().item()
-    ref_err = (ref_lp.double() - ref64).abs().max().item()
-    bound = 2 * ref_err + FLOOR[dtype] * scale
-    print(f"{name}: err {err:.3e}  ref err {ref_err:.3e}  bound {bound:.3e}")
-    assert err <= bound, f"{name}: error {err:.3e} exceeds {bound:.3e} (reference error {ref_err:.3e})"
 
 
 class Tiny(nn.Module):
