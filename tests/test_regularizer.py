@@ -5,6 +5,7 @@ import torch.nn as nn
 
 import kasa_kernels as kk
 import kasa_reference as ref
+from helpers import assert_close_to_reference, regularizer_magnitudes
 
 # (in, out, r): repeated shapes exercise the batching, odd ones the grouping
 LAYER_SHAPES = [(40, 24, 4), (40, 24, 4), (24, 40, 4), (37, 13, 3), (40, 24, 4), (16, 16, 8)]
@@ -20,9 +21,9 @@ def make_layers(dtype=torch.float32, seed=0):
     return layers
 
 
-def reference_value_and_grads(layers, beta, gamma, form):
-    leaves = [(m.lora_A.detach().double().requires_grad_(True), m.lora_B.detach().double().requires_grad_(True),
-               m.lora_diag.detach().double().requires_grad_(True)) for m in layers]
+def reference_value_and_grads(layers, beta, gamma, form, dtype=torch.float64):
+    leaves = [tuple(t.detach().to(dtype).requires_grad_(True) for t in (m.lora_A, m.lora_B, m.lora_diag))
+              for m in layers]
     r = ref.regularizer_ref(leaves, beta, gamma, form)
     r.backward()
     return r, leaves
@@ -34,18 +35,20 @@ def test_value_and_gradients_match_reference(form, dtype):
     layers = make_layers(dtype)
     beta, gamma = 0.3, 0.7  # large, so every term matters
     loss = kk.kasa_regularizer(nn.ModuleList(layers), beta=beta, gamma=gamma, form=form)
-    assert loss.dim() == 0 and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32  # what the regularizer computes in
+    assert loss.dim() == 0 and loss.dtype == acc
     loss.backward()
     want, leaves = reference_value_and_grads(layers, beta, gamma, form)
-    # computed in fp32 from the stored parameters: fp32 rounding only
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(loss.double(), want, rtol=tol, atol=0)
-    for m, (a, b, d) in zip(layers, leaves):
-        for p, w in ((m.lora_A, a), (m.lora_B, b), (m.lora_diag, d)):
+    want_lp, leaves_lp = reference_value_and_grads(layers, beta, gamma, form, acc)
+    mag_loss, mag_grads = regularizer_magnitudes([(m.lora_A, m.lora_B, m.lora_diag) for m in layers], beta, gamma,
+                                                 form)
+    assert_close_to_reference(f"{form} loss", loss, want, want_lp, acc, magnitude=mag_loss)
+    for m, exact, lowp, mags in zip(layers, leaves, leaves_lp, mag_grads):
+        for p, w, wlp, mag, name in zip((m.lora_A, m.lora_B, m.lora_diag), exact, lowp, mags, ("A", "B", "d")):
             assert p.grad.dtype == p.dtype
-            # the gradient's only rounding is its cast to the parameter dtype
-            eps = torch.finfo(p.dtype).eps
-            assert (p.grad.double() - w.grad).abs().max() <= max(eps, tol) * w.grad.abs().max() * 2
+            # computed in `acc`, then rounded once to the parameter's dtype (eps(p.dtype) of the result)
+            assert_close_to_reference(f"{form} d{name}", p.grad, w.grad, wlp.grad, p.dtype, magnitude=mag,
+                                      accumulate=acc)
 
 
 def test_official_form_equals_the_literal_full_gram_formula():
