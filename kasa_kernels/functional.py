@@ -1,18 +1,18 @@
 """Functional entry points: validate once at the boundary, pick a backend, call the autograd layer.
 
-kasa_linear(x, W, b, A, d, B, s) = x W^T + b + s ((dropout(x) A^T) * d) B^T     (KASA_MATH.md, "Forward")
+kasa_linear(x, W, b, A, d, B, s) = x W^T + b + s ((dropout(x) A^T) * d) B^T     (docs/math.md, "Forward")
 kasa_regularizer(model)          = sum_l beta ||d||^2 + gamma (||B^T B - I|| + ||A A^T - I||)   ("Regularizer")
 svd_truncate(W, r)               = W without its r smallest singular triplets   ("Initialization")
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
-import torch.nn as nn
 
 from . import _backend
+from ._layers import adapter_triples
 from .autograd import FoldedRegularizer, autocast_inputs, kasa_linear_autograd, kasa_regularizer_autograd
 from .ops.rng import make_seed
 
@@ -156,52 +156,6 @@ def kasa_linear(
 # Regularizer
 
 
-def _is_kasa_linear(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "lora_diag", None), nn.Parameter) and isinstance(getattr(m, "lora_A", None), nn.Parameter)
-
-
-def _peft_adapters(m: nn.Module) -> List[str]:
-    diag = getattr(m, "lora_diag", None)
-    if not isinstance(diag, nn.ParameterDict):
-        return []
-    active = getattr(m, "active_adapters", None)
-    if active is None:
-        active = list(diag.keys())
-    elif isinstance(active, str):
-        active = [active]
-    return [a for a in active if a in diag]
-
-
-def collect_kasa_layers(model_or_modules) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(A, B, d) for every KasaLinear and every active adapter of every PEFT KaSA layer (a module whose lora_diag is
-    a ParameterDict), each layer once, in module order."""
-    if isinstance(model_or_modules, nn.Module):
-        modules: Iterable[nn.Module] = model_or_modules.modules()
-    else:
-        try:
-            roots = list(model_or_modules)
-        except TypeError:
-            raise TypeError(
-                f"model_or_modules: expected an nn.Module or an iterable of modules, got {type(model_or_modules).__name__}"
-            ) from None
-        for i, m in enumerate(roots):
-            if not isinstance(m, nn.Module):
-                raise TypeError(f"model_or_modules[{i}]: expected an nn.Module, got {type(m).__name__}")
-        modules = (sub for m in roots for sub in m.modules())
-    seen = set()
-    layers = []
-    for m in modules:
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        if _is_kasa_linear(m):
-            layers.append((m.lora_A, m.lora_B, m.lora_diag))
-        else:
-            for name in _peft_adapters(m):
-                layers.append((m.lora_A[name].weight, m.lora_B[name].weight, m.lora_diag[name]))
-    return layers
-
-
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     # FSDP2 keeps parameters sharded as DTensors outside forward, and the Grams need whole factors: full_tensor()
     # all-gathers differentiably, and its backward hands each rank the gradient of its own shard (every rank computes
@@ -224,14 +178,14 @@ def kasa_regularizer(
 
     form "paper" (PEFT's _get_kasa_loss): sum_l beta ||d||^2 + gamma (||B^T B - I_r||_F + ||A A^T - I_r||_F).
     form "official" (the official trainer): the K x K / N x N Gram norms, averaged over the L layers, computed
-    through the exact r x r identity of KASA_MATH.md.
+    through the exact r x r identity of docs/math.md.
     """
     if form not in REGULARIZER_FORMS:
         raise ValueError(f"form: expected one of {REGULARIZER_FORMS}, got {form!r}")
     for name, v in (("beta", beta), ("gamma", gamma)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise TypeError(f"{name}: expected a finite float, got {v!r}")
-    layers = [tuple(_full_tensor(t) for t in layer) for layer in collect_kasa_layers(model_or_modules)]
+    layers = [tuple(_full_tensor(t) for t in layer) for layer in adapter_triples(model_or_modules)]
     if not layers:
         raise ValueError(
             "model_or_modules: found no KaSA layers (KasaLinear modules, or PEFT LoRA layers with lora_diag)"
@@ -248,6 +202,12 @@ def kasa_regularizer(
             if t.device != device:
                 raise ValueError(f"layer {i}: expected every adapter on {device}, got {t.device}")
     name = _backend.resolve(backend, device)
+    allowed = _ACT_DTYPES + (_TORCH_ONLY_DTYPES if name == "torch" else ())
+    for i, layer in enumerate(layers):
+        for pname, t in zip(("lora_A", "lora_B", "lora_diag"), layer):
+            if t.dtype not in allowed:
+                raise TypeError(f"layer {i}: {pname}: expected dtype in {[str(d) for d in allowed]} for backend "
+                                f"{name!r}, got {_describe(t)}")
     a_s, b_s, d_s = (list(t) for t in zip(*layers))
     return kasa_regularizer_autograd(a_s, b_s, d_s, float(beta), float(gamma), form, name)
 

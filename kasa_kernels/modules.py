@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _backend
+from ._layers import kasa_layers
 from .autograd import FoldedRegularizer
 from .functional import (
     REGULARIZER_FORMS,
@@ -290,10 +291,9 @@ def inject(
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in model.modules():
-        if isinstance(m, KasaLinear):
-            for p in (m.lora_A, m.lora_B, m.lora_diag):
-                p.requires_grad_(True)
+    for m in kasa_layers(model).values():
+        for p in (m.lora_A, m.lora_B, m.lora_diag):
+            p.requires_grad_(True)
     return model
 
 
@@ -321,7 +321,7 @@ def fold_regularizer(
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if form not in REGULARIZER_FORMS:
         raise ValueError(f"form: expected one of {REGULARIZER_FORMS}, got {form!r}")
-    layers = [m for m in model.modules() if isinstance(m, KasaLinear)]
+    layers = [m for m in kasa_layers(model).values() if isinstance(m, KasaLinear)]
     if not layers:
         raise ValueError("model: found no KasaLinear layers to fold the regularizer into")
     if not enable:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections import Counter
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -38,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from .. import _backend
+from .._layers import kasa_layers, peft_kasa_layers
 from ..autograd import autocasting
 from ..functional import kasa_linear
 from ..modules import KasaLinear, _is_conv1d, inject
@@ -147,10 +147,6 @@ else:  # pragma: no cover
     KasaFusedLoraLinear = None
 
 
-def _has_kasa_adapter(layer: nn.Module) -> bool:
-    return isinstance(getattr(layer, "lora_diag", None), nn.ParameterDict) and len(layer.lora_diag) > 0
-
-
 def patch_peft_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Make every PEFT KaSA LoRA linear layer in `model` run through kasa_kernels.kasa_linear (base GEMM fused).
 
@@ -162,7 +158,7 @@ def patch_peft_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     _backend.check_name(backend)
-    layers = [m for m in model.modules() if type(m) in (_PeftLoraLinear, KasaFusedLoraLinear) and _has_kasa_adapter(m)]
+    layers = [m for m in peft_kasa_layers(model).values() if type(m) in (_PeftLoraLinear, KasaFusedLoraLinear)]
     if not layers:
         n_lora = sum(isinstance(m, _PeftLoraLinear) for m in model.modules())
         raise ValueError(
@@ -199,7 +195,7 @@ def fused_layer_names(model: nn.Module) -> List[str]:
 
 
 def _kasa_layers(model: nn.Module) -> Dict[str, KasaLinear]:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, KasaLinear)}
+    layers = {n: m for n, m in kasa_layers(model).items() if isinstance(m, KasaLinear)}
     if not layers:
         raise ValueError("model: found no KasaLinear layer; inject() adapters first")
     return layers

@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .. import _layers
 from ..modules import KasaLinear, inject
 
 __all__ = ["DEFAULT_TARGET_MODULES", "default_target_modules", "inject_kasa", "enable_gradient_checkpointing",
@@ -115,4 +116,4 @@ def mark_dynamic(batch: Union[torch.Tensor, Mapping[str, torch.Tensor]], dims: S
 
 def kasa_layers(model: nn.Module) -> Dict[str, KasaLinear]:
     """The KasaLinear layers of a model by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, KasaLinear)}
+    return {n: m for n, m in _layers.kasa_layers(model).items() if isinstance(m, KasaLinear)}
