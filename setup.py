@@ -1,6 +1,7 @@
 """Build and install kasa_kernels (and the kasa_reference oracle it is tested against)."""
 import os
 import re
+import runpy
 import shutil
 import sys
 
@@ -108,13 +109,15 @@ def cuda_extension():
         sources = [os.path.join("csrc", line.strip()) for line in f if line.strip() and not line.startswith("#")]
     _say(f"building kasa_kernels._C for sm_{', sm_'.join(archs)} with CUDA_HOME={CUDA_HOME} "
          f"(MAX_JOBS={os.environ.get('MAX_JOBS', 'ninja default')})")
+    # the dropout hash's constants, defined once in Python (kasa_kernels/ops/rng_constants.py imports nothing)
+    rng_defines = runpy.run_path(os.path.join(HERE, "kasa_kernels", "ops", "rng_constants.py"))["cxx_defines"]()
     ext = CUDAExtension(
         name="kasa_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", f"-DKASA_CUDA_ARCHS_TOKEN={'_'.join(archs)}"],
-            "nvcc": ["-O3", "-lineinfo"] + gencode,
+            "cxx": ["-O3", f"-DKASA_CUDA_ARCHS_TOKEN={'_'.join(archs)}"] + rng_defines,
+            "nvcc": ["-O3", "-lineinfo"] + gencode + rng_defines,
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -63,20 +63,23 @@ Tensor unit_column_stride(const Tensor& t) { return (t.size(1) <= 1 || t.stride(
 // Row stride as the kernels see it (rows of a 1-row or 0-size matrix are never stepped over).
 int64_t row_stride(const Tensor& t) { return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0); }
 
-kasa::DropoutArgs make_dropout(double p, const optional<Tensor>& seed, const at::Device& device) {
-  TORCH_CHECK(std::isfinite(p) && p >= 0.0 && p < 1.0, "kasa_kernels cuda: dropout_p: expected 0 <= p < 1, got ", p);
+// The shared dropout mask: no seed means no dropout. threshold and keep_scale are computed once, in Python
+// (kasa_kernels/ops/rng.py: dropout_threshold, keep_scale), and only checked here.
+kasa::DropoutArgs make_dropout(int64_t threshold, double keep_scale, const optional<Tensor>& seed,
+                               const at::Device& device) {
   kasa::DropoutArgs d;
-  if (p == 0.0) return d;
-  TORCH_CHECK(seed.has_value() && seed->defined(), "kasa_kernels cuda: seed: required when dropout_p > 0");
+  if (!seed.has_value() || !seed->defined()) return d;
   check_on(*seed, "seed", device);
   TORCH_CHECK(seed->scalar_type() == at::kLong && seed->dim() == 1 && seed->size(0) == 2 && seed->is_contiguous(),
               "kasa_kernels cuda: seed: expected a contiguous int64 tensor of shape (2,), got ", seed->scalar_type(),
               " ", seed->sizes());
-  // rng.dropout_threshold: min(round(p * 2**32), 2**32 - 1); nearbyint rounds half to even like Python's round.
-  const double t = std::nearbyint(p * 4294967296.0);
+  TORCH_CHECK(threshold >= 0 && threshold <= int64_t(UINT32_MAX), "kasa_kernels cuda: dropout_threshold: expected "
+              "0 <= threshold < 2**32, got ", threshold);
+  TORCH_CHECK(std::isfinite(keep_scale) && keep_scale >= 1.0, "kasa_kernels cuda: keep_scale: expected a finite "
+              "1 / (1 - p) >= 1, got ", keep_scale);
   d.seed = seed->data_ptr<int64_t>();
-  d.threshold = static_cast<uint32_t>(std::min(t, 4294967295.0));
-  d.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  d.threshold = static_cast<uint32_t>(threshold);
+  d.keep_scale = static_cast<float>(keep_scale);
   return d;
 }
 
@@ -112,21 +115,14 @@ LinearShapes check_linear(const Tensor& x, const Tensor& weight, const Tensor& l
   return {M, K, N, R};
 }
 
-// fp16 cannot hold H-sized values (65504 max: S = H s d, or gH, can exceed it while the output does not). The rank-R
-// operands are therefore cast to fp16 only after an exact rebalancing by powers of two, as the torch backend does
-// (ops/torch_linear.py, _add_lowrank_): component j of left (M, R) is scaled by 2^-e_j and component j of right by
-// 2^e_j, e_j equalizing their largest magnitudes, so the product is unchanged and a cast overflows only where the
-// product itself would. right is (N, R) with components as columns (forward's B) or (R, K) as rows (backward's A).
-// bf16 has fp32's range and needs none of this.
-std::pair<Tensor, Tensor> rebalance_to_fp16(const Tensor& left, const Tensor& right, bool right_components_are_rows) {
-  const double tiny = std::numeric_limits<float>::min();
-  const Tensor big_left = left.abs().amax({0}).clamp_min(tiny);
-  const Tensor big_right = right.abs().amax({right_components_are_rows ? 1 : 0}).clamp_min(tiny);
-  // log domain: the ratio itself overflows fp32 when a factor is all zeros (B = 0 at initialization)
-  const Tensor scale = at::exp2(at::round(0.5 * (at::log2(big_left) - at::log2(big_right))).clamp(-60, 60));
-  const Tensor l = (left / scale).to(at::kHalf).contiguous();
-  const Tensor r = (right_components_are_rows ? right * scale.unsqueeze(1) : right * scale).to(at::kHalf).contiguous();
-  return {l, r};
+// fp16 cannot hold H-sized values (65504 max: S = H s d, or gH, can exceed it while the output does not), so the
+// rank-R operands left (M, R) and right (R, n) are cast to fp16 after an exact rebalancing by powers of two. The rule
+// is kasa_kernels.ops.precision.fp16_rebalance, which the torch backend uses too; it is called here rather than
+// written twice (entry points run with the GIL held, from Python).
+std::pair<Tensor, Tensor> fp16_rebalance(const Tensor& left, const Tensor& right) {
+  py::gil_scoped_acquire gil;
+  const py::tuple out = py::module_::import("kasa_kernels.ops.precision").attr("fp16_rebalance")(left, right);
+  return {out[0].cast<Tensor>().contiguous(), out[1].cast<Tensor>().contiguous()};
 }
 
 // The fused GEMM for x's dtype (forward: out = x w^T + lx lw^T + bias; backward: out = x w + drop(lx lw)).
@@ -153,12 +149,12 @@ Tensor checked_bias(const optional<Tensor>& bias_in, int64_t N, const Tensor& x,
 
 std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weight_in, const optional<Tensor>& bias_in,
                                           const Tensor& lora_A, const Tensor& lora_diag, const Tensor& lora_B,
-                                          double scaling, double dropout_p, const optional<Tensor>& seed,
-                                          bool allow_tf32) {
+                                          double scaling, int64_t dropout_threshold, double keep_scale,
+                                          const optional<Tensor>& seed, bool allow_tf32) {
   const LinearShapes s = check_linear(x_in, weight_in, lora_A, lora_diag, lora_B);
   const at::Device dev = x_in.device();
   const Tensor bias = checked_bias(bias_in, s.N, x_in, dev);
-  const kasa::DropoutArgs drop = make_dropout(dropout_p, seed, dev);
+  const kasa::DropoutArgs drop = make_dropout(dropout_threshold, keep_scale, seed, dev);
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const kasa::DType dt = dtype_code(x_in, "x2d");
@@ -197,9 +193,11 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x_in, const Tensor& weig
   g.R = int(s.R);
   g.bias = bias.defined() ? bias.data_ptr() : nullptr;
   g.out = y.data_ptr(); g.ldo = s.N;
-  Tensor s16, b16;  // fp16's range: see rebalance_to_fp16; the rank-R term stays fused
+  Tensor s16, b16;  // fp16's range: see fp16_rebalance; the rank-R term stays fused
   if (dt == kasa::DType::kF16) {
-    std::tie(s16, b16) = rebalance_to_fp16(h * sd, lora_B.to(at::kFloat), /*right_components_are_rows=*/false);
+    Tensor b16_rows;
+    std::tie(s16, b16_rows) = fp16_rebalance(h * sd, lora_B.to(at::kFloat).t());
+    b16 = b16_rows.t().contiguous();  // back to B's (N, R) layout, which the forward GEMM reads
     g.lx = s16.data_ptr();
     g.lw = b16.data_ptr();
   }
@@ -241,10 +239,97 @@ Tensor base_gemm(const Tensor& x_in, const Tensor& weight_in, const optional<Ten
   return y;
 }
 
+// Backward's dY pass: gH (fp32, and in x's dtype for bf16's dX GEMM), dB and dd from one read of G. dB and dd are
+// reduced over M by atomics, or per row tile and summed in a fixed order under deterministic algorithms.
+struct DyPassResult { Tensor gh, gh_lowp, dd, db; };
+
+DyPassResult run_dy_pass(kasa::DType dt, const Tensor& grad_y, const Tensor& h, const Tensor& lora_B,
+                         const Tensor& lora_diag, double scaling, const LinearShapes& s, bool need_gh_lowp,
+                         cudaStream_t stream) {
+  const auto f32 = grad_y.options().dtype(at::kFloat);
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const int64_t m_tiles = (s.M + kasa::kDyRows - 1) / kasa::kDyRows;
+  const Tensor b32 = lora_B.to(at::kFloat).contiguous();
+  const Tensor d32 = lora_diag.to(at::kFloat).contiguous();
+  DyPassResult out;
+  out.gh = at::empty({s.M, s.R}, f32);
+  if (need_gh_lowp) out.gh_lowp = at::empty({s.M, s.R}, grad_y.options());
+  Tensor dd_partial = at::empty({m_tiles, s.R}, f32);
+  out.db = deterministic ? at::empty({s.N, s.R}, f32) : at::zeros({s.N, s.R}, f32);
+  Tensor db_partial;
+  if (deterministic && s.N > 0) db_partial = at::empty({m_tiles, s.N, s.R}, f32);
+  kasa::DyPassArgs dy{};
+  dy.g = grad_y.data_ptr(); dy.ldg = row_stride(grad_y);
+  dy.b = b32.data_ptr<float>(); dy.h = h.data_ptr<float>(); dy.d = d32.data_ptr<float>();
+  dy.scaling = static_cast<float>(scaling);
+  dy.M = int(s.M); dy.N = int(s.N); dy.R = int(s.R);
+  dy.gh = out.gh.data_ptr<float>();
+  dy.gh_lowp = out.gh_lowp.defined() ? out.gh_lowp.data_ptr() : nullptr;
+  dy.db = out.db.data_ptr<float>();
+  dy.db_partial = db_partial.defined() ? db_partial.data_ptr<float>() : nullptr;
+  dy.dd_partial = dd_partial.data_ptr<float>();
+  kasa::dy_pass(dt, dy, stream);
+  out.dd = at::empty({s.R}, f32);
+  kasa::sum_partials(dd_partial.data_ptr<float>(), m_tiles, s.R, out.dd.data_ptr<float>(), stream);
+  if (db_partial.defined())
+    kasa::sum_partials(db_partial.data_ptr<float>(), m_tiles, s.N * s.R, out.db.data_ptr<float>(), stream);
+  return out;
+}
+
+// dA (R, K) fp32 = gH^T dropout(x), split over M when few row blocks exist, partials summed in a fixed order.
+Tensor run_lowrank_da(kasa::DType dt, const Tensor& x, const Tensor& gh, const kasa::DropoutArgs& drop,
+                      const LinearShapes& s, cudaStream_t stream) {
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor da = at::empty({s.R, s.K}, f32);
+  kasa::LowrankDaArgs la{};
+  la.x = x.data_ptr(); la.ldx = row_stride(x);
+  la.gh = gh.data_ptr<float>();
+  la.M = int(s.M); la.K = int(s.K); la.R = int(s.R);
+  la.da = da.data_ptr<float>();
+  la.splits = kasa::lowrank_da_splits(la.M, la.K, la.R);
+  Tensor partial;
+  if (la.splits > 1) {
+    partial = at::empty({la.splits, s.R, s.K}, f32);
+    la.partial = partial.data_ptr<float>();
+  }
+  la.drop = drop;
+  kasa::lowrank_da(dt, la, stream);
+  if (la.splits > 1) kasa::sum_partials(la.partial, la.splits, s.R * s.K, la.da, stream);
+  return da;
+}
+
+// dx (M, K) = G W + drop(gH A): the fused GEMM with the rank-R term masked per element when dropout is on.
+Tensor run_dx_gemm(kasa::DType dt, const Tensor& grad_y, const Tensor& weight_in, const Tensor& lora_A,
+                   const DyPassResult& dy, const kasa::DropoutArgs& drop, const LinearShapes& s, bool allow_tf32,
+                   cudaStream_t stream) {
+  Tensor dx = at::empty({s.M, s.K}, grad_y.options());
+  if (s.K == 0) return dx;
+  const Tensor weight = unit_column_stride(weight_in);
+  const Tensor a_lowp = dt == kasa::DType::kF16 ? Tensor() : lora_A.to(grad_y.scalar_type()).contiguous();
+  kasa::GemmLowrankArgs g{};
+  g.x = grad_y.data_ptr(); g.ldx = row_stride(grad_y);
+  g.w = weight.data_ptr(); g.ldw = row_stride(weight);  // W (N, K) read as the K-dim-major (N x K) operand
+  g.M = int(s.M); g.N = int(s.K); g.K = int(s.N);
+  g.lx = dy.gh_lowp.defined() ? dy.gh_lowp.data_ptr() : dy.gh.data_ptr(); g.ldlx = s.R;
+  g.lw = a_lowp.defined() ? a_lowp.data_ptr() : nullptr; g.ldlw = s.K;
+  g.R = int(s.R);
+  g.bias = nullptr;
+  g.out = dx.data_ptr(); g.ldo = s.K;
+  g.drop = drop;
+  Tensor gh16, a16;  // fp16's range: see fp16_rebalance (the dropout mask applies unchanged)
+  if (dt == kasa::DType::kF16) {
+    std::tie(gh16, a16) = fp16_rebalance(dy.gh, lora_A.to(at::kFloat));
+    g.lx = gh16.data_ptr();
+    g.lw = a16.data_ptr();
+  }
+  run_gemm_lowrank(dt, /*forward=*/false, g, allow_tf32, stream);
+  return dx;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
     const Tensor& grad_y_in, const Tensor& x_in, const Tensor& weight_in, const Tensor& lora_A, const Tensor& lora_diag,
-    const Tensor& lora_B, const Tensor& h_in, double scaling, double dropout_p, const optional<Tensor>& seed,
-    bool need_dx, bool need_da, bool need_dd, bool need_db, bool allow_tf32) {
+    const Tensor& lora_B, const Tensor& h_in, double scaling, int64_t dropout_threshold, double keep_scale,
+    const optional<Tensor>& seed, bool need_dx, bool need_da, bool need_dd, bool need_db, bool allow_tf32) {
   const LinearShapes s = check_linear(x_in, weight_in, lora_A, lora_diag, lora_B);
   const at::Device dev = x_in.device();
   check_on(grad_y_in, "grad_y", dev);
@@ -254,100 +339,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
   check_on(h_in, "h", dev);
   check_shape(h_in, "h", {s.M, s.R});
   TORCH_CHECK(h_in.scalar_type() == at::kFloat, "kasa_kernels cuda: h: expected float32, got ", h_in.scalar_type());
-  const kasa::DropoutArgs drop = make_dropout(dropout_p, seed, dev);
+  const kasa::DropoutArgs drop = make_dropout(dropout_threshold, keep_scale, seed, dev);
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
   const kasa::DType dt = dtype_code(x_in, "x2d");
   const auto f32 = x_in.options().dtype(at::kFloat);
-  // A fresh (0,) tensor per unneeded output: torch.library.custom_op rejects outputs that share a storage
+  // A fresh (0,) fp32 tensor per unneeded output: torch.library.custom_op rejects outputs that share a storage
   // ("may not alias ... other returns"), so one shared placeholder for, e.g., dd and db would raise.
-  auto none_f32 = [&] { return at::empty({0}, f32); };
-  auto none_x = [&] { return at::empty({0}, x_in.options()); };
+  auto none = [&] { return at::empty({0}, f32); };
 
   if (s.M == 0) {
-    return {need_dx ? at::empty({0, s.K}, x_in.options()) : none_x(), need_da ? at::zeros({s.R, s.K}, f32) : none_f32(),
-            need_dd ? at::zeros({s.R}, f32) : none_f32(), need_db ? at::zeros({s.N, s.R}, f32) : none_f32()};
+    return {need_dx ? at::empty({0, s.K}, x_in.options()) : none(), need_da ? at::zeros({s.R, s.K}, f32) : none(),
+            need_dd ? at::zeros({s.R}, f32) : none(), need_db ? at::zeros({s.N, s.R}, f32) : none()};
   }
-  if (!(need_dx || need_da || need_dd || need_db)) return {none_x(), none_f32(), none_f32(), none_f32()};
+  if (!(need_dx || need_da || need_dd || need_db)) return {none(), none(), none(), none()};
 
   const Tensor grad_y = unit_column_stride(grad_y_in);
-  const Tensor h = h_in.contiguous();
-  const Tensor b32 = lora_B.to(at::kFloat).contiguous();
-  const Tensor d32 = lora_diag.to(at::kFloat).contiguous();
-  const bool deterministic = at::globalContext().deterministicAlgorithms();
-  const int64_t m_tiles = (s.M + kasa::kDyRows - 1) / kasa::kDyRows;
-
-  Tensor gh = at::empty({s.M, s.R}, f32);
-  Tensor gh_lowp;
-  if (need_dx && dt == kasa::DType::kBF16) gh_lowp = at::empty({s.M, s.R}, x_in.options());
-  Tensor dd_partial = at::empty({m_tiles, s.R}, f32);
-  Tensor db = deterministic ? at::empty({s.N, s.R}, f32) : at::zeros({s.N, s.R}, f32);
-  Tensor db_partial;
-  if (deterministic && s.N > 0) db_partial = at::empty({m_tiles, s.N, s.R}, f32);
-  kasa::DyPassArgs dy{};
-  dy.g = grad_y.data_ptr(); dy.ldg = row_stride(grad_y);
-  dy.b = b32.data_ptr<float>(); dy.h = h.data_ptr<float>(); dy.d = d32.data_ptr<float>();
-  dy.scaling = static_cast<float>(scaling);
-  dy.M = int(s.M); dy.N = int(s.N); dy.R = int(s.R);
-  dy.gh = gh.data_ptr<float>();
-  dy.gh_lowp = gh_lowp.defined() ? gh_lowp.data_ptr() : nullptr;
-  dy.db = db.data_ptr<float>();
-  dy.db_partial = db_partial.defined() ? db_partial.data_ptr<float>() : nullptr;
-  dy.dd_partial = dd_partial.data_ptr<float>();
-  kasa::dy_pass(dt, dy, stream);
-  Tensor dd = at::empty({s.R}, f32);
-  kasa::sum_partials(dd_partial.data_ptr<float>(), m_tiles, s.R, dd.data_ptr<float>(), stream);
-  if (db_partial.defined()) kasa::sum_partials(db_partial.data_ptr<float>(), m_tiles, s.N * s.R, db.data_ptr<float>(), stream);
-
-  const Tensor x = (need_da || need_dx) ? unit_column_stride(x_in) : x_in;
-  Tensor da = need_da ? Tensor() : none_f32();
-  if (need_da) {
-    da = at::empty({s.R, s.K}, f32);
-    kasa::LowrankDaArgs la{};
-    la.x = x.data_ptr(); la.ldx = row_stride(x);
-    la.gh = gh.data_ptr<float>();
-    la.M = int(s.M); la.K = int(s.K); la.R = int(s.R);
-    la.da = da.data_ptr<float>();
-    la.splits = kasa::lowrank_da_splits(la.M, la.K, la.R);
-    Tensor partial;
-    if (la.splits > 1) {
-      partial = at::empty({la.splits, s.R, s.K}, f32);
-      la.partial = partial.data_ptr<float>();
-    }
-    la.drop = drop;
-    kasa::lowrank_da(dt, la, stream);
-    if (la.splits > 1) kasa::sum_partials(la.partial, la.splits, s.R * s.K, la.da, stream);
-  }
-
-  Tensor dx = need_dx ? Tensor() : none_x();
-  if (need_dx) {
-    dx = at::empty({s.M, s.K}, x_in.options());
-    if (s.K > 0) {
-      const Tensor weight = unit_column_stride(weight_in);
-      const Tensor a_lowp = dt == kasa::DType::kF16 ? Tensor() : lora_A.to(x_in.scalar_type()).contiguous();
-      kasa::GemmLowrankArgs g{};
-      g.x = grad_y.data_ptr(); g.ldx = row_stride(grad_y);
-      g.w = weight.data_ptr(); g.ldw = row_stride(weight);  // W (N, K) read as the K-dim-major (N x K) operand
-      g.M = int(s.M); g.N = int(s.K); g.K = int(s.N);
-      g.lx = gh_lowp.defined() ? gh_lowp.data_ptr() : gh.data_ptr(); g.ldlx = s.R;
-      g.lw = a_lowp.defined() ? a_lowp.data_ptr() : nullptr; g.ldlw = s.K;
-      g.R = int(s.R);
-      g.bias = nullptr;
-      g.out = dx.data_ptr(); g.ldo = s.K;
-      g.drop = drop;
-      Tensor gh16, a16;  // fp16's range: see rebalance_to_fp16 (the dropout mask applies unchanged)
-      if (dt == kasa::DType::kF16) {
-        std::tie(gh16, a16) = rebalance_to_fp16(gh, lora_A.to(at::kFloat), /*right_components_are_rows=*/true);
-        g.lx = gh16.data_ptr();
-        g.lw = a16.data_ptr();
-      }
-      run_gemm_lowrank(dt, /*forward=*/false, g, allow_tf32, stream);
-    }
-  }
-  return {dx, da, need_dd ? dd : none_f32(), need_db ? db : none_f32()};
+  const DyPassResult dy = run_dy_pass(dt, grad_y, h_in.contiguous(), lora_B, lora_diag, scaling, s,
+                                      /*need_gh_lowp=*/need_dx && dt == kasa::DType::kBF16, stream);
+  Tensor da = need_da ? run_lowrank_da(dt, unit_column_stride(x_in), dy.gh, drop, s, stream) : none();
+  Tensor dx = need_dx ? run_dx_gemm(dt, grad_y, weight_in, lora_A, dy, drop, s, allow_tf32, stream) : none();
+  return {dx, da, need_dd ? dy.dd : none(), need_db ? dy.db : none()};
 }
 
-std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> regularizer(
+// Returns (loss, flat): the fp32 gradients of every A, then every B, then every d, each flattened, in one buffer
+// (kasa_kernels/ops/defs.py's layout for the regularizer op).
+std::tuple<Tensor, Tensor> regularizer(
     const std::vector<Tensor>& lora_As, const std::vector<Tensor>& lora_Bs, const std::vector<Tensor>& lora_diags,
     double beta, double gamma, bool official) {
   const size_t L = lora_As.size();
@@ -363,8 +380,15 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
 
   std::vector<Tensor> keep;  // contiguous inputs, alive until the launch is enqueued (the caching allocator
   keep.reserve(3 * L);       // keeps their memory stream-ordered after that)
-  std::vector<Tensor> ga, gb, gd;
   std::vector<kasa::RegLayer> table(L);
+  int64_t numel_a = 0, numel_b = 0, numel_d = 0;
+  for (size_t l = 0; l < L; ++l) {
+    numel_a += lora_As[l].numel();
+    numel_b += lora_Bs[l].numel();
+    numel_d += lora_diags[l].numel();
+  }
+  Tensor flat = at::empty({numel_a + numel_b + numel_d}, f32);
+  int64_t off_a = 0, off_b = numel_a, off_d = numel_a + numel_b;
   int64_t gram_elems = 0;
   for (size_t l = 0; l < L; ++l) {
     const std::string tag = "[" + std::to_string(l) + "]";
@@ -394,12 +418,12 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     t.a = keep[keep.size() - 3].data_ptr();
     t.b = keep[keep.size() - 2].data_ptr();
     t.d = keep[keep.size() - 1].data_ptr();
-    ga.push_back(at::empty({r, K}, f32));
-    gb.push_back(at::empty({N, r}, f32));
-    gd.push_back(at::empty({r}, f32));
-    t.ga = ga.back().data_ptr<float>();
-    t.gb = gb.back().data_ptr<float>();
-    t.gd = gd.back().data_ptr<float>();
+    t.ga = flat.data_ptr<float>() + off_a;
+    t.gb = flat.data_ptr<float>() + off_b;
+    t.gd = flat.data_ptr<float>() + off_d;
+    off_a += r * K;
+    off_b += N * r;
+    off_d += r;
     t.r = int(r); t.K = int(K); t.N = int(N);
     gram_elems += 2 * r * r;
   }
@@ -430,7 +454,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
   args.counter = reinterpret_cast<unsigned int*>(counter.data_ptr<int>());
   args.loss = loss.data_ptr<float>();
   kasa::regularizer(args, stream);
-  return {loss, ga, gb, gd};
+  return {loss, flat};
 }
 
 // (ok, message): whether a kernel image in this build runs on `device_index`.
@@ -448,14 +472,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kasa_kernels CUDA C++ kernels (see kasa_kernels/ops/cuda_linear.py and cuda_reg.py)";
   m.def("linear_forward", &linear_forward, "Y = x W^T + b + s ((dropout(x) A^T) d) B^T; returns (Y, H fp32)",
         py::arg("x2d"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"), py::arg("lora_diag"), py::arg("lora_B"),
-        py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"), py::arg("allow_tf32"));
+        py::arg("scaling"), py::arg("dropout_threshold"), py::arg("keep_scale"), py::arg("seed"),
+        py::arg("allow_tf32"));
   m.def("linear_backward", &linear_backward, "(dx, dA, dd, dB); empty tensors where not needed", py::arg("grad_y"),
         py::arg("x2d"), py::arg("weight"), py::arg("lora_A"), py::arg("lora_diag"), py::arg("lora_B"), py::arg("h"),
-        py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"), py::arg("need_dx"), py::arg("need_da"),
-        py::arg("need_dd"), py::arg("need_db"), py::arg("allow_tf32"));
+        py::arg("scaling"), py::arg("dropout_threshold"), py::arg("keep_scale"), py::arg("seed"), py::arg("need_dx"),
+        py::arg("need_da"), py::arg("need_dd"), py::arg("need_db"), py::arg("allow_tf32"));
   m.def("base_gemm", &base_gemm, "x W^T + b with the fused GEMM kernel and the adapter switched off",
         py::arg("x2d"), py::arg("weight"), py::arg("bias"), py::arg("allow_tf32"));
-  m.def("regularizer", &regularizer, "(loss, grads A, grads B, grads d) of the KaSA regularizer over all layers",
+  m.def("regularizer", &regularizer, "(loss, flat fp32 gradients of every A, B, d) of the KaSA regularizer",
         py::arg("lora_As"), py::arg("lora_Bs"), py::arg("lora_diags"), py::arg("beta"), py::arg("gamma"),
         py::arg("official"));
   m.def("kernel_image_status", &kernel_image_status, py::arg("device_index"));

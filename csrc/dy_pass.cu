@@ -1,4 +1,4 @@
-// Backward dY pass: one read of G produces every rank-R quantity of the backward (KASA_MATH.md, "Backward"):
+// Backward dY pass: one read of G produces every rank-R quantity of the backward (docs/math.md, "Backward"):
 //   gZ = s G B (reduced over N inside the block), gH = gZ * d, dd = colsum(gZ * H) (per-block partials),
 //   dB = s G^T (H * d) (reduced over this block's rows, then across blocks by fp32 atomics, or through per-block
 //   partials and sum_partials in deterministic mode).

@@ -1,4 +1,4 @@
-// The base GEMM with the rank-R adapter term fused into the same kernel (DESIGN.md, "Fused kernel plan"):
+// The base GEMM with the rank-R adapter term fused into the same kernel (docs/design.md, "The fused kernel plan"):
 //
 //   forward  (B_KMAJOR = true):   out = x w^T + lx lw^T + bias     x (M,K) w (N,K) lx = S (M,R) lw = B (N,R)
 //   backward (B_KMAJOR = false):  out = x w + drop(lx lw)          x = G (M,N') w = W (N',K') lx = gH lw = A
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(NT) gemm_lowrank_kernel(const GemmLowrankArgs 
           const int gn = gn0 + t;
           float v = scratch[er * 16 + ec + t];
           if (bias != nullptr && gn < N) v += to_float(bias[gn]);
-          if constexpr (LR_SEPARATE) v += mask.apply(scratch[256 + er * 16 + ec + t], uint64_t(gm) * N + gn);
+          if constexpr (LR_SEPARATE) v += mask.apply_at(scratch[256 + er * 16 + ec + t], gm, gn, N);
           vals[t] = from_float<T>(v);
         }
         T* o = out + int64_t(gm) * p.ldo + gn0;

@@ -51,11 +51,16 @@ __device__ __forceinline__ float load_as_float(const void* p, int64_t idx, int d
 
 // The shared dropout mask (kasa_kernels/ops/rng.py): keep element i (row-major index of the logical matrix) iff
 // mix32(mix32(lo32(i) ^ s0) ^ hi32(i) ^ s1) >= threshold. Unsigned 32-bit arithmetic wraps as the spec requires.
+// The multipliers are rng.py's MIX_MUL1 / MIX_MUL2, passed by every build (setup.py, CMakeLists.txt,
+// tests/cuda_emu/build.py) as -D definitions read from that file; the threshold and keep scale arrive as arguments.
+#if !defined(KASA_MIX_MUL1) || !defined(KASA_MIX_MUL2)
+#error "KASA_MIX_MUL1 and KASA_MIX_MUL2 must be defined by the build (from kasa_kernels/ops/rng.py)"
+#endif
 __device__ __forceinline__ uint32_t mix32(uint32_t h) {
   h ^= h >> 16;
-  h *= 0x21F0AAADu;
+  h *= static_cast<uint32_t>(KASA_MIX_MUL1);
   h ^= h >> 15;
-  h *= 0xD35A2D97u;
+  h *= static_cast<uint32_t>(KASA_MIX_MUL2);
   h ^= h >> 15;
   return h;
 }
@@ -67,6 +72,10 @@ struct DropoutMask {
     return mix32(mix32(static_cast<uint32_t>(i) ^ s0) ^ static_cast<uint32_t>(i >> 32) ^ s1) >= threshold;
   }
   __device__ __forceinline__ float apply(float v, uint64_t i) const { return keep(i) ? v * keep_scale : 0.f; }
+  // Element (row, col) of the logical row-major (rows, n_cols) matrix the mask is defined over (x's M x K).
+  __device__ __forceinline__ float apply_at(float v, int64_t row, int64_t col, int64_t n_cols) const {
+    return apply(v, static_cast<uint64_t>(row) * static_cast<uint64_t>(n_cols) + static_cast<uint64_t>(col));
+  }
 };
 
 __device__ __forceinline__ DropoutMask load_dropout_mask(const DropoutArgs& d) {

@@ -1,6 +1,6 @@
 // The boundary between the host-side bindings (bindings.cpp, which sees torch) and the kernels (the .cu files,
 // which do not): plain structs of raw pointers and sizes, and one launcher per fused op. Keeping torch headers out
-// of nvcc's translation units keeps the build short (DESIGN.md: CI compiles on 2 cores).
+// of nvcc's translation units keeps the build short (docs/design.md: CI compiles on 2 cores).
 #pragma once
 
 #include <cstdint>

@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kThreads) lowrank_da_dropout_kernel(const Lowr
       float v = 0.f;
       if (gm < p.M && gk < p.K) {
         v = to_float(x[int64_t(gm) * p.ldx + gk]);
-        if constexpr (DROPOUT) v = mask.apply(v, uint64_t(gm) * uint64_t(p.K) + gk);
+        if constexpr (DROPOUT) v = mask.apply_at(v, gm, gk, p.K);
       }
       xs[r][kk] = v;
     }

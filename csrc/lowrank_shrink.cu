@@ -241,10 +241,10 @@ __global__ void __launch_bounds__(kThreads, ShrinkCfg<T, RC>::MIN_BLOCKS)
         chunk_to_float<T>(xw[i], h, xf[i]);
         if constexpr (DROPOUT) {
           // Element (m, k) of the logical (M, K) input, whatever ldx is: the index every backend hashes.
-          const uint64_t base = uint64_t(m0 + wrow + kRowLanes * i) * uint64_t(p.K) +
-                                uint64_t(s0 + t) * BK + uint64_t(kl * VEC + 4 * h);
+          const int64_t row = m0 + wrow + kRowLanes * i;
+          const int64_t col = int64_t(s0 + t) * BK + kl * VEC + 4 * h;
 #pragma unroll
-          for (int j = 0; j < 4; ++j) xf[i][j] = mask.apply(xf[i][j], base + j);
+          for (int j = 0; j < 4; ++j) xf[i][j] = mask.apply_at(xf[i][j], row, col + j, p.K);
         }
       }
       const float* arow = as + 4 * a_chunk_slot(kl * (VEC / 4) + h);

@@ -1,4 +1,4 @@
-// The whole model's KaSA regularizer in one launch (KASA_MATH.md, "Regularizer"): block l reads layer l's entry of
+// The whole model's KaSA regularizer in one launch (docs/math.md, "Regularizer"): block l reads layer l's entry of
 // a device pointer table and computes E_A = A A^T - I, E_B = B^T B - I (r x r, fp32), their Frobenius norms, the
 // layer's loss term and the closed-form gradients 2 gamma E A / g_A, 2 gamma B E / g_B, 2 beta d. The last block to
 // finish adds the per-layer terms in layer order, so the loss is deterministic. No K x K or N x N Gram is formed.

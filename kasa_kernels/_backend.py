@@ -1,20 +1,19 @@
 """Backend registry and selection: auto | cuda | triton | torch (environment variable KASA_KERNELS_BACKEND).
 
-A backend is a pair of modules in kasa_kernels.ops: `<name>_linear` (linear_forward, linear_backward) and
-`<name>_reg` (regularizer), all with the signatures of ops/torch_linear.py and ops/torch_reg.py. Whether a backend
-can run is decided per device and explained in words; a backend that cannot run is never picked silently, and asking
-for it by name raises BackendUnavailableError naming the ones that can.
+BACKENDS is the one place that names the backends. A backend is a set of modules in kasa_kernels.ops that register
+its kernels for the fused ops of ops/defs.py when imported, and a probe that says whether it can run on a device, in
+words. A backend that cannot run is never picked silently, and asking for it by name raises BackendUnavailableError
+naming the ones that can.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import os
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-NAMES = ("cuda", "triton", "torch")
 ENV_VAR = "KASA_KERNELS_BACKEND"
 
 # `auto` on a CUDA device picks, per compute capability, the first backend of this list that can run there. An
@@ -42,49 +41,69 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_LOADED: Dict[str, tuple] = {}
+def _probe_torch(device: torch.device) -> Tuple[bool, str]:
+    return True, "pure PyTorch; runs on every device"
 
 
-def _import_ops(name: str):
-    # A plain dict hit after the first call, so torch.compile traces the lookup without a graph break.
-    ops = _LOADED.get(name)
-    if ops is None:
-        ops = (
-            importlib.import_module(f"kasa_kernels.ops.{name}_linear"),
-            importlib.import_module(f"kasa_kernels.ops.{name}_reg"),
-        )
-        _LOADED[name] = ops
-    return ops
+def _probe_triton(device: torch.device) -> Tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not importable ({e}); pip install triton"
+    if device.type == "cpu" and not _triton_interpreting():
+        return False, "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tests)"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"Triton kernels do not run on {device.type} tensors"
+    try:
+        load("triton")
+    except ModuleNotFoundError as e:
+        return False, f"this build of kasa_kernels has no Triton kernels ({e.name})"
+    return True, "Triton fused kernels" + (" under the CPU interpreter" if device.type == "cpu" else "")
+
+
+def _probe_cuda(device: torch.device) -> Tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"the CUDA extension runs on CUDA tensors only, not {device.type}"
+    from .ops import cuda
+
+    return cuda.probe(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    modules: Tuple[str, ...]  # kasa_kernels.ops modules that register this backend's kernels when imported
+    probe: Callable[[torch.device], Tuple[bool, str]]  # (usable on this device, why or why not)
+
+
+# In order of preference where nothing else decides (backends(), error messages).
+BACKENDS: Dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("cuda", ("cuda_linear", "cuda_reg"), _probe_cuda),
+        Backend("triton", ("triton_linear", "triton_reg"), _probe_triton),
+        Backend("torch", ("torch_linear", "torch_reg"), _probe_torch),
+    )
+}
+NAMES = tuple(BACKENDS)
+
+_LOADED: Dict[str, bool] = {}
+
+
+def load(name: str) -> None:
+    """Import a backend's modules, which registers its kernels with ops/defs.py (once; a plain dict hit after that,
+    so torch.compile traces the call without a graph break)."""
+    if not _LOADED.get(name):
+        for module in BACKENDS[name].modules:
+            importlib.import_module(f"kasa_kernels.ops.{module}")
+        _LOADED[name] = True
 
 
 def _probe(name: str, device: torch.device) -> Tuple[bool, str]:
-    if name == "torch":
-        return True, "pure PyTorch; runs on every device"
-    if name == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:
-            return False, f"triton is not importable ({e}); pip install triton"
-        if device.type == "cpu" and not _triton_interpreting():
-            return False, "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tests)"
-        if device.type not in ("cpu", "cuda"):
-            return False, f"Triton kernels do not run on {device.type} tensors"
-        try:
-            _import_ops("triton")
-        except ModuleNotFoundError as e:
-            return False, f"this build of kasa_kernels has no Triton kernels ({e.name})"
-        return True, "Triton fused kernels" + (" under the CPU interpreter" if device.type == "cpu" else "")
-    if name == "cuda":
-        if device.type != "cuda":
-            return False, f"the CUDA extension runs on CUDA tensors only, not {device.type}"
-        try:
-            _import_ops("cuda")
-        except ModuleNotFoundError as e:
-            return False, f"this build of kasa_kernels has no CUDA backend ({e.name})"
-        from .ops import cuda_linear
-
-        return cuda_linear.probe(device)
-    raise ValueError(f"backend: expected one of {('auto',) + NAMES}, got {name!r}")
+    backend = BACKENDS.get(name)
+    if backend is None:
+        raise ValueError(f"backend: expected one of {('auto',) + NAMES}, got {name!r}")
+    return backend.probe(device)
 
 
 def backends(device: Optional[torch.device | str] = None) -> Dict[str, BackendInfo]:
@@ -150,17 +169,9 @@ def _resolve(requested: str, device_type: str, device_index: Optional[int]) -> s
         name = requested
     else:
         raise ValueError(f"backend: expected one of {('auto',) + NAMES}, got {requested!r}")
-    _import_ops(name)
+    load(name)
     _RESOLVED[key] = name
     return name
-
-
-def linear_ops(name: str):
-    return _import_ops(name)[0]
-
-
-def reg_ops(name: str):
-    return _import_ops(name)[1]
 
 
 def clear_cache() -> None:

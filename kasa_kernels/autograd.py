@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _backend
+from .ops import defs
 
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -25,10 +25,9 @@ class KasaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg,
                 folded_grad_scale):
-        ops = _backend.linear_ops(backend)
         in_features = x.shape[-1]
-        y2d, h = ops.linear_forward(
-            x.reshape(-1, in_features), weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed
+        y2d, h = defs.linear_forward(
+            backend, x.reshape(-1, in_features), weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed
         )
         ctx.save_for_backward(x, weight, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale)
         ctx.scaling = scaling
@@ -42,8 +41,8 @@ class KasaLinearFunction(torch.autograd.Function):
         x, weight, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = (need[0], need[3], need[4], need[5])
-        ops = _backend.linear_ops(ctx.backend)
-        dx, da, dd, db = ops.linear_backward(
+        dx, da, dd, db = defs.linear_backward(
+            ctx.backend,
             grad_y.reshape(-1, weight.shape[0]),
             x.reshape(-1, x.shape[-1]),
             weight,
@@ -99,11 +98,11 @@ class FoldedRegularizer:
 
 
 def _add_folded_regularizer(folded_reg, grad_scale, backend, lora_A, lora_diag, lora_B, da, dd, db):
-    """Add this layer's closed-form regularizer gradient (KASA_MATH.md) to the gradients its backward writes, so a
+    """Add this layer's closed-form regularizer gradient (docs/math.md) to the gradients its backward writes, so a
     model trained with fold_regularizer() needs no separate regularizer graph. folded_reg = (beta, gamma, form,
     layer_scale); grad_scale is FoldedRegularizer.grad_scale."""
     beta, gamma, form, layer_scale = folded_reg
-    _, (ga,), (gb,), (gd,) = _backend.reg_ops(backend).regularizer([lora_A], [lora_B], [lora_diag], beta, gamma, form)
+    _, (ga,), (gb,), (gd,) = defs.regularizer(backend, [lora_A], [lora_B], [lora_diag], beta, gamma, form)
     # the op's official form averages over the one layer it was given; the model-wide 1/L is layer_scale
     scale = grad_scale * layer_scale
     da = None if da is None else da + (scale * ga).to(da.dtype)
@@ -160,7 +159,7 @@ class KasaRegularizerFunction(torch.autograd.Function):
         a_s = params[:n_layers]
         b_s = params[n_layers : 2 * n_layers]
         d_s = params[2 * n_layers :]
-        loss, ga, gb, gd = _backend.reg_ops(backend).regularizer(a_s, b_s, d_s, beta, gamma, form)
+        loss, ga, gb, gd = defs.regularizer(backend, a_s, b_s, d_s, beta, gamma, form)
         grads = [_cast(g, p.dtype) for g, p in zip(list(ga) + list(gb) + list(gd), params)]
         ctx.save_for_backward(*grads)
         return loss

@@ -18,12 +18,12 @@ import kasa_reference as ref
 from helpers import assert_close_to_reference, kasa_linear_magnitudes, regularizer_magnitudes
 from kasa_kernels import _backend
 from kasa_kernels.ops import cuda as cuda_ext
-from kasa_kernels.ops import cuda_linear, cuda_reg  # noqa: F401  (registers the kasa_cuda ops)
+from kasa_kernels.ops import cuda_linear, cuda_reg, defs  # noqa: F401  (cuda_*: register the cuda kernels)
 from kasa_kernels.ops.rng import keep_mask, make_seed
 from test_torch_backend import check_against_reference, make_case
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OPS = ("linear_forward", "linear_backward", "regularizer", "base_gemm")
+EXT_FUNCTIONS = ("linear_forward", "linear_backward", "regularizer", "base_gemm")  # kasa_kernels._C
 BUILT = importlib.util.find_spec("kasa_kernels._C") is not None
 needs_ext = pytest.mark.skipif(not BUILT, reason="kasa_kernels._C is not built")
 
@@ -47,18 +47,10 @@ def test_extension_imports_when_built():
     assert cuda_ext.IMPORT_ERROR is None, f"kasa_kernels._C is built but does not import: {cuda_ext.IMPORT_ERROR}"
     from kasa_kernels import _C
 
-    for name in OPS + ("kernel_image_status",):
+    for name in EXT_FUNCTIONS + ("kernel_image_status",):
         assert callable(getattr(_C, name)), name
     archs = cuda_ext.compiled_archs()
     assert archs and all(a.rstrip("a").isdigit() and int(a.rstrip("a")) >= 80 for a in archs), archs
-
-
-@pytest.mark.parametrize("name", OPS)
-def test_ops_are_registered_with_torch_library(name):
-    op = getattr(torch.ops.kasa_cuda, name).default
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta")  # the fake implementation
-    assert not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
 
 
 def _linear_args(device, dtype=torch.bfloat16, m=37, k=130, n=77, r=16, p=0.1, bias=True):
@@ -72,51 +64,13 @@ def _linear_args(device, dtype=torch.bfloat16, m=37, k=130, n=77, r=16, p=0.1, b
     return x, w, b, a, d, bb, 2.0, p, seed
 
 
-def test_fake_forward_and_backward_shapes():
-    x, w, b, a, d, bb, s, p, seed = _linear_args("meta")
-    y, h = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, s, p, seed)
-    assert (y.shape, y.dtype, h.shape, h.dtype) == ((37, 77), torch.bfloat16, (37, 16), torch.float32)
-    g = torch.empty(37, 77, device="meta", dtype=torch.bfloat16)
-    dx, da, dd, db = torch.ops.kasa_cuda.linear_backward(g, x, w, a, d, bb, h, s, p, seed, True, True, True, True)
-    assert (dx.shape, dx.dtype) == ((37, 130), torch.bfloat16)
-    assert [t.shape for t in (da, dd, db)] == [(16, 130), (16,), (77, 16)]
-    assert all(t.dtype == torch.float32 for t in (da, dd, db))
-    dx, da, dd, db = torch.ops.kasa_cuda.linear_backward(g, x, w, a, d, bb, h, s, p, seed, False, True, False, False)
-    assert dx.numel() == 0 and dd.numel() == 0 and db.numel() == 0 and da.shape == (16, 130)
-
-
-def test_fake_regularizer_shapes():
-    As = [torch.empty(4, 10, device="meta"), torch.empty(8, 6, device="meta", dtype=torch.bfloat16)]
-    Bs = [torch.empty(7, 4, device="meta"), torch.empty(5, 8, device="meta", dtype=torch.bfloat16)]
-    ds = [torch.empty(4, device="meta"), torch.empty(8, device="meta", dtype=torch.bfloat16)]
-    loss, ga, gb, gd = torch.ops.kasa_cuda.regularizer(As, Bs, ds, 1e-4, 1e-3, False)
-    assert loss.shape == () and loss.dtype == torch.float32
-    for got, want in zip(ga + gb + gd, As + Bs + ds):
-        assert got.shape == want.shape and got.dtype == torch.float32
-
-
-def test_opcheck_on_meta_tensors():
-    # Without a GPU the only runnable kernel is the fake one; opcheck still validates the schema, the fake
-    # implementation against the declared (non-)aliasing, and the autograd registration.
-    x, w, b, a, d, bb, s, p, seed = _linear_args("meta")
-    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.kasa_cuda.linear_forward.default, (x, w, b, a, d, bb, s, p, seed), test_utils=tests)
-    h = torch.empty(37, 16, device="meta")
-    g = torch.empty(37, 77, device="meta", dtype=torch.bfloat16)
-    torch.library.opcheck(
-        torch.ops.kasa_cuda.linear_backward.default,
-        (g, x, w, a, d, bb, h, s, p, seed, True, True, True, True),
-        test_utils=tests,
-    )
-    As, Bs, ds = [torch.empty(4, 10, device="meta")], [torch.empty(7, 4, device="meta")], [torch.empty(4, device="meta")]
-    torch.library.opcheck(torch.ops.kasa_cuda.regularizer.default, (As, Bs, ds, 1e-4, 1e-3, True), test_utils=tests)
-    torch.library.opcheck(torch.ops.kasa_cuda.base_gemm.default, (x, w, b), test_utils=tests)
-    y = torch.ops.kasa_cuda.base_gemm(x, w, None)
-    assert (y.shape, y.dtype) == ((37, 77), torch.bfloat16)
+def test_cuda_kernels_are_registered_for_every_op():
+    for op in defs.OPS:
+        assert defs.kernel(op, "cuda") is not None
 
 
 def test_probe_on_cpu_explains_itself():
-    ok, why = cuda_linear.probe(torch.device("cpu"))
+    ok, why = cuda_ext.probe(torch.device("cpu"))
     assert not ok
     if BUILT:
         assert "CUDA tensors only" in why and "sm_" in why
@@ -139,7 +93,7 @@ def test_cpp_checks_name_the_argument():
 
     x, w, b, a, d, bb, s, p, seed = _linear_args("cpu", dtype=torch.float32)
     with pytest.raises(RuntimeError, match="x2d: expected a CUDA tensor"):
-        _C.linear_forward(x, w, b, a, d, bb, s, p, seed, False)
+        _C.linear_forward(x, w, b, a, d, bb, s, 429496730, 1.0 / 0.9, seed, False)
     with pytest.raises(RuntimeError, match=r"lora_As\[0\]: expected a CUDA tensor"):
         _C.regularizer([a], [bb], [d], 1e-4, 1e-3, False)
     with pytest.raises(RuntimeError, match="x2d: expected a CUDA tensor"):
@@ -157,7 +111,7 @@ def test_missing_extension_error_is_actionable(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------------------ GPU --
 def _cuda_usable():
-    return torch.cuda.is_available() and cuda_linear.probe(torch.device("cuda"))[0]
+    return torch.cuda.is_available() and cuda_ext.probe(torch.device("cuda"))[0]
 
 
 gpu = pytest.mark.gpu
@@ -165,7 +119,7 @@ gpu = pytest.mark.gpu
 
 @pytest.fixture
 def cuda_backend():
-    ok, why = cuda_linear.probe(torch.device("cuda"))
+    ok, why = cuda_ext.probe(torch.device("cuda"))
     if not ok:
         pytest.fail(f"GPU present but the cuda backend is unusable: {why}")
     return "cuda"
@@ -229,16 +183,16 @@ def test_dropout_mask_is_bit_identical_to_rng_keep_mask(cuda_backend, p):
     eye = torch.eye(k, device="cuda")
     ones_r = torch.ones(k, device="cuda")
     w = torch.zeros(k, k, device="cuda")
-    y, h = torch.ops.kasa_cuda.linear_forward(x, w, None, eye, ones_r, eye, 1.0, p, seed)
+    y, h = defs.linear_forward("cuda", x, w, None, eye, ones_r, eye, 1.0, p, seed)
     assert torch.equal(h != 0, want)
     assert torch.equal(h[want], torch.full_like(h[want], 1.0 / (1.0 - p)))
     g = torch.ones(m, k, device="cuda")
-    dx, da, _, _ = torch.ops.kasa_cuda.linear_backward(g, x, w, eye, ones_r, eye, h, 1.0, p, seed, True, True, False, False)
+    dx, da, _, _ = defs.linear_backward("cuda", g, x, w, eye, ones_r, eye, h, 1.0, p, seed, (True, True, False, False))
     assert torch.equal(dx != 0, want)
     # dA[j, k] = sum_m gH[m, j] x~[m, k] with gH = 1: column counts of the mask, scaled
     torch.testing.assert_close(da, (want.double().sum(0) / (1 - p)).float().expand(k, k), rtol=1e-5, atol=1e-4)
     for dtype in (torch.float16, torch.bfloat16):
-        _, h_lp = torch.ops.kasa_cuda.linear_forward(x.to(dtype), w.to(dtype), None, eye, ones_r, eye, 1.0, p, seed)
+        _, h_lp = defs.linear_forward("cuda", x.to(dtype), w.to(dtype), None, eye, ones_r, eye, 1.0, p, seed)
         assert torch.equal(h_lp != 0, want)
 
 
@@ -252,7 +206,7 @@ def test_gemm_alone_matches_cublas(cuda_backend, dtype):
         w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
         b = torch.randn(n, device="cuda", dtype=dtype)
         a, d, bb = torch.randn(4, k, device="cuda"), torch.randn(4, device="cuda"), torch.zeros(n, 4, device="cuda")
-        y, _ = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, 1.0, 0.0, None)
+        y, _ = defs.linear_forward("cuda", x, w, b, a, d, bb, 1.0, 0.0, None)
         ref64 = torch.nn.functional.linear(x.double(), w.double(), b.double())
         mag = torch.nn.functional.linear(x.double().abs(), w.double().abs(), b.double().abs())
         assert_close_to_reference("gemm", y, ref64, torch.nn.functional.linear(x, w, b), dtype, magnitude=mag)
@@ -290,7 +244,7 @@ def test_tf32_path(cuda_backend):
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
-        y_tf32, _ = torch.ops.kasa_cuda.linear_forward(x, w, None, a, d, bb, 2.0, 0.0, None)
+        y_tf32, _ = defs.linear_forward("cuda", x, w, None, a, d, bb, 2.0, 0.0, None)
         ref_tf32 = ref.kasa_linear_ref(x, w, None, a, d, bb, 2.0)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
@@ -320,8 +274,8 @@ REG_SHAPES = [(4, 10, 7), (16, 130, 37), (33, 70, 260), (8, 4096, 96), (1, 1, 1)
 def test_regularizer_matches_reference(cuda_backend, dtype, form):
     layers = _reg_layers(dtype, REG_SHAPES)
     beta, gamma = 1e-2, 1e-1
-    loss, ga, gb, gd = cuda_reg.regularizer([l[0] for l in layers], [l[1] for l in layers], [l[2] for l in layers],
-                                            beta, gamma, form)
+    loss, ga, gb, gd = defs.regularizer("cuda", [l[0] for l in layers], [l[1] for l in layers], [l[2] for l in layers],
+                                        beta, gamma, form)
     # The kernel computes in fp32 from the parameters' values: hold it to fp32's tolerance around those values.
     outs = {}
     for acc in (torch.float64, torch.float32):
@@ -345,7 +299,7 @@ def test_regularizer_zero_over_zero_is_zero(cuda_backend):
     a = torch.eye(4, 9, device="cuda")
     b = torch.zeros(6, 4, device="cuda")  # the init state: f_B = sqrt(r), dR/dB = 0
     d = torch.randn(4, device="cuda")
-    loss, ga, gb, gd = cuda_reg.regularizer([a], [b], [d], 1e-4, 1e-3, "paper")
+    loss, ga, gb, gd = defs.regularizer("cuda", [a], [b], [d], 1e-4, 1e-3, "paper")
     assert torch.isfinite(loss) and torch.equal(ga[0], torch.zeros_like(a)) and torch.equal(gb[0], torch.zeros_like(b))
     torch.testing.assert_close(loss, 1e-4 * (d * d).sum() + 1e-3 * 2.0)
     torch.testing.assert_close(gd[0], 2e-4 * d)
@@ -354,14 +308,14 @@ def test_regularizer_zero_over_zero_is_zero(cuda_backend):
 @gpu
 def test_deterministic_mode_is_bitwise_repeatable(cuda_backend):
     x, w, b, a, d, bb, gy = _to_cuda(make_case((300,), 136, 200, 16, torch.bfloat16, torch.float32))
-    h = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, 2.0, 0.0, None)[1]
-    args = (gy, x, w, a, d, bb, h, 2.0, 0.0, None, True, True, True, True)
-    fast = torch.ops.kasa_cuda.linear_backward(*args)
+    h = defs.linear_forward("cuda", x, w, b, a, d, bb, 2.0, 0.0, None)[1]
+    args = ("cuda", gy, x, w, a, d, bb, h, 2.0, 0.0, None, (True, True, True, True))
+    fast = defs.linear_backward(*args)
     old = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        first = torch.ops.kasa_cuda.linear_backward(*args)
-        second = torch.ops.kasa_cuda.linear_backward(*args)
+        first = defs.linear_backward(*args)
+        second = defs.linear_backward(*args)
     finally:
         torch.use_deterministic_algorithms(old)
     for f, s, q in zip(first, second, fast):
@@ -415,7 +369,7 @@ def _check_forward(name, x, w, b, a, d, bb, p=0.0, seed=None, scaling=2.0):
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references (and fp32 x) stay exact-fp32
-        y, h = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, scaling, p, seed)
+        y, h = defs.linear_forward("cuda", x, w, b, a, d, bb, scaling, p, seed)
         x, a = x.contiguous(), a.contiguous()  # the references never read the kernel's poisoned padding
         h64, h32 = _shrink_reference(x, a, p, seed)
         mask = keep_mask(seed, x.shape[0], x.shape[1], p) if p > 0 else None
@@ -479,7 +433,7 @@ def test_shrink_split_k_is_bitwise_repeatable(cuda_backend, dtype, p):
     seed = make_seed(11, x.device) if p > 0 else None
     y1, h1 = _check_forward("split", x, w, b, a, d, bb, p=p, seed=seed)
     for _ in range(3):
-        y2, h2 = torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, 2.0, p, seed)
+        y2, h2 = defs.linear_forward("cuda", x, w, b, a, d, bb, 2.0, p, seed)
         assert torch.equal(h1, h2) and torch.equal(y1, y2)
 
 
@@ -507,14 +461,14 @@ def test_torch_compile_fullgraph(cuda_backend, p):
 def test_cpp_checks_on_gpu(cuda_backend):
     x, w, b, a, d, bb, s, p, seed = _linear_args("cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="lora_B: expected shape"):
-        torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb[:-1], s, p, seed)
+        defs.linear_forward("cuda", x, w, b, a, d, bb[:-1], s, p, seed)
     with pytest.raises(RuntimeError, match="weight: expected dtype"):
-        torch.ops.kasa_cuda.linear_forward(x, w.float(), b, a, d, bb, s, p, seed)
-    with pytest.raises(RuntimeError, match="seed: required"):
-        torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, s, p, None)
-    with pytest.raises(RuntimeError, match="dropout_p"):
-        torch.ops.kasa_cuda.linear_forward(x, w, b, a, d, bb, s, 1.0, seed)
+        defs.linear_forward("cuda", x, w.float(), b, a, d, bb, s, p, seed)
+    with pytest.raises(ValueError, match="seed: required"):
+        defs.linear_forward("cuda", x, w, b, a, d, bb, s, p, None)
+    with pytest.raises(ValueError, match="dropout_p"):
+        defs.linear_forward("cuda", x, w, b, a, d, bb, s, 1.0, seed)
     with pytest.raises(RuntimeError, match="bias: expected shape"):
-        torch.ops.kasa_cuda.base_gemm(x, w, b[:-1])
+        defs.base_gemm("cuda", x, w, b[:-1])
     with pytest.raises(RuntimeError, match="weight: expected shape"):
-        torch.ops.kasa_cuda.base_gemm(x, w[:, :-1], b)
+        defs.base_gemm("cuda", x, w[:, :-1], b)

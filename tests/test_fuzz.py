@@ -60,7 +60,7 @@ LAYOUTS = ["contiguous", "strided_last", "transposed", "sliced_rows"]
 
 def _dtypes(backend):
     if backend == "triton" and DEVICE.type == "cpu":
-        return [torch.float32, torch.float16]  # no bf16 under the interpreter (DESIGN.md, environment facts)
+        return [torch.float32, torch.float16]  # no bf16 under the interpreter (docs/design.md, environment facts)
     return [torch.float32, torch.float16, torch.bfloat16]
 
 

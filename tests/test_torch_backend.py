@@ -1,4 +1,4 @@
-"""The torch backend computes KASA_MATH.md's forward and closed-form backward, checked against python/kasa_reference."""
+"""The torch backend computes docs/math.md's forward and closed-form backward, checked against python/kasa_reference."""
 import pytest
 import torch
 

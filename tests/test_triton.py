@@ -1,4 +1,4 @@
-"""The Triton backend computes KASA_MATH.md's forward, backward and regularizer, checked against python/kasa_reference.
+"""The Triton backend computes docs/math.md's forward, backward and regularizer, checked against python/kasa_reference.
 
 Without a GPU the kernels run under Triton's CPU interpreter (fp32 and fp16 only; tl.dot is exact fp32 there), on
 small shapes. With a GPU the same tests run on CUDA tensors, and the `gpu`-marked ones add bf16, TF32, large shapes,
@@ -32,8 +32,10 @@ try:
     import kasa_reference as ref
     from helpers import assert_close_to_reference, regularizer_magnitudes
     from kasa_kernels import _backend
-    from kasa_kernels.ops import triton_linear, triton_reg
+    from kasa_kernels.ops import defs, triton_gemm, triton_linear, triton_lowrank
     from kasa_kernels.ops.rng import keep_mask, make_seed
+    from kasa_kernels.ops.triton_common import Dropout, arch_key, dot_precision
+    from kasa_kernels.ops.triton_gemm import KNView, LowRank
 finally:
     if not HAS_CUDA and _FIRST_TRITON_IMPORT:
         if _prev is None:
@@ -148,20 +150,25 @@ def test_matches_reference(case, dtype, p):
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=lambda p: f"p{p}")
 @pytest.mark.parametrize("splits", [None, (3, 64), (2, 128)], ids=["natural", "3x64", "2x128"])
 def test_split_k_shrink_matches_reference_and_repeats(monkeypatch, splits, p):
-    # Decode sizes split the shrink over K (partials summed in a fixed order by _shrink_finish_kernel). K = 130 with
+    # Decode sizes split the shrink over K (partials summed in a fixed order by shrink_finish_kernel). K = 130 with
     # 64-column splits leaves a last split of 2 columns; "natural" is the launcher's own choice at M = 5, K = 300.
-    if splits is not None:
-        monkeypatch.setattr(triton_linear, "_shrink_splits", lambda *args: splits)
     k = 300 if splits is None else 130
     seen = []
-    real = triton_linear._shrink_finish_kernel
-    monkeypatch.setattr(triton_linear, "_shrink_finish_kernel", _Spy(real, seen))
-    case = make_case((5,), k, 24, 4, torch.float32, bias=True)
-    check_against_reference(case, p=p)
-    assert seen, "the shrink did not split"
+    monkeypatch.setattr(triton_lowrank, "shrink_finish_kernel", _Spy(triton_lowrank.shrink_finish_kernel, seen))
+    x, w, b, a, d, bb, gy = case = make_case((5,), k, 24, 4, torch.float32, bias=True)
     seed = make_seed(3, DEVICE)
-    first, again = (run_triton(*case, 2.0, p, seed)[0] for _ in range(2))
-    assert torch.equal(first, again)
+    h, s = triton_lowrank.shrink(x, a, d, scaling=2.0, dropout=Dropout.of(p, seed), splits=splits)
+    assert seen, "the shrink did not split"
+    xd = x.double()
+    if p > 0:
+        xd = xd * keep_mask(seed, 5, k, p).double() / (1.0 - p)
+    assert_close_to_reference("H", h, xd @ a.double().T, xd.float() @ a.T, torch.float32,
+                              magnitude=xd.abs() @ a.double().abs().T)
+    assert torch.equal(s, h * (d * 2.0)), "S != H (s d) in fp32"
+    again = triton_lowrank.shrink(x, a, d, scaling=2.0, dropout=Dropout.of(p, seed), splits=splits)
+    assert torch.equal(h, again[0]) and torch.equal(s, again[1])
+    if splits is None:  # the whole op at the launcher's own split
+        check_against_reference(case, p=p)
 
 
 class _Spy:
@@ -192,29 +199,36 @@ def test_deterministic_mode_matches_and_repeats(deterministic):
 
 
 @pytest.mark.parametrize("splits", [2, 3])
-def test_dy_pass_split_over_n_matches_reference(splits, monkeypatch):
-    # GPU sizes split the dy pass over N (see _dy_pass_splits); the test shapes are too small to do it by themselves
-    def forced(device, n_mblocks, n, block_n):
-        cols = triton.cdiv(triton.cdiv(n, block_n), splits) * block_n
-        return triton.cdiv(n, cols), cols
-
-    monkeypatch.setattr(triton_linear, "_dy_pass_splits", forced)
-    case = make_case((37,), 40, 130 if splits == 3 else 100, 4, torch.float32, noncontig=True)
-    check_against_reference(case, p=0.25)
+def test_dy_pass_split_over_n_matches_reference(splits):
+    # GPU sizes split the dy pass over N (see triton_lowrank.dy_pass_splits); the test shapes are too small to do it
+    # by themselves, so the split is passed in
+    n = 130 if splits == 3 else 100
+    x, w, b, a, d, bb, gy = make_case((37,), 40, n, 4, torch.float32, noncontig=True)
+    h = x @ a.T
+    cols = triton.cdiv(triton.cdiv(n, 64), splits) * 64
+    gh, db, dd = triton_lowrank.dy_pass(gy, bb, h, d, scaling=2.0, need_db=True, need_dd=True, deterministic=False,
+                                        precision="ieee", splits=(triton.cdiv(n, cols), cols))
+    G, B, H, D = (t.double() for t in (gy, bb, h, d))
+    gz64, gz32, mag_gz = 2.0 * G @ B, 2.0 * gy @ bb, 2.0 * G.abs() @ B.abs()
+    assert_close_to_reference("gH", gh, gz64 * D, gz32 * d, torch.float32, magnitude=mag_gz * D.abs())
+    assert_close_to_reference("dB", db, 2.0 * G.T @ (H * D), 2.0 * gy.T @ (h * d), torch.float32,
+                              magnitude=2.0 * G.abs().T @ (H * D).abs())
+    assert_close_to_reference("dd", dd, (gz64 * H).sum(0), (gz32 * h).sum(0), torch.float32,
+                              magnitude=(mag_gz * H.abs()).sum(0))
 
 
 def test_gemm_prune_keeps_configs_that_fit():
     # sm86 (99 KB): fp32 tiles double the pipeline's shared memory; the estimate matches AOT compiles
-    assert triton_linear._gemm_smem_bytes(8, 128, 256, 32, 3, 2, 0) == 49152
-    assert triton_linear._gemm_smem_bytes(9, 128, 256, 64, 3, 2, 0) == 147456
-    assert triton_linear._gemm_smem_bytes(9, 128, 256, 64, 3, 2, 0, tma=True) == 147480  # + 3 mbarriers
-    for bm, bn, bk, st, w in triton_linear._GEMM_CONFIGS[(8, 6)]:
-        assert triton_linear._gemm_smem_bytes(8, bm, bn, bk, st, 2, 32) <= 99 * 1024
+    assert triton_gemm.smem_bytes(8, 128, 256, 32, 3, 2, 0) == 49152
+    assert triton_gemm.smem_bytes(9, 128, 256, 64, 3, 2, 0) == 147456
+    assert triton_gemm.smem_bytes(9, 128, 256, 64, 3, 2, 0, tma=True) == 147480  # + 3 mbarriers
+    for bm, bn, bk, st, w in triton_gemm.GEMM_CONFIGS[(8, 6)]:
+        assert triton_gemm.smem_bytes(8, bm, bn, bk, st, 2, 32) <= 99 * 1024
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GEMM variants (sm90 autotunes plain, persistent and TMA; issue #3). Each is forced through
-# triton_linear._GEMM_OVERRIDE and held to the same reference as the default kernel.
+# GEMM variants (sm90 autotunes plain, persistent and TMA). Each is forced through gemm_lowrank's `config` argument
+# and held to the reference GEMM, in the forward's shape (x W^T + S B^T + b) and in dX's (G W + mask(gH A)).
 
 VARIANTS = {"persistent": (True, False), "tma": (False, True), "persistent_tma": (True, True)}
 # (leading dims, K, N, r, bias, non-contiguous x, fp32 adapters)
@@ -233,7 +247,7 @@ def _tma_readable(t):
 
 
 class _LaunchSpy:
-    """Stands in for _gemm_lowrank_kernel and records the meta-parameters of every launch."""
+    """Stands in for gemm_lowrank_kernel and records the meta-parameters of every launch."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -246,19 +260,49 @@ class _LaunchSpy:
         return launch
 
 
-def _force_variant(monkeypatch, persistent, tma, tile=(16, 32, 16, 1, 4)):
+def _variant_config(persistent, tma, tile=(16, 32, 16, 1, 4)):
     bm, bn, bk, stages, warps = tile
-    monkeypatch.setattr(triton_linear, "_GEMM_OVERRIDE",
-                        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=persistent, USE_TMA=tma,
-                             num_stages=stages, num_warps=warps))
-    spy = _LaunchSpy(triton_linear._gemm_lowrank_kernel)
-    monkeypatch.setattr(triton_linear, "_gemm_lowrank_kernel", spy)
-    return spy
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=persistent, USE_TMA=tma,
+                num_stages=stages, num_warps=warps)
 
 
-def _check_variant_launches(spy, case, persistent, tma):
-    x, w, *_, gy = case
+def _check_gemm(name, got, a, b, bias, l, lb, mask, dtype):
+    """got against a @ b [+ (l @ lb) * mask] [+ bias]: fp64, and the plain formula with a @ b in dtype."""
+    main64, main_lp = a.double() @ b.double(), (a @ b).double()
+    lr64 = l.double() @ lb.double() * (1.0 if mask is None else mask)
+    mag = a.double().abs() @ b.double().abs() + l.double().abs() @ lb.double().abs() * (1.0 if mask is None else mask)
+    if bias is not None:
+        main64, main_lp, mag = main64 + bias.double(), main_lp + bias.double(), mag + bias.double().abs()
+    ref_lp = (main_lp + (l.float() @ lb.float()).double() * (1.0 if mask is None else mask)).to(dtype)
+    assert_close_to_reference(name, got, main64 + lr64, ref_lp, dtype, magnitude=mag)
+
+
+def _run_gemm_variant(case, dtype, p, config):
+    """The forward GEMM and the dX GEMM of `case`, each through gemm_lowrank with `config`."""
+    x, w, b, a, d, bb, gy = case
     x2d, gy2d = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
+    m, k = x2d.shape
+    n, r = w.shape[0], a.shape[0]
+    s = (x2d.float() @ a.float().T) * (d.float() * 2.0)
+    y = torch.empty(m, n, dtype=dtype, device=DEVICE)
+    triton_gemm.gemm_lowrank(x2d, KNView(w, w.stride(1), w.stride(0)), y, bias=b,
+                             lowrank=LowRank(s, KNView(bb, bb.stride(1), bb.stride(0))),
+                             precision=dot_precision(dtype, False), lowrank_precision=dot_precision(dtype, True),
+                             config=config)
+    _check_gemm("forward GEMM", y, x2d, w.T, b, s, bb.float().T, None, dtype)
+    gh = torch.randn(m, r, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    seed = make_seed(11, DEVICE)
+    mask = keep_mask(seed, m, k, p).double() / (1.0 - p) if p > 0 else None
+    dx = torch.empty(m, k, dtype=dtype, device=DEVICE)
+    triton_gemm.gemm_lowrank(gy2d, KNView(w, w.stride(0), w.stride(1)), dx,
+                             lowrank=LowRank(gh, KNView(a, a.stride(0), a.stride(1))), dropout=Dropout.of(p, seed),
+                             precision=dot_precision(dtype, False), lowrank_precision=dot_precision(dtype, True),
+                             config=config)
+    _check_gemm("dX GEMM", dx, gy2d, w, None, gh, a.float(), mask, dtype)
+    return x2d, gy2d
+
+
+def _check_variant_launches(spy, w, x2d, gy2d, persistent, tma):
     # forward reads x and W; dX reads G and W (TMA only on sm90, or in the interpreter)
     tma_here = tma and (not HAS_CUDA or torch.cuda.get_device_capability()[0] >= 9)
     want = [tma_here and _tma_readable(x2d) and _tma_readable(w), tma_here and _tma_readable(gy2d) and _tma_readable(w)]
@@ -274,10 +318,11 @@ def _check_variant_launches(spy, case, persistent, tma):
 def test_gemm_variant_matches_reference(variant, case, dtype, p, monkeypatch):
     persistent, tma = VARIANTS[variant]
     lead, k, n, r, bias, noncontig, fp32_adapters = case
-    spy = _force_variant(monkeypatch, persistent, tma)
+    spy = _LaunchSpy(triton_gemm.gemm_lowrank_kernel)
+    monkeypatch.setattr(triton_gemm, "gemm_lowrank_kernel", spy)
     tensors = make_case(lead, k, n, r, dtype, torch.float32 if fp32_adapters else dtype, bias, noncontig)
-    check_against_reference(tensors, p=p)
-    _check_variant_launches(spy, tensors, persistent, tma)
+    x2d, gy2d = _run_gemm_variant(tensors, dtype, p, _variant_config(persistent, tma))
+    _check_variant_launches(spy, tensors[1], x2d, gy2d, persistent, tma)
 
 
 def test_unaligned_operands_never_choose_tma(monkeypatch):
@@ -285,7 +330,7 @@ def test_unaligned_operands_never_choose_tma(monkeypatch):
     w = torch.randn(24, 40, **f16)
 
     def descriptors(a, b, stride_bk, stride_bn, n, k):
-        return triton_linear._tma_descriptors(a, b, stride_bk, stride_bn, a.shape[0], n, k)
+        return triton_gemm.tma_descriptors(a, KNView(b, stride_bk, stride_bn), a.shape[0], n, k)
 
     def fwd(x, w):
         return descriptors(x, w, w.stride(1), w.stride(0), w.shape[0], x.shape[1])
@@ -312,8 +357,8 @@ def test_unaligned_operands_never_choose_tma(monkeypatch):
 
     # the autotuner's prune drops every TMA config when the launcher built no descriptors (sm90 faked on this host)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(triton_linear, "_smem_limit", lambda index: 227 * 1024)
-    monkeypatch.setattr(triton_linear, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(triton_gemm, "_smem_limit", lambda index: 227 * 1024)
+    monkeypatch.setattr(triton_gemm, "sm_count", lambda device: 132)
 
     class _A:  # what the prune reads of a
         device = torch.device("cuda", 0)
@@ -322,12 +367,12 @@ def test_unaligned_operands_never_choose_tma(monkeypatch):
         def element_size():
             return 2
 
-    configs = triton_linear._gemm_configs((9, 0))
+    configs = triton_gemm.autotune_configs((9, 0))
     assert {(c.kwargs["PERSISTENT"], c.kwargs["USE_TMA"]) for c in configs} == set(VARIANTS.values()) | {(False, False)}
 
     def prune(tma_ok, m):
-        return triton_linear._prune_gemm_configs(configs, dict(a_ptr=_A, M=m, N=4096), TMA_OK=tma_ok, LOWRANK=True,
-                                                 R_CHUNK=32)
+        return triton_gemm.prune_configs(configs, dict(a_ptr=_A, M=m, N=4096), TMA_OK=tma_ok, LOWRANK=True,
+                                         R_CHUNK=32)
 
     assert not any(c.kwargs["USE_TMA"] for c in prune(False, 8192))
     assert any(c.kwargs["USE_TMA"] for c in prune(True, 8192))
@@ -336,9 +381,9 @@ def test_unaligned_operands_never_choose_tma(monkeypatch):
     assert not any(c.kwargs["PERSISTENT"] for c in prune(True, 16))
     # decode tiles (BLOCK_M <= 32) only while M <= 64, the others only while M > 32
     for m, want in ((16, {True}), (48, {True, False}), (8192, {False})):
-        assert {c.kwargs["BLOCK_M"] <= triton_linear._DECODE_BLOCK_M for c in prune(True, m)} == want, m
+        assert {c.kwargs["BLOCK_M"] <= triton_gemm.DECODE_BLOCK_M for c in prune(True, m)} == want, m
     for arch in ((8, 0), (8, 6)):
-        assert not any(c.kwargs["PERSISTENT"] or c.kwargs["USE_TMA"] for c in triton_linear._gemm_configs(arch))
+        assert not any(c.kwargs["PERSISTENT"] or c.kwargs["USE_TMA"] for c in triton_gemm.autotune_configs(arch))
 
 
 def _identity_adapter(m, k, p, seed, dtype=torch.float32, x=None):
@@ -468,7 +513,7 @@ def test_regularizer_orthonormal_factor_has_zero_gradient():
     b = torch.zeros(5, 2, device=DEVICE)
     b[0, 0] = b[4, 1] = 1.0
     d = torch.tensor([0.5, -1.0], device=DEVICE)
-    loss, ga, gb, gd = triton_reg.regularizer([a], [b], [d], 1e-2, 1e-1, "paper")
+    loss, ga, gb, gd = defs.regularizer("triton", [a], [b], [d], 1e-2, 1e-1, "paper")
     assert torch.equal(ga[0], torch.zeros_like(a)) and torch.equal(gb[0], torch.zeros_like(b))
     torch.testing.assert_close(loss, torch.tensor(1e-2 * 1.25, device=DEVICE))
     torch.testing.assert_close(gd[0], 2e-2 * d)
@@ -562,7 +607,7 @@ def test_gpu_regularizer_bf16_many_layers():
     layers = [_reg_layers(torch.bfloat16, "cuda")[i % 4] for i in range(64)]
     a_s, b_s, d_s = (list(t) for t in zip(*layers))
     for form in ("paper", "official"):
-        loss, ga, gb, gd = triton_reg.regularizer(a_s, b_s, d_s, 1e-4, 1e-3, form)
+        loss, ga, gb, gd = defs.regularizer("triton", a_s, b_s, d_s, 1e-4, 1e-3, form)
         want = ref.regularizer_ref([tuple(t.double() for t in lay) for lay in layers], 1e-4, 1e-3, form)
         torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
@@ -581,19 +626,20 @@ def test_gpu_gemm_variant_bf16(variant, shape, p, monkeypatch):
         pytest.skip("TMA needs sm90")
     # sm90's largest tile, 128 x 256: at least 32 x 8 tiles here, more than an H100's 132 SMs, so persistent
     # programs loop over several tiles
-    tile = triton_linear._GEMM_CONFIGS[(9, 0)][0] if cap == (9, 0) else (64, 64, 32, 3, 4)
+    tile = triton_gemm.GEMM_CONFIGS[(9, 0)][0] if cap == (9, 0) else (64, 64, 32, 3, 4)
     m, k, n, r = shape
-    spy = _force_variant(monkeypatch, persistent, tma, tile)
+    spy = _LaunchSpy(triton_gemm.gemm_lowrank_kernel)
+    monkeypatch.setattr(triton_gemm, "gemm_lowrank_kernel", spy)
     case = make_case((m,), k, n, r, torch.bfloat16, torch.float32)
-    check_against_reference(case, p=p)
-    _check_variant_launches(spy, case, persistent, tma)
+    x2d, gy2d = _run_gemm_variant(case, torch.bfloat16, p, _variant_config(persistent, tma, tile))
+    _check_variant_launches(spy, case[1], x2d, gy2d, persistent, tma)
 
 
 @pytest.mark.gpu
 def test_gpu_autotuner_times_every_variant_and_keeps_tma_off_unaligned_operands():
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the variants are sm90's")
-    tuner = triton_linear._gemm_for(triton_linear._arch_key(torch.device("cuda")))[0]
+    tuner = triton_gemm.autotuned_kernel(arch_key(torch.device("cuda")))
     # 4096 x 1024: 256 tiles of 128 x 128, more than the SMs, so the persistent configs are not pruned either
     check_against_reference(make_case((4096,), 1024, 1024, 16, torch.bfloat16, torch.float32), p=0.1)
     timed = list(tuner.configs_timings)  # the dX launch's autotuning

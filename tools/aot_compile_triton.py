@@ -2,9 +2,9 @@
 
 Runs triton's real frontend, TTGIR layout passes, LLVM and ptxas for sm80 (A100), sm86 (RTX 3090) and sm90 (H100)
 and prints, per kernel x config x dtype x variant x arch: shared memory (bytes), registers per thread, spills, and
-whether it fits the arch's shared memory. Kernel arguments mirror the launchers in kasa_kernels/ops/triton_linear.py
-and triton_reg.py at the primary shape (M=8192, K=N=4096) and at ragged shapes, with the runtime's specialization
-(ints == 1 become constexpr 1, multiples of 16 and 16-byte aligned pointers carry tt.divisibility=16).
+whether it fits the arch's shared memory. Kernel arguments mirror the launchers in kasa_kernels/ops/triton_gemm.py,
+triton_lowrank.py and triton_reg.py at the primary shape (M=8192, K=N=4096) and at ragged shapes, with the runtime's
+specialization (ints == 1 become constexpr 1, multiples of 16 and 16-byte aligned pointers carry tt.divisibility=16).
 
     python tools/aot_compile_triton.py                 # everything (a few minutes on 2 cores)
     python tools/aot_compile_triton.py --quick         # bf16 + fp32 GEMMs, fewer r
@@ -12,7 +12,7 @@ and triton_reg.py at the primary shape (M=8192, K=N=4096) and at ragged shapes, 
     python tools/aot_compile_triton.py --kernel gemm --arch 90 --only tma         # jobs whose tag contains "tma"
 
 Exit status 1 when a compile fails or a config exceeds its arch's shared memory while the launcher's prune would
-keep it (the prune is kasa_kernels.ops.triton_linear._prune_gemm_configs, its estimate _gemm_smem_bytes).
+keep it (the prune is kasa_kernels.ops.triton_gemm.prune_configs, its estimate smem_bytes).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from kasa_kernels.ops import triton_linear as TL  # noqa: E402
+from kasa_kernels.ops import triton_gemm as TG  # noqa: E402
+from kasa_kernels.ops import triton_lowrank as TLR  # noqa: E402
 from kasa_kernels.ops import triton_reg as TR  # noqa: E402
 
 # Opt-in shared memory per block (bytes): cudaDevAttrMaxSharedMemoryPerBlockOptin.
@@ -124,14 +125,14 @@ def gemm_jobs(cc, dtypes, r_pads, M=8192, N=4096, K=4096):
                          ("dx_drop", False, False, True, rp)]
         if dt == torch.float32:
             variants += [("fwd_tf32", True, True, False, r_pads[0])]
-        for cfg in TL._GEMM_CONFIGS[arch]:
+        for cfg in TG.GEMM_CONFIGS[arch]:
             bm, bn, bk, st, w = cfg
-            for persistent, tma in TL._GEMM_VARIANTS.get(arch, [(False, False)]):
+            for persistent, tma in TG.GEMM_VARIANTS.get(arch, [(False, False)]):
                 kind = "+".join(n for n, on in (("persistent", persistent), ("tma", tma)) if on) or "plain"
                 for name, bias, pro, epi, rp in variants:
                     lowrank = pro or epi
-                    r_chunk = min(rp, TL._LOWRANK_CHUNK) if lowrank else 0
-                    need = TL._gemm_smem_bytes(cc // 10, bm, bn, bk, st, TDT_BYTES[dt], r_chunk, tma)
+                    r_chunk = min(rp, TG.LOWRANK_CHUNK) if lowrank else 0
+                    need = TG.smem_bytes(cc // 10, bm, bn, bk, st, TDT_BYTES[dt], r_chunk, tma)
                     kept = need <= SMEM_LIMIT[cc]
                     p = Ptr(TDT[dt])
                     f32 = Ptr("fp32")
@@ -154,7 +155,7 @@ def gemm_jobs(cc, dtypes, r_pads, M=8192, N=4096, K=4096):
                     if tma:  # the descriptors _set_tma_block_shapes gives this config
                         args.update(a_desc=Desc(TDT[dt], [bm, bk]),
                                     b_desc=Desc(TDT[dt], [bk, bn] if dx else [bn, bk]))
-                    jobs.append((f"gemm {name} {TDT[dt]} r{rp} {cfg} {kind}", TL._gemm_lowrank_kernel, args, w, st,
+                    jobs.append((f"gemm {name} {TDT[dt]} r{rp} {cfg} {kind}", TG.gemm_lowrank_kernel, args, w, st,
                                  cc, kept))
     return jobs
 
@@ -172,11 +173,11 @@ class _Dev:
 
 def small_jobs(cc, dtypes, r_pads, M=8192, N=4096, K=4096):
     jobs = []
-    orig = TL._arch_key
-    TL._arch_key = lambda dev: ARCH_KEY[dev.cc]
+    orig = TLR.arch_key
+    TLR.arch_key = lambda dev: ARCH_KEY[dev.cc]
     try:
         for rp in r_pads:
-            bm, bk, w, st = TL._small_cfg(_Dev(cc), rp)
+            bm, bk, w, st = TLR.small_config(_Dev(cc), rp)
             for dt in dtypes:
                 x = Ptr(TDT[dt])
                 f32 = Ptr("fp32")
@@ -190,19 +191,19 @@ def small_jobs(cc, dtypes, r_pads, M=8192, N=4096, K=4096):
                                 threshold=429496730, DROPOUT=drop, SPLIT_K=split, INPUT_PRECISION=prec,
                                 BLOCK_M=bm, BLOCK_K=bk, R_PAD=rp)
                     jobs.append((f"shrink {TDT[dt]} r{rp} drop{int(drop)} split{int(split)} ({bm},{bk},w{w},s{st})",
-                                 TL._shrink_kernel, args, w, st, cc, True))
+                                 TLR.shrink_kernel, args, w, st, cc, True))
                     args = dict(x_ptr=x, gh_ptr=f32, seed_ptr=Ptr("i64"), da_ptr=f32,
                                 M=M, K=K, R=rp, rows_per_split=M // 2, stride_xm=K, stride_xk=1,
                                 keep_scale=1.1, threshold=429496730,
                                 DROPOUT=drop, INPUT_PRECISION=prec, BLOCK_M=bm, BLOCK_K=bk, R_PAD=rp)
                     jobs.append((f"dA {TDT[dt]} r{rp} drop{int(drop)} ({bm},{bk},w{w},s{st})",
-                                 TL._da_kernel, args, w, st, cc, True))
+                                 TLR.da_kernel, args, w, st, cc, True))
                 for det in (False, True):
                     args = dict(g_ptr=x, b_ptr=x, h_ptr=f32, d_ptr=x, gh_ptr=f32, db_ptr=f32, dd_ptr=f32,
                                 M=M, N=N, R=rp, stride_gm=N, stride_gn=1, stride_bn=rp, stride_br=1, stride_d=1,
                                 scaling=2.0, NEED_DB=True, NEED_DD=True, DETERMINISTIC=det, INPUT_PRECISION=prec,
                                 BLOCK_M=bm, BLOCK_N=bk, R_PAD=rp)
-                    fn = TL._dy_pass_kernel
+                    fn = TLR.dy_pass_kernel
                     if "SPLIT_N" in fn.arg_names:
                         args.update(SPLIT_N=not det)
                     args.update(cols_per_split=N // 3 if not det else N)
@@ -211,13 +212,13 @@ def small_jobs(cc, dtypes, r_pads, M=8192, N=4096, K=4096):
                 if dt == dtypes[0]:
                     args = dict(gh_ptr=Ptr("fp32"), h_ptr=Ptr("fp32"), d_ptr=x, dd_ptr=Ptr("fp32"), M=M, R=rp,
                                 stride_d=1, scaling=2.0, NEED_DD=True, BLOCK_M=bm, R_PAD=rp)
-                    jobs.append((f"dy_finish r{rp} ({bm},w4)", TL._dy_finish_kernel, args, 4, 1, cc, True))
+                    jobs.append((f"dy_finish r{rp} ({bm},w4)", TLR.dy_finish_kernel, args, 4, 1, cc, True))
                     args = dict(part_ptr=Ptr("fp32"), d_ptr=x, h_ptr=Ptr("fp32"), s_ptr=Ptr("fp32"), M=64, R=rp,
                                 n_splits=32, split_stride=64 * rp, stride_d=1, scaling=2.0, keep_scale=1.1,
                                 BLOCK_M=bm, R_PAD=rp)
-                    jobs.append((f"shrink_finish r{rp} ({bm},w4)", TL._shrink_finish_kernel, args, 4, 1, cc, True))
+                    jobs.append((f"shrink_finish r{rp} ({bm},w4)", TLR.shrink_finish_kernel, args, 4, 1, cc, True))
     finally:
-        TL._arch_key = orig
+        TLR.arch_key = orig
     return jobs
 
 
@@ -226,9 +227,9 @@ def reg_jobs(cc, r_pads):
     for rp in r_pads:
         w = 4 if rp <= 32 else 8
         args = dict(fac_ptr=Ptr("fp32"), grad_ptr=Ptr("fp32"), table_ptr=Ptr("i64"), part_ptr=Ptr("fp32"),
-                    beta=1e-4, gamma=1e-3, inv_layers=0.5, BLOCK_L=32, R_PAD=rp, TABLE_COLS=TR._TABLE_COLS)
+                    beta=1e-4, gamma=1e-3, inv_layers=0.5, BLOCK_L=32, R_PAD=rp, TABLE_COLS=TR.TABLE_COLS)
         st = 3 if cc >= 90 else 1  # as the launcher in triton_reg.py
-        jobs.append((f"regularizer r{rp} (L32,w{w},s{st})", TR._regularizer_kernel, args, w, st, cc, True))
+        jobs.append((f"regularizer r{rp} (L32,w{w},s{st})", TR.regularizer_kernel, args, w, st, cc, True))
     return jobs
 
 

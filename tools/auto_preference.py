@@ -1,7 +1,7 @@
 """Derive `backend="auto"`'s per-architecture preference (kasa_kernels/_backend.py, AUTO_PREFERENCE) from committed
 kasa-bench results, so that what `auto` picks is always backed by a measurement in benchmarks/results/.
 
-Rule (DESIGN.md: a fused backend must never be slower than the torch backend at any swept shape): for each compute
+Rule (docs/design.md: a fused backend must never be slower than the torch backend at any swept shape): for each compute
 capability, a fused backend (triton, cuda) qualifies when, at every case where it and `torch_eager` were both timed
 in `full` mode (forward + backward), its median is at most `torch_eager`'s times (1 + --noise). Qualifying backends
 are ordered by their geometric-mean speed-up over torch_eager across those cases; the torch backend stays the

@@ -1,6 +1,6 @@
 """Where the time goes: per-kernel device time of kasa-bench providers at one shape, from torch.profiler.
 
-DESIGN.md's targets are ratios (fused forward / T_mm, fused forward+backward / T_frozen, ...). When one is missed,
+docs/design.md's targets are ratios (fused forward / T_mm, fused forward+backward / T_frozen, ...). When one is missed,
 this says which launch takes the difference: each provider's forward (or full step) is run `--iters` times under
 torch.profiler after `--warmup` untimed calls (Triton autotuning and torch.compile happen there), and every device
 kernel's total time is divided by the iteration count. The providers and their tensors are kasa-bench's own
@@ -77,7 +77,7 @@ def _short(name: str, width: int = 90) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default=None, help="M,K,N,r (default: DESIGN.md's P, 8192,4096,4096,16)")
+    ap.add_argument("--shape", default=None, help="M,K,N,r (default: docs/design.md's P, 8192,4096,4096,16)")
     ap.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--modes", default="forward,full")

@@ -9,8 +9,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from .precision import allow_tf32  # noqa: F401  (re-exported for cuda_linear)
-
 BUILD_HINT = (
     "build it with `KASA_KERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .` from the kasa_kernels source "
     "tree (needs a CUDA build of torch and nvcc; KASA_KERNELS_CUDA_ARCHS picks the GPU architectures, default "

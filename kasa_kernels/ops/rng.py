@@ -5,10 +5,13 @@ Element (m, k) of the logical (M, K) input (row-major index i = m*K + k, whateve
     h = mix32(mix32(lo32(i) ^ s0) ^ hi32(i) ^ s1)      (all arithmetic mod 2**32)
     keep = h >= threshold(p),    threshold(p) = min(round(p * 2**32), 2**32 - 1)
 
-with mix32 the "lowbias32" integer finalizer (xor-shift 16, multiply 0x21F0AAAD, xor-shift 15, multiply 0xD35A2D97,
-xor-shift 15) and (s0, s1) the two 32-bit words of the seed. P(keep) = 1 - p up to 2**-32. Each backend implements
-this spec in its own language (torch here, Triton in ops/triton_linear.py, CUDA in csrc/) and the tests hold them
-bit-identical, so one seed gives one mask on every backend, in forward and in backward.
+with mix32 the "lowbias32" integer finalizer (xor-shift 16, multiply by MIX_MUL1, xor-shift 15, multiply by
+MIX_MUL2, xor-shift 15) and (s0, s1) the two 32-bit words of the seed. P(keep) = 1 - p up to 2**-32. Each backend implements
+this spec in its own language (torch here, Triton in ops/triton_common.py, CUDA in csrc/kasa_common.cuh), with the
+constants defined once, in ops/rng_constants.py: Triton reads them as constexpr globals, and the C++ builds
+(setup.py, CMakeLists.txt, tests/cuda_emu/build.py) pass them as -D definitions read from that file;
+dropout_threshold and keep_scale are computed here and handed to the kernels as arguments. The tests hold the backends bit-identical, so one seed gives
+one mask on every backend, in forward and in backward.
 
 The seed is an int64 tensor of shape (2,) on the input's device, so drawing it needs no host sync and traces under
 torch.compile.
@@ -20,13 +23,17 @@ from typing import Optional, Union
 
 import torch
 
-MIX_MUL1 = 0x21F0AAAD
-MIX_MUL2 = 0xD35A2D97
-MASK32 = 0xFFFFFFFF
+from .rng_constants import MASK32, MIX_MUL1, MIX_MUL2  # noqa: F401  (defined once, there)
 
 
 def dropout_threshold(p: float) -> int:
+    """Keep iff hash >= this: min(round(p * 2**32), 2**32 - 1)."""
     return min(int(round(p * 2.0**32)), MASK32)
+
+
+def keep_scale(p: float) -> float:
+    """Inverted dropout's scale of kept values, 1 / (1 - p)."""
+    return 1.0 / (1.0 - p)
 
 
 def make_seed(seed: Union[None, int, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -79,7 +86,7 @@ def _apply_dropout_unfused(x2d: torch.Tensor, seed: torch.Tensor, p: float, dtyp
                            out_dtype: torch.dtype) -> torch.Tensor:
     x = x2d.to(dtype)
     mask = keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
-    return torch.where(mask, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=dtype, device=x.device)).to(out_dtype)
+    return torch.where(mask, x * keep_scale(p), torch.zeros((), dtype=dtype, device=x.device)).to(out_dtype)
 
 
 # Eager, keep_mask is about twenty elementwise passes over an int64 (M, K) tensor, each a read and a write of

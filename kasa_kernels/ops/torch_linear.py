@@ -1,4 +1,4 @@
-"""Backend "torch": the fused KaSA linear op in plain PyTorch, with the closed-form backward of KASA_MATH.md.
+"""Backend "torch": the fused KaSA linear op in plain PyTorch, with the closed-form backward of docs/math.md.
 
 Runs on every device and traces under torch.compile. It never forms diag(d) and never keeps an M x N or M x K
 tensor for backward: forward returns H = dropout(x) A^T (M x r, fp32) and backward rebuilds everything else from
@@ -13,31 +13,20 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .defs import register_kernel
+from .precision import accumulation_dtype, fp16_rebalance
 from .rng import apply_dropout
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """out += left @ right for a rank-r left (M, r) and right (r, cols), both in the accumulation dtype, with the
-    operands cast to out's dtype so the add rides in the GEMM. fp16's range (65504) is smaller than H's can be while
-    the output stays small, so for fp16 rank-1 component j is rebalanced first: column j of left times 2^-e_j and row j
-    of right times 2^e_j (exact in binary floating point, the product unchanged), which makes a cast overflow only
-    where the product itself would. bf16 has fp32's range and needs none of it."""
+    """out += left @ right for a rank-r left (M, r) and right (r, cols) in the accumulation dtype, with the operands
+    cast to out's dtype so the add rides in the GEMM (fp16 after precision.fp16_rebalance)."""
     if out.dtype == torch.float16:
-        tiny = torch.finfo(torch.float32).tiny
-        big_left = left.abs().amax(0).clamp_min(tiny)
-        big_right = right.abs().amax(1).clamp_min(tiny)
-        # log domain: the ratio itself can overflow fp32 when a factor is all zeros (B = 0 at init)
-        e = torch.round(0.5 * (torch.log2(big_left) - torch.log2(big_right))).clamp(-60, 60)
-        scale = torch.exp2(e)
-        left = left / scale
-        right = right * scale[:, None]
+        left, right = fp16_rebalance(left, right)
     out.addmm_(left.to(out.dtype), right.to(out.dtype))
 
 
+@register_kernel("linear_forward", "torch")
 def linear_forward(
     x2d: torch.Tensor,
     weight: torch.Tensor,
@@ -50,7 +39,7 @@ def linear_forward(
     seed: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) fp32)."""
-    acc = _acc_dtype(x2d)
+    acc = accumulation_dtype(x2d)
     x_acc = apply_dropout(x2d, seed, dropout_p, acc) if dropout_p > 0.0 else x2d.to(acc)
     h = x_acc @ lora_A.to(acc).t()
     s = h * (lora_diag.to(acc) * scaling)
@@ -59,6 +48,7 @@ def linear_forward(
     return y, h
 
 
+@register_kernel("linear_backward", "torch")
 def linear_backward(
     grad_y: torch.Tensor,
     x2d: torch.Tensor,

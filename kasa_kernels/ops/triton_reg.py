@@ -1,4 +1,4 @@
-"""Backend "triton": the KaSA regularizer of a whole model in one launch (KASA_MATH.md, "Regularizer").
+"""Backend "triton": the KaSA regularizer of a whole model in one launch (docs/math.md, "Regularizer").
 
 Every factor is viewed as a tall (n_long, r) matrix F whose r x r Gram is F^T F: F = A^T (n_long = K) for
 lora_A (r, K) and F = B (n_long = N) for lora_B (N, r). With E = F^T F - I (symmetric), the gradient of ||E||_F is
@@ -12,19 +12,22 @@ memory, so the same kernel runs under the CPU interpreter (which cannot derefere
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .defs import register_kernel
+from .triton_common import r_pad
+
 _KIND_GRAM = 0
 _KIND_DIAG = 1
-_TABLE_COLS = 7  # offset, n_long, r, stride_long, stride_r, kind, extra
+TABLE_COLS = 7  # offset, n_long, r, stride_long, stride_r, kind, extra
 
 
 @triton.jit
-def _regularizer_kernel(
+def regularizer_kernel(
     fac_ptr, grad_ptr, table_ptr, part_ptr,
     beta, gamma, inv_layers,
     BLOCK_L: tl.constexpr, R_PAD: tl.constexpr, TABLE_COLS: tl.constexpr,
@@ -67,10 +70,6 @@ def _regularizer_kernel(
             tl.store(grad_ptr + ptr_off, tl.dot(f, e, input_precision="ieee") * coef, mask=ok)
 
 
-def _pad(r: int) -> int:
-    return max(16, 1 << max(0, (r - 1).bit_length()))
-
-
 def _layout(shapes_a, shapes_b, shapes_d, official: bool):
     """Table rows and flat sizes for factors packed in order A_0..A_L-1, B_0.., d_0.. (each row-major)."""
     rows = []
@@ -87,15 +86,10 @@ def _layout(shapes_a, shapes_b, shapes_d, official: bool):
     return rows, off
 
 
-@torch.library.custom_op("kasa_kernels::triton_regularizer", mutates_args=())
-def _regularizer_op(
-    lora_As: List[torch.Tensor],
-    lora_Bs: List[torch.Tensor],
-    lora_diags: List[torch.Tensor],
-    beta: float,
-    gamma: float,
-    official: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+@register_kernel("regularizer", "triton")
+def regularizer(lora_As: List[torch.Tensor], lora_Bs: List[torch.Tensor], lora_diags: List[torch.Tensor], beta: float,
+                gamma: float, official: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss, flat fp32 gradients of every A, B, d in order): ops/defs.py's regularizer contract."""
     dev = lora_As[0].device
     rows, total = _layout([a.shape for a in lora_As], [b.shape for b in lora_Bs], [d.shape for d in lora_diags],
                           official)
@@ -105,39 +99,13 @@ def _regularizer_op(
     partials = torch.empty(len(rows), dtype=torch.float32, device=dev)
     r_max = max(a.shape[0] for a in lora_As)
     interpret = dev.type != "cuda"
-    _regularizer_kernel[(len(rows),)](
+    regularizer_kernel[(len(rows),)](
         flat, grads, table, partials,
         float(beta), float(gamma), 1.0 / len(lora_As) if official else 1.0,
-        BLOCK_L=64 if interpret else 32, R_PAD=_pad(r_max), TABLE_COLS=_TABLE_COLS,
+        BLOCK_L=64 if interpret else 32, R_PAD=r_pad(r_max), TABLE_COLS=TABLE_COLS,
         num_warps=4 if r_max <= 32 else 8,
         # AOT (triton 3.8), R_PAD 128: 3 stages need 106 KB of shared memory, over sm86's 99 KB; 1 stage needs 80 KB
         # and does not spill on sm86 but spills 1.6 KB/thread on sm90, where 3 stages fit.
         num_stages=3 if interpret or torch.cuda.get_device_capability(dev)[0] >= 9 else 1,
     )
     return partials.sum(), grads
-
-
-@_regularizer_op.register_fake
-def _(lora_As, lora_Bs, lora_diags, beta, gamma, official):
-    total = sum(t.numel() for t in (*lora_As, *lora_Bs, *lora_diags))
-    return lora_As[0].new_empty((), dtype=torch.float32), lora_As[0].new_empty((total,), dtype=torch.float32)
-
-
-def regularizer(
-    lora_As: Sequence[torch.Tensor],
-    lora_Bs: Sequence[torch.Tensor],
-    lora_diags: Sequence[torch.Tensor],
-    beta: float,
-    gamma: float,
-    form: str,
-) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
-    """Loss (0-dim, fp32) and the gradients w.r.t. every A, B and d (fp32), for layers l = 0..L-1."""
-    loss, flat = _regularizer_op(list(lora_As), list(lora_Bs), list(lora_diags), float(beta), float(gamma),
-                                 form == "official")
-    grads = []
-    off = 0
-    for t in (*lora_As, *lora_Bs, *lora_diags):
-        grads.append(flat[off : off + t.numel()].view(t.shape))
-        off += t.numel()
-    n = len(lora_As)
-    return loss, grads[:n], grads[n : 2 * n], grads[2 * n :]

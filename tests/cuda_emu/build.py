@@ -12,7 +12,7 @@ Everything else, host launchers and split heuristics included, is compiled as wr
 """
 import os
 import re
-import shutil
+import runpy
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +20,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
+# the dropout hash's constants, defined once in Python (the file imports nothing)
+RNG_DEFINES = runpy.run_path(str(HERE.parents[1] / "kasa_kernels" / "ops" / "rng_constants.py"))["cxx_defines"]()
 UNITS = ["gemm_lowrank_f16.cu", "gemm_lowrank_bf16.cu", "gemm_lowrank_f32.cu", "lowrank_shrink.cu", "dy_pass.cu",
          "lowrank_da.cu", "regularizer.cu"]
 HEADERS = ["kasa_common.cuh", "kasa_launch.h", "gemm_lowrank.cuh"]
@@ -54,7 +56,8 @@ def build(out_dir, jobs=2, sanitize=True, cxx="g++"):
     src.mkdir(parents=True, exist_ok=True)
     for name in HEADERS + UNITS:
         (src / name).write_text(prepare((CSRC / name).read_text(), name))
-    flags = CXXFLAGS + (SANITIZE if sanitize else []) + ["-I", str(src), "-I", str(HERE), "-I", str(HERE / "include")]
+    flags = (CXXFLAGS + (SANITIZE if sanitize else []) + RNG_DEFINES
+             + ["-I", str(src), "-I", str(HERE), "-I", str(HERE / "include")])
     jobs_list = [(src / u, out / (u + ".o"), ["-x", "c++"]) for u in UNITS] + [(HERE / "driver.cpp", out / "driver.o", [])]
 
     def compile_one(job):

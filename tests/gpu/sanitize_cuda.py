@@ -13,7 +13,9 @@ import itertools
 
 import torch
 
-from kasa_kernels.ops import cuda_linear, cuda_reg
+from kasa_kernels import _backend
+from kasa_kernels.ops import cuda as cuda_ext
+from kasa_kernels.ops import defs
 from kasa_kernels.ops.rng import make_seed
 
 # (M, K, N, r). The last two are decode sizes, where the shrink splits K (its partials workspace and final sum).
@@ -35,9 +37,9 @@ def run_linear(m, k, n, r, dtype, adapter_dtype, bias, p, strided, seed):
     a = (torch.randn(r, k, device=dev, generator=g) / k**0.5).to(adapter_dtype)
     d = torch.randn(r, device=dev, generator=g).to(adapter_dtype)
     bb = torch.randn(n, r, device=dev, generator=g).to(adapter_dtype)
-    y, h = cuda_linear.linear_forward(x, w, b, a, d, bb, 2.0, p, seed)
-    grads = cuda_linear.linear_backward(gy, x, w, a, d, bb, h, 2.0, p, seed, (True, True, True, True))
-    y0 = cuda_linear.base_gemm(x, w, b)  # the adapter-off GEMM kasa-bench's cuda_gemm times
+    y, h = defs.linear_forward("cuda", x, w, b, a, d, bb, 2.0, p, seed)
+    grads = defs.linear_backward("cuda", gy, x, w, a, d, bb, h, 2.0, p, seed, (True, True, True, True))
+    y0 = defs.base_gemm("cuda", x, w, b)  # the adapter-off GEMM kasa-bench's cuda_gemm times
     torch.cuda.synchronize()
     assert torch.isfinite(y).all() and torch.isfinite(y0).all() and all(torch.isfinite(t).all() for t in grads)
 
@@ -46,8 +48,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one dtype combination per shape (for slow tools)")
     args = ap.parse_args()
-    ok, why = cuda_linear.probe(torch.device("cuda"))
+    ok, why = cuda_ext.probe(torch.device("cuda"))
     assert ok, why
+    _backend.load("cuda")
     seed = make_seed(12345, torch.device("cuda"))
     combos = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
               (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
@@ -73,7 +76,7 @@ def main():
         Bs = [torch.randn(n, r, generator=g).to(dtype).cuda() for r, k, n in shapes]
         ds = [torch.randn(r, generator=g).to(dtype).cuda() for r, k, n in shapes]
         for form in ("paper", "official"):
-            loss, *_ = cuda_reg.regularizer(As, Bs, ds, 1e-4, 1e-3, form)
+            loss, *_ = defs.regularizer("cuda", As, Bs, ds, 1e-4, 1e-3, form)
             torch.cuda.synchronize()
             assert torch.isfinite(loss)
             n_runs += 1
