@@ -1,6 +1,6 @@
 """kasa_reference: the test oracle for kasa_kernels.
 
-The literal math of ../shared/KASA_MATH.md, written for clarity and not for speed. Every function computes in the
+The literal math of docs/math.md, written for clarity and not for speed. Every function computes in the
 dtype of the tensors it is given (pass float64 tensors for an exact oracle, or low-precision tensors to measure how
 much error the plain formula itself makes in that dtype). Gradients come from autograd: nothing here has a
 hand-written backward. This package imports nothing from kasa_kernels, so a bug cannot hide in both.
