@@ -145,3 +145,84 @@ def assert_within_ref(name, out, ref64, ref_lp, dtype):
     bound = 2 * ref_err + FLOOR[dtype] * scale
     print(f"{name}: err {err:.3e}  ref err {ref_err:.3e}  bound {bound:.3e}")
     assert err <= bound, f"{name}: error {err:.3e} exceeds {bound:.3e} (reference error {ref_err:.3e})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One KaSA linear case, run through a backend and checked against python/kasa_reference (shared by the backend
+# test files).
+
+LINEAR_NAMES = ["y", "dx", "dA", "dd", "dB"]
+
+
+def make_case(lead, k, n, r, dtype, adapter_dtype=None, bias=True, noncontig=False, seed=0, device="cpu"):
+    """(x, W, b, A, d, B, G) with x (*lead, K): noncontig makes x a strided view with an offset (every other column
+    of a wider tensor, starting at column 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, 2 * k if noncontig else k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    a = torch.randn(r, k, generator=g) / k**0.5
+    d = torch.randn(r, generator=g)
+    bb = torch.randn(n, r, generator=g) / r**0.5
+    gy = torch.randn(*lead, n, generator=g)
+    adapter_dtype = adapter_dtype or dtype
+    x, w, gy = (t.to(device=device, dtype=dtype) for t in (x, w, gy))
+    b = None if b is None else b.to(device=device, dtype=dtype)
+    a, d, bb = (t.to(device=device, dtype=adapter_dtype) for t in (a, d, bb))
+    if noncontig:
+        x = x[..., 1::2]
+        assert not x.is_contiguous()
+    return x, w, b, a, d, bb, gy
+
+
+def run_backend(x, w, b, a, d, bb, gy, scaling, p=0.0, seed=None, backend="torch", training=True):
+    """[y, dx, dA, dd, dB] of kasa_linear on `backend`, with x used as laid out (a view stays a view)."""
+    import kasa_kernels as kk
+
+    x = x.detach().requires_grad_(True)
+    params = [t.detach().clone().requires_grad_(True) for t in (a, d, bb)]
+    y = kk.kasa_linear(x, w, b, *params, scaling, dropout_p=p, training=training, backend=backend, dropout_seed=seed)
+    return [y] + list(torch.autograd.grad(y, [x] + params, gy))
+
+
+def run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask=None, p=0.0):
+    """The reference's [y, dx, dA, dd, dB] with every operand cast to `dtype` (float64 for the oracle)."""
+    import kasa_reference as ref
+
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, a, d, bb)]
+    y = ref.kasa_linear_ref(leaves[0], w.to(dtype), None if b is None else b.to(dtype), *leaves[1:], scaling,
+                            dropout_mask=mask, dropout_p=p)
+    return [y] + list(torch.autograd.grad(y, leaves, gy.to(dtype)))
+
+
+def check_against_reference(case, scaling=2.0, p=0.0, backend="torch"):
+    """Forward output and every gradient of `backend` within reference_bound of the reference, for the same dropout
+    mask; dtypes and shapes as promised (y and dx in x's dtype, each adapter gradient in its parameter's)."""
+    from kasa_kernels.ops.rng import keep_mask, make_seed
+
+    x, w, b, a, d, bb, gy = case
+    dtype = x.dtype
+    seed = make_seed(777, x.device) if p > 0 else None
+    mask = keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).view(x.shape) if p > 0 else None
+    got = run_backend(x, w, b, a, d, bb, gy, scaling, p, seed, backend)
+    want64 = run_reference(x, w, b, a, d, bb, gy, scaling, torch.float64, mask, p)
+    wantlp = run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask, p)
+    assert got[0].dtype == dtype and got[0].shape == (*x.shape[:-1], w.shape[0])
+    assert got[1].dtype == dtype and got[1].shape == x.shape
+    for t, param in zip(got[2:], (a, d, bb)):
+        assert t.dtype == param.dtype and t.shape == param.shape
+    magnitude = kasa_linear_magnitudes(x, w, b, a, d, bb, gy, scaling, mask, p)
+    for name, g_, w64, wlp, mag in zip(LINEAR_NAMES, got, want64, wantlp, magnitude):
+        assert_close_to_reference(f"{backend} {name}", g_, w64, wlp, dtype, magnitude=mag)
+
+
+def randomize_kasa(model, seed=1, b_scale=0.5):
+    """Random lora_B and lora_diag in every KaSA layer (B = 0 at init would hide most of the adapter's math)."""
+    import kasa_kernels as kk
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, kk.KasaLinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * b_scale)
+                m.lora_diag.copy_(torch.randn(m.lora_diag.shape, generator=g))

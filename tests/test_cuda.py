@@ -15,12 +15,13 @@ import torch
 
 import kasa_kernels as kk
 import kasa_reference as ref
-from helpers import assert_close_to_reference, kasa_linear_magnitudes, regularizer_magnitudes
+from helpers import (assert_close_to_reference, check_against_reference, kasa_linear_magnitudes, make_case,
+                     regularizer_magnitudes)
 from kasa_kernels import _backend
 from kasa_kernels.ops import cuda as cuda_ext
 from kasa_kernels.ops import cuda_linear, cuda_reg, defs  # noqa: F401  (cuda_*: register the cuda kernels)
 from kasa_kernels.ops.rng import keep_mask, make_seed
-from test_torch_backend import check_against_reference, make_case
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EXT_FUNCTIONS = ("linear_forward", "linear_backward", "regularizer", "base_gemm")  # kasa_kernels._C

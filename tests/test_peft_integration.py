@@ -23,7 +23,7 @@ import kasa_kernels as kk  # noqa: E402
 from kasa_kernels.integrations import peft as kk_peft  # noqa: E402
 from kasa_kernels.ops.rng import keep_mask  # noqa: E402
 from kasa_reference import kasa_linear_ref, regularizer_ref, svd_truncate_ref  # noqa: E402
-from helpers import assert_within_ref  # noqa: E402
+from helpers import assert_within_ref, randomize_kasa  # noqa: E402
 
 
 
@@ -56,15 +56,6 @@ def randomize_peft_adapters(model, seed=1):
         for n, p in model.named_parameters():
             if "lora_B" in n or "lora_diag" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-
-def randomize_kasa(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, kk.KasaLinear):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.5)
-                m.lora_diag.copy_(torch.randn(m.lora_diag.shape, generator=g))
 
 
 def layer_params(layer, name="default"):

@@ -4,69 +4,10 @@ import torch
 
 import kasa_kernels as kk
 import kasa_reference as ref
-from helpers import assert_close_to_reference, kasa_linear_magnitudes
+from helpers import LINEAR_NAMES, check_against_reference, make_case
 from kasa_kernels.ops.rng import keep_mask, make_seed
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def make_case(lead, k, n, r, dtype, adapter_dtype, bias=True, noncontig=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if noncontig:
-        # a strided view: every other column of a wider tensor
-        x = torch.randn(*lead, 2 * k, generator=g)[..., ::2]
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(*lead, k, generator=g)
-    w = torch.randn(n, k, generator=g) / k**0.5
-    b = torch.randn(n, generator=g) if bias else None
-    a = torch.randn(r, k, generator=g) / k**0.5
-    d = torch.randn(r, generator=g)
-    bb = torch.randn(n, r, generator=g) / r**0.5
-    gy = torch.randn(*lead, n, generator=g)
-    x = x.to(dtype)
-    w = w.to(dtype)
-    b = None if b is None else b.to(dtype)
-    a, d, bb = (t.to(adapter_dtype) for t in (a, d, bb))
-    return x, w, b, a, d, bb, gy.to(dtype)
-
-
-def run_backend(x, w, b, a, d, bb, gy, scaling, p=0.0, seed=None, backend="torch"):
-    x = x.detach().clone().requires_grad_(True) if x.is_contiguous() else x.detach().requires_grad_(True)
-    params = [t.detach().clone().requires_grad_(True) for t in (a, d, bb)]
-    y = kk.kasa_linear(x, w, b, *params, scaling, dropout_p=p, training=True, backend=backend, dropout_seed=seed)
-    grads = torch.autograd.grad(y, [x] + params, gy)
-    return [y] + list(grads)
-
-
-def run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask=None, p=0.0):
-    """The reference's outputs and gradients with every operand cast to `dtype` (float64 for the oracle)."""
-    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, a, d, bb)]
-    y = ref.kasa_linear_ref(
-        leaves[0], w.to(dtype), None if b is None else b.to(dtype), leaves[1], leaves[2], leaves[3], scaling,
-        dropout_mask=mask, dropout_p=p,
-    )
-    return [y] + list(torch.autograd.grad(y, leaves, gy.to(dtype)))
-
-
-NAMES = ["y", "dx", "dA", "dd", "dB"]
-
-
-def check_against_reference(case, scaling=2.0, p=0.0, backend="torch"):
-    x, w, b, a, d, bb, gy = case
-    dtype = x.dtype
-    seed = make_seed(777, x.device) if p > 0 else None
-    mask = keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).view(x.shape) if p > 0 else None
-    got = run_backend(x, w, b, a, d, bb, gy, scaling, p, seed, backend)
-    want64 = run_reference(x, w, b, a, d, bb, gy, scaling, torch.float64, mask, p)
-    wantlp = run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask, p)
-    assert got[0].dtype == dtype
-    assert got[1].dtype == dtype and got[1].shape == x.shape
-    for t, param in zip(got[2:], (a, d, bb)):
-        assert t.dtype == param.dtype and t.shape == param.shape
-    magnitude = kasa_linear_magnitudes(x, w, b, a, d, bb, gy, scaling, mask, p)
-    for name, g_, w64, wlp, mag in zip(NAMES, got, want64, wantlp, magnitude):
-        assert_close_to_reference(name, g_, w64, wlp, dtype, magnitude=mag)
 
 
 SHAPES = [  # (leading dims, K, N, r)
@@ -236,7 +177,7 @@ def test_torch_compile_fullgraph_matches_eager():
     # eager RNG inside the compiled graph, so both runs draw the same dropout seed
     with inductor_config.patch(fallback_random=True):
         compiled = step(torch.compile(layer, fullgraph=True))
-    for name, e, c in zip(NAMES, eager, compiled):
+    for name, e, c in zip(LINEAR_NAMES, eager, compiled):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5, msg=name)
 
 

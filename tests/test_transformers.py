@@ -23,7 +23,7 @@ from kasa_kernels.integrations.transformers import (  # noqa: E402
     mark_dynamic,
 )
 from kasa_reference import kasa_linear_ref, svd_truncate_ref  # noqa: E402
-from helpers import assert_within_ref  # noqa: E402
+from helpers import assert_within_ref, randomize_kasa  # noqa: E402
 
 VOCAB = 96
 
@@ -85,12 +85,7 @@ def reference_model(model):
 
 
 def randomize(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, kk.KasaLinear):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
-                m.lora_diag.copy_(torch.randn(m.lora_diag.shape, generator=g))
+    randomize_kasa(model, seed, b_scale=0.3)
 
 
 def out_and_grads(model, ids, weight):

@@ -30,6 +30,7 @@ try:
 
     import kasa_kernels as kk
     import kasa_reference as ref
+    import helpers
     from helpers import assert_close_to_reference, regularizer_magnitudes
     from kasa_kernels import _backend
     from kasa_kernels.ops import defs, triton_gemm, triton_linear, triton_lowrank
@@ -74,58 +75,19 @@ def _triton_backend_usable(request, monkeypatch):
 
 
 DTYPES = [torch.float32, torch.float16]
-NAMES = ["y", "dx", "dA", "dd", "dB"]
+NAMES = helpers.LINEAR_NAMES
 
 
-def make_case(lead, k, n, r, dtype, adapter_dtype=None, bias=True, noncontig=False, seed=0, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, 2 * k if noncontig else k, generator=g)
-    w = torch.randn(n, k, generator=g) / k**0.5
-    b = torch.randn(n, generator=g) if bias else None
-    a = torch.randn(r, k, generator=g) / k**0.5
-    d = torch.randn(r, generator=g)
-    bb = torch.randn(n, r, generator=g) / r**0.5
-    gy = torch.randn(*lead, n, generator=g)
-    adapter_dtype = adapter_dtype or dtype
-    x, w, gy = (t.to(device=device, dtype=dtype) for t in (x, w, gy))
-    b = None if b is None else b.to(device=device, dtype=dtype)
-    a, d, bb = (t.to(device=device, dtype=adapter_dtype) for t in (a, d, bb))
-    if noncontig:
-        x = x[..., 1::2]  # a strided view of a wider tensor, with an offset
-        assert not x.is_contiguous()
-    return x, w, b, a, d, bb, gy
+def make_case(*args, **kwargs):
+    return helpers.make_case(*args, **dict(dict(device=DEVICE), **kwargs))
 
 
 def run_triton(x, w, b, a, d, bb, gy, scaling, p=0.0, seed=None, training=True):
-    x = x.detach().requires_grad_(True)
-    params = [t.detach().clone().requires_grad_(True) for t in (a, d, bb)]
-    y = kk.kasa_linear(x, w, b, *params, scaling, dropout_p=p, training=training, backend="triton",
-                       dropout_seed=seed)
-    return [y] + list(torch.autograd.grad(y, [x] + params, gy))
-
-
-def run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask=None, p=0.0):
-    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (x, a, d, bb)]
-    y = ref.kasa_linear_ref(leaves[0], w.to(dtype), None if b is None else b.to(dtype), *leaves[1:], scaling,
-                            dropout_mask=mask, dropout_p=p)
-    return [y] + list(torch.autograd.grad(y, leaves, gy.to(dtype)))
+    return helpers.run_backend(x, w, b, a, d, bb, gy, scaling, p, seed, backend="triton", training=training)
 
 
 def check_against_reference(case, scaling=2.0, p=0.0):
-    x, w, b, a, d, bb, gy = case
-    dtype = x.dtype
-    seed = make_seed(777, x.device) if p > 0 else None
-    mask = keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).view(x.shape) if p > 0 else None
-    got = run_triton(x, w, b, a, d, bb, gy, scaling, p, seed)
-    want64 = run_reference(x, w, b, a, d, bb, gy, scaling, torch.float64, mask, p)
-    wantlp = run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask, p)
-    magnitude = run_reference(*(None if t is None else t.abs() for t in case), abs(scaling), torch.float64, mask, p)
-    assert got[0].dtype == dtype and got[0].shape == (*x.shape[:-1], w.shape[0])
-    assert got[1].dtype == dtype and got[1].shape == x.shape
-    for t, param in zip(got[2:], (a, d, bb)):
-        assert t.dtype == param.dtype and t.shape == param.shape
-    for name, g_, w64, wlp, mag in zip(NAMES, got, want64, wantlp, magnitude):
-        assert_close_to_reference(name, g_, w64, wlp, dtype, magnitude=mag)
+    helpers.check_against_reference(case, scaling, p, backend="triton")
 
 
 # (leading dims, K, N, r, bias, non-contiguous x, fp32 adapters)
