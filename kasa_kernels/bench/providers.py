@@ -136,7 +136,8 @@ def make_tensors(c: Case, device: torch.device, seed: int = 0) -> Tensors:
         lora_diag=rnd(c.r, dtype=adt),
         lora_B=rnd(c.N, c.r, dtype=adt, scale=0.02),
         dy=rnd(c.M, c.N, dtype=dt, scale=1.0 / math.sqrt(c.N)),
-        scaling=ALPHA_OVER_R * c.r / c.r,
+        # s = lora_alpha / r with lora_alpha = ALPHA_OVER_R * r (peft_kasa_layer's config): the rank cancels
+        scaling=ALPHA_OVER_R,
     )
 
 

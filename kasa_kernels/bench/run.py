@@ -18,7 +18,7 @@ import torch
 from . import providers as prov
 from .shapes import Case
 from ..ops.precision import allow_tf32
-from .timing import Timer
+from .timing import Timer, quantiles
 
 SCHEMA_VERSION = 1
 
@@ -187,7 +187,7 @@ def bench_case(
         samples = timer.run_interleaved(fns, preps, reps)
         for n, s in zip(live, samples):
             st = states[n]
-            q = timer_stats(s)
+            q = quantiles(s)
             secs = q["ms_median"] / 1e3
             rows.append({
                 "provider": n, "mode": mode, "M": case.M, "K": case.K, "N": case.N, "r": case.r,
@@ -241,12 +241,6 @@ def bench_case(
         if isinstance(r["peak_mem_mb"], float) and math.isnan(r["peak_mem_mb"]):
             r["peak_mem_mb"] = None
     return rows
-
-
-def timer_stats(samples):
-    from .timing import quantiles
-
-    return quantiles(samples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
