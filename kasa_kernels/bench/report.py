@@ -14,10 +14,9 @@ import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .providers import BASELINES, GEMMS, OURS, PEERS, PROVIDERS
+from .providers import BASELINES, FUSED, GEMMS, OURS, PEERS, PROVIDERS
 from .shapes import P
 
-FUSED = ("cuda", "triton")
 CaseKey = Tuple[int, int, int, int, float, str]
 
 
