@@ -21,7 +21,9 @@ CASES = (
     if ON_GPU
     else [Case(256, 256, 256, 16, 0.0, "fp32", "cpu-small"), Case(256, 256, 256, 16, 0.1, "fp32", "cpu-small")]
 )
-NAMES = ["cublas_linear", "frozen_linear", "peft", "torch_eager", "unsloth_style", "triton", "cuda"]
+# The registry's providers but the dense layer, torch.compile (compiles per case) and our GEMMs (kasa-bench judges those)
+NAMES = [p.name for p in prov.REGISTRY
+         if p.category not in (prov.DENSE_LAYER, prov.OUR_GEMM) and p.name != "torch_compile"]
 
 
 def _sync():
@@ -36,9 +38,9 @@ def test_provider(benchmark, case, name, mode):
     ok, why = prov.usable(name, DEVICE)
     if not ok:
         pytest.skip(why)
-    if name == "cublas_linear" and mode != "forward":
-        pytest.skip("cublas_linear is forward only (T_mm)")
-    if name == "cublas_linear" and case.dropout > 0:
+    if prov.provider(name).forward_only and mode != "forward":
+        pytest.skip(f"{name} is forward only")
+    if prov.provider(name).forward_only and case.dropout > 0:
         pytest.skip("no adapter, so no dropout")
     state = prov.build(name, case, DEVICE)
     kind = state.kind

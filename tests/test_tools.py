@@ -25,3 +25,12 @@ def test_profile_kernels_writes_a_table_per_provider_and_mode(tmp_path):
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| kernel")]
     assert rows and all(float(ln.split("|")[3]) >= 0 for ln in rows)
     assert "KasaLinearFunction" in md  # the torch backend's forward shows up as its own operator
+
+
+def test_profile_kernels_defaults_are_registry_providers():
+    from kasa_kernels.bench.providers import PROVIDERS
+
+    mod = _load("profile_kernels")
+    assert set(mod.NOT_BY_DEFAULT) <= set(PROVIDERS)
+    for default in (mod.GPU_DEFAULT, mod.CPU_DEFAULT):
+        assert default and set(default.split(",")) <= set(PROVIDERS)

@@ -21,8 +21,13 @@ import sys
 from collections import defaultdict
 from typing import Dict, Iterable, List, Tuple
 
-FUSED = ("triton", "cuda")
-BASE = "torch_eager"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from kasa_kernels.bench import providers as prov  # noqa: E402
+
+# From the benchmark registry: the fused backends' providers, and the shipped torch backend's (the bar they must clear)
+FUSED = prov.FUSED
+(BASE,) = prov.names(prov.OURS_TORCH)
 BACKEND_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kasa_kernels", "_backend.py")
 
 
@@ -74,7 +79,7 @@ def decide(files: Iterable[Tuple[str, Dict]], noise: float = 0.02):
                        f"{gmean:.3f}x, worst {worst[0]:.3f}x at (M,K,N,r,p,dtype)={worst[1]}: "
                        f"{'qualifies' if ok else 'slower than torch somewhere: not preferred'}")
             if ok:
-                ranked.append((gmean, b))
+                ranked.append((gmean, prov.provider(b).backend))
         if ranked:
             table[cap] = tuple(b for _, b in sorted(ranked, reverse=True))
         why.append(f"sm{cap[0]}{cap[1]}: {table.get(cap, ())} from {', '.join(sources[cap])}")

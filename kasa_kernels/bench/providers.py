@@ -1,11 +1,12 @@
-"""The providers (fixed names) and the work each one does per case, with its flop and byte counts.
+"""The providers (REGISTRY: each one's name, category, needs and builder, declared once) and the work each one does
+per case, with its flop and byte counts.
 
 A provider builds its own copy of a case's tensors (same values for every provider: one seeded generator) and
 returns a zero-argument forward. The harness turns that into the three modes:
     forward   y = fwd()                               (grad mode on, as in training: autograd records the graph)
     backward  y computed once; time y.backward(dy, retain_graph=True)
     full      fwd().backward(dy)
-cublas_linear (T_mm), triton_gemm and cuda_gemm (our two GEMMs with the adapter off) are forward only. Baselines
+The forward-only providers (cublas_linear, T_mm; our two GEMMs with the adapter off) time forward mode only. Baselines
 come from python/kasa_reference (peft_style_eager, the PEFT-shaped eager composition used when PEFT is not
 installed), from PEFT itself, and from bench/peers.py.
 
@@ -27,34 +28,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._backend import NAMES as BACKEND_NAMES
 from ..modules import default_adapter_dtype
 from .peers import unsloth_style_linear
 from .shapes import Case
 
 MODES = ("forward", "backward", "full")
-PROVIDERS = (
-    "cublas_linear",
-    "frozen_linear",
-    "dense_linear",
-    "peft",
-    "torch_eager",
-    "torch_compile",
-    "unsloth_style",
-    "triton",
-    "cuda",
-    "triton_gemm",
-    "cuda_gemm",
-)
-# Forward-only providers, timed against cublas_linear: T_mm itself, and our Triton and CUDA GEMMs with the adapter
-# switched off (the same kernels as the fused forwards, rank-r k-steps disabled), for DESIGN.md's "our GEMM vs
-# cuBLAS".
-GEMMS = ("triton_gemm", "cuda_gemm")
-FORWARD_ONLY = ("cublas_linear",) + GEMMS
-# Not KaSA layers: left out of per-provider KaSA plots and peer tables.
-BASELINES = ("cublas_linear", "frozen_linear") + GEMMS
-# Providers that are ours: the fused backends and the shipped torch backend.
-OURS = ("cuda", "triton", "torch_eager")
-PEERS = ("peft", "torch_compile", "unsloth_style", "torch_eager")
+
+# Provider categories (Provider.category). The lists the harness, the report and the tools use are sets of these.
+BASELINE_GEMM = "baseline GEMM"  # T_mm: the plain inference GEMM every forward ratio is taken against
+FROZEN_LAYER = "frozen layer"  # T_frozen: the layer without an adapter, W frozen; every fwd+bwd ratio's reference
+DENSE_LAYER = "dense layer"  # no adapter, W trainable: full fine-tuning's cost
+PEER = "peer"  # someone else's KaSA layer, or a composition of stock kernels we compare against
+OURS_TORCH = "ours-torch"  # kasa_kernels' shipped torch backend
+OURS_FUSED = "ours-fused"  # kasa_kernels' fused backends
+OUR_GEMM = "our GEMM"  # the fused forward's GEMM with the adapter switched off, against cuBLAS
+CATEGORIES = (BASELINE_GEMM, FROZEN_LAYER, DENSE_LAYER, PEER, OURS_TORCH, OURS_FUSED, OUR_GEMM)
+
 ALPHA_OVER_R = 2.0  # lora_alpha = 2 r, so s = 2 (any value times the same)
 
 
@@ -119,6 +109,21 @@ class Tensors:
     scaling: float
 
 
+Builder = Callable[["Provider", Tensors, Case, torch.device, Optional[str]], State]
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """One benchmark provider, declared once in REGISTRY below."""
+
+    name: str
+    category: str  # one of CATEGORIES
+    builder: Builder  # (this provider, the case's tensors, case, device, torch.compile mode) -> State
+    forward_only: bool = False  # timed in forward mode only (no adapter and no gradient: a plain GEMM)
+    backend: Optional[str] = None  # the kasa_kernels backend (kasa_kernels._backend.NAMES) it runs, if any
+    needs_gpu: bool = False  # its numbers mean something only on a GPU (on CPU it is skipped, or interpreted)
+
+
 def make_tensors(c: Case, device: torch.device, seed: int = 0) -> Tensors:
     """The case's tensors, identical for every provider (seeded), on `device`. B is random rather than PEFT's zero
     init so no path can skip work on zeros."""
@@ -136,7 +141,8 @@ def make_tensors(c: Case, device: torch.device, seed: int = 0) -> Tensors:
         lora_diag=rnd(c.r, dtype=adt),
         lora_B=rnd(c.N, c.r, dtype=adt, scale=0.02),
         dy=rnd(c.M, c.N, dtype=dt, scale=1.0 / math.sqrt(c.N)),
-        scaling=ALPHA_OVER_R * c.r / c.r,
+        # s = lora_alpha / r with lora_alpha = ALPHA_OVER_R * r (peft_kasa_layer's config): the rank cancels
+        scaling=ALPHA_OVER_R,
     )
 
 
@@ -196,11 +202,13 @@ def _kk():
 
 def usable(name: str, device: torch.device) -> Tuple[bool, str]:
     """Whether provider `name` can run on `device`, and why (not)."""
-    if name not in PROVIDERS:
-        raise ValueError(f"--providers: unknown provider {name!r}; expected some of {', '.join(PROVIDERS)}")
-    if name in ("triton", "cuda") + GEMMS:
-        info = _kk().backends(device)[name.removesuffix("_gemm")]
-        return info.available, info.reason
+    spec = provider(name)
+    if spec.backend is not None:
+        info = _kk().backends(device)[spec.backend]
+        if not info.available:
+            return False, info.reason
+        if spec.category in (OURS_FUSED, OUR_GEMM):
+            return True, info.reason  # which kernels run, e.g. "... under the CPU interpreter"
     if name == "peft":
         v = _peft_version()
         if v is None:
@@ -213,74 +221,155 @@ def usable(name: str, device: torch.device) -> Tuple[bool, str]:
 
 def build(name: str, c: Case, device: torch.device, compile_mode: Optional[str] = None) -> State:
     """Fresh tensors and the forward closure of provider `name` for case `c`."""
-    t = make_tensors(c, device)
-    kk = _kk()
-    if name == "cublas_linear":
-        x, w = t.x, t.weight
+    spec = provider(name)
+    return spec.builder(spec, make_tensors(c, device), c, device, compile_mode)
 
-        def fwd():
-            return F.linear(x, w)
 
-        return State(fwd, [], None, "linear", "torch.nn.functional.linear (cuBLAS on CUDA)")
-    if name in GEMMS:
-        import importlib
+# The builders: (provider, the case's tensors, case, device, torch.compile mode) -> State.
 
-        backend = name.removesuffix("_gemm")
-        ops = importlib.import_module(f"kasa_kernels.ops.{backend}_linear")
-        x, w = t.x, t.weight
-        return State(lambda: ops.base_gemm(x, w), [], None, "linear",
-                     f"kasa_kernels.ops.{backend}_linear.base_gemm (the fused GEMM, adapter off)")
-    if name == "frozen_linear":
-        t.x.requires_grad_(True)
-        x, w = t.x, t.weight
-        return State(lambda: F.linear(x, w), [x], t.dy, "linear", "F.linear, x requires grad, W frozen")
-    if name == "dense_linear":
-        t.x.requires_grad_(True)
-        t.weight.requires_grad_(True)
-        x, w = t.x, t.weight
-        return State(lambda: F.linear(x, w), [x, w], t.dy, "dense", "F.linear, x and W require grad")
-    if name == "peft":
-        if _peft_version() is not None:
-            layer = peft_kasa_layer(c.K, c.N, c.r, c.dropout, c.torch_dtype, device)
-            with torch.no_grad():  # the case's values, so every provider computes the same numbers
-                layer.base_layer.weight.copy_(t.weight)
-                layer.lora_A["default"].weight.copy_(t.lora_A)
-                layer.lora_B["default"].weight.copy_(t.lora_B)
-                layer.lora_diag["default"].copy_(t.lora_diag)
-            x = t.x.requires_grad_(True)
-            leaves = [x] + [p for p in layer.parameters() if p.requires_grad]
-            return State(lambda: layer(x), leaves, t.dy, "kasa", f"peft {_peft_version()} KasaLinearVariant")
-        from kasa_reference import peft_style_eager
 
-        leaves = _adapters_trainable(t)
-        drop = nn.Dropout(c.dropout) if c.dropout > 0 else None
-        fwd = functools.partial(peft_style_eager, t.x, t.weight, None, t.lora_A, t.lora_diag, t.lora_B, t.scaling,
-                                drop)
-        return State(fwd, leaves, t.dy, "kasa", "kasa_reference.peft_style_eager (peft not installed)")
-    if name == "unsloth_style":
-        leaves = _adapters_trainable(t)
-        fwd = functools.partial(unsloth_style_linear, t.x, t.weight, None, t.lora_A, t.lora_diag, t.lora_B,
-                                t.scaling, c.dropout)
-        return State(fwd, leaves, t.dy, "kasa", "kasa_kernels.bench.peers.unsloth_style_linear")
-    if name in ("torch_eager", "triton", "cuda", "torch_compile"):
-        backend = "torch" if name in ("torch_eager", "torch_compile") else name
-        leaves = _adapters_trainable(t)
-        fn = functools.partial(kk.kasa_linear, dropout_p=c.dropout, training=True, backend=backend)
-        args = (t.x, t.weight, None, t.lora_A, t.lora_diag, t.lora_B, t.scaling)
-        if name == "torch_compile":
-            compiled = torch.compile(_kasa_linear_torch, dynamic=False, mode=compile_mode)
+def _cublas_linear(spec, t: Tensors, c: Case, device, compile_mode) -> State:
+    x, w = t.x, t.weight
 
-            def fwd():
-                return compiled(*args, c.dropout)
+    def fwd():
+        return F.linear(x, w)
 
-            return State(fwd, leaves, t.dy, "kasa", f"torch.compile(mode={compile_mode!r}) of kasa_linear(backend='torch')")
-        return State(lambda: fn(*args), leaves, t.dy, "kasa", f"kasa_kernels.kasa_linear(backend={backend!r})")
-    raise ValueError(f"unknown provider {name!r}")
+    return State(fwd, [], None, "linear", "torch.nn.functional.linear (cuBLAS on CUDA)")
+
+
+def _our_gemm(spec, t: Tensors, c: Case, device, compile_mode) -> State:
+    import importlib
+
+    ops = importlib.import_module(f"kasa_kernels.ops.{spec.backend}_linear")
+    x, w = t.x, t.weight
+    return State(lambda: ops.base_gemm(x, w), [], None, "linear",
+                 f"kasa_kernels.ops.{spec.backend}_linear.base_gemm (the fused GEMM, adapter off)")
+
+
+def _frozen_linear(spec, t: Tensors, c: Case, device, compile_mode) -> State:
+    t.x.requires_grad_(True)
+    x, w = t.x, t.weight
+    return State(lambda: F.linear(x, w), [x], t.dy, "linear", "F.linear, x requires grad, W frozen")
+
+
+def _dense_linear(spec, t: Tensors, c: Case, device, compile_mode) -> State:
+    t.x.requires_grad_(True)
+    t.weight.requires_grad_(True)
+    x, w = t.x, t.weight
+    return State(lambda: F.linear(x, w), [x, w], t.dy, "dense", "F.linear, x and W require grad")
+
+
+def _peft(spec, t: Tensors, c: Case, device, compile_mode) -> State:
+    if _peft_version() is not None:
+        layer = peft_kasa_layer(c.K, c.N, c.r, c.dropout, c.torch_dtype, device)
+        with torch.no_grad():  # the case's values, so every provider computes the same numbers
+            layer.base_layer.weight.copy_(t.weight)
+            layer.lora_A["default"].weight.copy_(t.lora_A)
+            layer.lora_B["default"].weight.copy_(t.lora_B)
+            layer.lora_diag["default"].copy_(t.lora_diag)
+        x = t.x.requires_grad_(True)
+        leaves = [x] + [p for p in layer.parameters() if p.requires_grad]
+        return State(lambda: layer(x), leaves, t.dy, "kasa", f"peft {_peft_version()} KasaLinearVariant")
+    from kasa_reference import peft_style_eager
+
+    leaves = _adapters_trainable(t)
+    drop = nn.Dropout(c.dropout) if c.dropout > 0 else None
+    fwd = functools.partial(peft_style_eager, t.x, t.weight, None, t.lora_A, t.lora_diag, t.lora_B, t.scaling, drop)
+    return State(fwd, leaves, t.dy, "kasa", "kasa_reference.peft_style_eager (peft not installed)")
+
+
+def _unsloth_style(spec, t: Tensors, c: Case, device, compile_mode) -> State:
+    leaves = _adapters_trainable(t)
+    fwd = functools.partial(unsloth_style_linear, t.x, t.weight, None, t.lora_A, t.lora_diag, t.lora_B, t.scaling,
+                            c.dropout)
+    return State(fwd, leaves, t.dy, "kasa", "kasa_kernels.bench.peers.unsloth_style_linear")
+
+
+def _kasa_linear(spec, t: Tensors, c: Case, device, compile_mode) -> State:
+    """kasa_kernels.kasa_linear on the provider's backend."""
+    leaves = _adapters_trainable(t)
+    fn = functools.partial(_kk().kasa_linear, dropout_p=c.dropout, training=True, backend=spec.backend)
+    args = (t.x, t.weight, None, t.lora_A, t.lora_diag, t.lora_B, t.scaling)
+    return State(lambda: fn(*args), leaves, t.dy, "kasa", f"kasa_kernels.kasa_linear(backend={spec.backend!r})")
+
+
+def _torch_compile(spec, t: Tensors, c: Case, device, compile_mode) -> State:
+    leaves = _adapters_trainable(t)
+    args = (t.x, t.weight, None, t.lora_A, t.lora_diag, t.lora_B, t.scaling)
+    compiled = torch.compile(_kasa_linear_torch, dynamic=False, mode=compile_mode)
+
+    def fwd():
+        return compiled(*args, c.dropout)
+
+    return State(fwd, leaves, t.dy, "kasa", f"torch.compile(mode={compile_mode!r}) of kasa_linear(backend='torch')")
 
 
 def _kasa_linear_torch(x, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p):
     return _kk().kasa_linear(x, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p=dropout_p,
                              training=True, backend="torch")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registry: every provider, once, in the order runs time them and reports list them. Adding a provider is one
+# line here (plus its builder above, and its row in README.md's providers table, which tests/test_readme_lists.py
+# holds to this registry).
+
+REGISTRY: Tuple[Provider, ...] = (
+    Provider("cublas_linear", BASELINE_GEMM, _cublas_linear, forward_only=True),
+    Provider("frozen_linear", FROZEN_LAYER, _frozen_linear),
+    Provider("dense_linear", DENSE_LAYER, _dense_linear),
+    Provider("peft", PEER, _peft),
+    Provider("torch_eager", OURS_TORCH, _kasa_linear, backend="torch"),
+    Provider("torch_compile", PEER, _torch_compile, backend="torch"),
+    Provider("unsloth_style", PEER, _unsloth_style),
+    Provider("triton", OURS_FUSED, _kasa_linear, backend="triton", needs_gpu=True),
+    Provider("cuda", OURS_FUSED, _kasa_linear, backend="cuda", needs_gpu=True),
+    Provider("triton_gemm", OUR_GEMM, _our_gemm, forward_only=True, backend="triton", needs_gpu=True),
+    Provider("cuda_gemm", OUR_GEMM, _our_gemm, forward_only=True, backend="cuda", needs_gpu=True),
+)
+_BY_NAME: Dict[str, Provider] = {p.name: p for p in REGISTRY}
+
+
+def _check_registry() -> None:
+    if len(_BY_NAME) != len(REGISTRY):
+        raise ValueError("providers.REGISTRY: a provider name is declared twice")
+    for p in REGISTRY:
+        if p.category not in CATEGORIES:
+            raise ValueError(f"providers.REGISTRY: {p.name}: category {p.category!r} is not one of {CATEGORIES}")
+        if p.backend is not None and p.backend not in BACKEND_NAMES:
+            raise ValueError(f"providers.REGISTRY: {p.name}: backend {p.backend!r} is not one of {BACKEND_NAMES}")
+
+
+_check_registry()
+
+
+def provider(name: str) -> Provider:
+    """The registry entry of provider `name`; ValueError naming the known ones otherwise."""
+    spec = _BY_NAME.get(name)
+    if spec is None:
+        raise ValueError(f"--providers: unknown provider {name!r}; expected some of {', '.join(PROVIDERS)}")
+    return spec
+
+
+def names(*categories: str) -> Tuple[str, ...]:
+    """The providers of these categories, in registry order."""
+    return tuple(p.name for p in REGISTRY if p.category in categories)
+
+
+# Every list of providers elsewhere is one of these (or computed from REGISTRY where it is used).
+PROVIDERS = tuple(p.name for p in REGISTRY)
+FORWARD_ONLY = tuple(p.name for p in REGISTRY if p.forward_only)
+# Our Triton and CUDA GEMMs with the adapter switched off (the same kernels as the fused forwards, rank-r k-steps
+# disabled), timed against cublas_linear (T_mm) for DESIGN.md's "our GEMM vs cuBLAS".
+GEMMS = names(OUR_GEMM)
+# Not KaSA layers: left out of per-provider KaSA plots and peer tables.
+BASELINES = names(BASELINE_GEMM, FROZEN_LAYER, OUR_GEMM)
+# Our fused backends (their provider names are their backend names).
+FUSED = names(OURS_FUSED)
+# Providers that are ours: the fused backends and the shipped torch backend.
+OURS = names(OURS_FUSED, OURS_TORCH)
+# The peer table's columns: the peers, then the torch backend (the fused backends' peer).
+PEERS = names(PEER) + names(OURS_TORCH)
 
 
 def prepare_compile(device: torch.device, max_recompiles: int = 64) -> None:

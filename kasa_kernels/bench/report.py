@@ -14,10 +14,9 @@ import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .providers import BASELINES, GEMMS, OURS, PEERS, PROVIDERS
+from .providers import BASELINES, FUSED, GEMMS, OURS, PEERS, PROVIDERS
 from .shapes import P
 
-FUSED = ("cuda", "triton")
 CaseKey = Tuple[int, int, int, int, float, str]
 
 
@@ -68,17 +67,20 @@ class Table:
             return None
         return a / b
 
-    def best_fused(self, case, mode: str = "full") -> Optional[str]:
-        cands = [(self.ms(case, p, mode), p) for p in FUSED if self.ms(case, p, mode) is not None]
+    def fastest(self, case, providers: Sequence[str], mode: str = "full") -> Optional[str]:
+        """The fastest of `providers` timed for this case in `mode` (ties: the first by name)."""
+        cands = [(self.ms(case, p, mode), p) for p in providers if self.ms(case, p, mode) is not None]
         return min(cands)[1] if cands else None
+
+    def best_fused(self, case, mode: str = "full") -> Optional[str]:
+        return self.fastest(case, FUSED, mode)
 
     def ours(self, case, mode: str = "full") -> Optional[str]:
         """The fastest of our providers present for this case: a fused backend, else the torch backend."""
-        cands = [(self.ms(case, p, mode), p) for p in OURS if self.ms(case, p, mode) is not None]
-        return min(cands)[1] if cands else None
+        return self.fastest(case, OURS, mode)
 
     def headline_case(self) -> Tuple[Optional[CaseKey], bool]:
-        p = (P["M"], P["K"], P["N"], P["r"], 0.0, "bf16")
+        p = _p_key()
         if p in self.cases:
             return p, True
         if not self.cases:
@@ -90,6 +92,11 @@ def _f(v: Optional[float], fmt: str = "{:.3f}") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return fmt.format(v)
+
+
+def _ms_range(row: Dict, fmt: str = "{:.3f}") -> str:
+    """median (p20-p80) in ms."""
+    return f"{fmt.format(row['ms_median'])} ({fmt.format(row['ms_p20'])}-{fmt.format(row['ms_p80'])})"
 
 
 def _label(data: Dict) -> str:
@@ -104,83 +111,113 @@ def _short(data: Dict) -> str:
 # Targets (DESIGN.md, "Performance targets"): evaluated only where the data exists
 
 
-def targets(t: Table) -> List[Tuple[str, str, str, str, str, str]]:
-    """(metric, must, target, value, must verdict, target verdict) rows."""
+Target = Tuple[str, str, str, str, str, str]  # (metric, must, target, value, must verdict, target verdict)
+
+
+def _p_key(dropout: float = 0.0) -> CaseKey:
+    """Shape P at bf16, the setting of DESIGN.md's targets."""
+    return (P["M"], P["K"], P["N"], P["r"], dropout, "bf16")
+
+
+def _judge(v: Optional[float], must: float, target: float, le: bool) -> Tuple[str, str, str]:
+    """(value, must verdict, target verdict); le: lower is better."""
+    if v is None:
+        return "-", "no data", "no data"
+    ok = (lambda x, b: x <= b) if le else (lambda x, b: x >= b)
+    return f"{v:.3f}", "PASS" if ok(v, must) else "FAIL", "PASS" if ok(v, target) else "FAIL"
+
+
+def _no_data(metric: str, must: str, target: str, why: str = "no data") -> Target:
+    return (metric, must, target, "-", why, why)
+
+
+def _fused_ratio(t: Table, case: CaseKey, den: str, den_mode: str, mode: str,
+                 invert: bool = False) -> Tuple[Optional[float], Optional[str]]:
+    """(best fused provider's time / den's, or den's / fused with invert; that provider)."""
+    f = t.best_fused(case, mode)
+    if f is None:
+        return None, None
+    r = t.ratio(case, den, den_mode, f, mode) if invert else t.ratio(case, f, mode, den, den_mode)
+    return r, f
+
+
+# (metric, dropout at P, reference provider, its mode, the fused mode, reference / fused (else fused / reference),
+#  must, target, lower is better)
+_RATIO_TARGETS = (
+    ("fused forward / T_mm at P", 0.0, "cublas_linear", "forward", "forward", False, 1.12, 1.05, True),
+    ("fused fwd+bwd / T_frozen at P", 0.0, "frozen_linear", "full", "full", False, 1.15, 1.08, True),
+    ("T_eager / fused, fwd+bwd, P, p=0", 0.0, "peft", "full", "full", True, 1.25, 1.35, False),
+    ("T_eager / fused, fwd+bwd, P, p=0.1", 0.1, "peft", "full", "full", True, 1.35, 1.50, False),
+    ("T_compile / fused, fwd+bwd, P", 0.0, "torch_compile", "full", "full", True, 1.10, 1.20, False),
+)
+
+
+def _ratio_rows(t: Table) -> List[Target]:
+    """The best fused backend at P against T_mm, T_frozen, PEFT and torch.compile."""
     out = []
-    pk = (P["M"], P["K"], P["N"], P["r"], 0.0, "bf16")
-    pk_drop = (P["M"], P["K"], P["N"], P["r"], 0.1, "bf16")
-
-    def judge(v, must, target, le: bool):
-        if v is None:
-            return "-", "no data", "no data"
-        ok = (lambda x, b: x <= b) if le else (lambda x, b: x >= b)
-        return f"{v:.3f}", "PASS" if ok(v, must) else "FAIL", "PASS" if ok(v, target) else "FAIL"
-
-    def fused_ratio(case, den, den_mode, mode, invert=False):
-        f = t.best_fused(case, mode)
-        if f is None:
-            return None, None
-        r = t.ratio(case, den, den_mode, f, mode) if invert else t.ratio(case, f, mode, den, den_mode)
-        return r, f
-
-    specs = [
-        ("fused forward / T_mm at P", pk, "cublas_linear", "forward", "forward", False, 1.12, 1.05, True),
-        ("fused fwd+bwd / T_frozen at P", pk, "frozen_linear", "full", "full", False, 1.15, 1.08, True),
-        ("T_eager / fused, fwd+bwd, P, p=0", pk, "peft", "full", "full", True, 1.25, 1.35, False),
-        ("T_eager / fused, fwd+bwd, P, p=0.1", pk_drop, "peft", "full", "full", True, 1.35, 1.50, False),
-        ("T_compile / fused, fwd+bwd, P", pk, "torch_compile", "full", "full", True, 1.10, 1.20, False),
-    ]
-    for name, case, den, den_mode, mode, inv, must, target, le in specs:
-        v, f = fused_ratio(case, den, den_mode, mode, inv)
-        val, m, tg = judge(v, must, target, le)
+    for name, p, den, den_mode, mode, inv, must, target, le in _RATIO_TARGETS:
+        v, f = _fused_ratio(t, _p_key(p), den, den_mode, mode, inv)
+        val, m, tg = _judge(v, must, target, le)
         cmp = "<=" if le else ">="
         out.append((name + (f" [{f}]" if f else ""), f"{cmp} {must}", f"{cmp} {target}", val, m, tg))
-    # the same flops on both sides, so the TFLOP/s ratio is T_mm / T_gemm
-    gemms = [(g, t.ratio(pk, "cublas_linear", "forward", g, "forward")) for g in GEMMS]
+    return out
+
+
+def _gemm_rows(t: Table) -> List[Target]:
+    """Each of our GEMMs with the adapter off against cuBLAS at P; the same flops on both sides, so the TFLOP/s ratio
+    is T_mm / T_gemm."""
+    metric = "our GEMM with the adapter off vs cuBLAS (TFLOP/s)"
+    gemms = [(g, t.ratio(_p_key(), "cublas_linear", "forward", g, "forward")) for g in GEMMS]
     gemms = [(g, v) for g, v in gemms if v is not None]
     if not gemms:
-        out.append(("our GEMM with the adapter off vs cuBLAS (TFLOP/s)", ">= 0.90", ">= 1.00", "-",
-                    "not measured", "not measured"))
-    for g, v in gemms:
-        val, m, tg = judge(v, 0.90, 1.00, False)
-        out.append((f"our GEMM with the adapter off vs cuBLAS (TFLOP/s) [{g}]", ">= 0.90", ">= 1.00", val, m, tg))
-    # decode: worst fused forward / T_mm over M <= 64 at bf16
+        return [_no_data(metric, ">= 0.90", ">= 1.00", "not measured")]
+    return [(f"{metric} [{g}]", ">= 0.90", ">= 1.00") + _judge(v, 0.90, 1.00, False) for g, v in gemms]
+
+
+def _decode_row(t: Table) -> Target:
+    """The worst fused forward / T_mm over decode sizes (M <= 64) at bf16, p = 0."""
     worst, wf = None, None
     for case in t.cases:
         if case[0] <= 64 and case[5] == "bf16" and case[4] == 0.0:
-            v, f = fused_ratio(case, "cublas_linear", "forward", "forward")
+            v, f = _fused_ratio(t, case, "cublas_linear", "forward", "forward")
             if v is not None and (worst is None or v > worst):
                 worst, wf = v, f
-    val, m, tg = judge(worst, 1.30, 1.10, True)
-    out.append(("decode M <= 64: fused forward / T_mm (worst)" + (f" [{wf}]" if wf else ""), "<= 1.3", "<= 1.1",
-                val, m, tg))
-    # whole-model regularizer
-    reg = [w for w in t.data.get("whole_model", []) if w.get("kind") == "regularizer" and w.get("provider")]
-    peft_ms = next((w["ms_median"] for w in reg if w["provider"] == "peft"), None)
+    return ("decode M <= 64: fused forward / T_mm (worst)" + (f" [{wf}]" if wf else ""), "<= 1.3", "<= 1.1") + \
+        _judge(worst, 1.30, 1.10, True)
+
+
+def _regularizer_row(t: Table) -> Target:
+    """The whole-model regularizer: PEFT's time over our fastest."""
+    metric = "whole-model regularizer PEFT / ours, 32 layers"
+    reg = _whole_model_rows(t.data, "regularizer")
+    peft = _peft_of(reg)
     ours = [(w["ms_median"], w["provider"]) for w in reg if w["provider"].startswith("kasa_kernels")]
-    if peft_ms is not None and ours:
-        best_ms, best_name = min(ours)
-        v = peft_ms / best_ms
-        width = next(w["hidden"] for w in reg)
-        val, m, tg = judge(v, 10.0, 30.0, False)
-        note = f" [{best_name}, hidden {width}{', small widths: not the target setting' if width < 4096 else ''}]"
-        out.append(("whole-model regularizer PEFT / ours, 32 layers" + note, ">= 10", ">= 30", val, m, tg))
-    else:
-        out.append(("whole-model regularizer PEFT / ours, 32 layers", ">= 10", ">= 30", "-", "no data", "no data"))
-    # memory at P
+    if peft is None or not ours:
+        return _no_data(metric, ">= 10", ">= 30")
+    peft_ms = peft["ms_median"]
+    best_ms, best_name = min(ours)
+    width = next(w["hidden"] for w in reg)
+    note = f" [{best_name}, hidden {width}{', small widths: not the target setting' if width < 4096 else ''}]"
+    return (metric + note, ">= 10", ">= 30") + _judge(peft_ms / best_ms, 10.0, 30.0, False)
+
+
+def _memory_row(t: Table) -> Target:
+    """Peak memory of the best fused fwd+bwd at P beyond T_frozen's, against H plus the adapters and their grads."""
+    pk = _p_key()
     f = t.best_fused(pk, "full")
     rf, rz = (t.row(pk, f, "full") if f else None), t.row(pk, "frozen_linear", "full")
-    if rf and rz and rf.get("peak_mem_mb") is not None and rz.get("peak_mem_mb") is not None:
-        extra = rf["peak_mem_mb"] - rz["peak_mem_mb"]
-        a = 4  # fp32 adapters at bf16
-        bound = (2 * P["M"] * P["r"] * 4 + 2 * a * P["r"] * (P["K"] + P["N"] + 1)) / 2**20
-        ok = "PASS" if extra <= bound else "FAIL"
-        out.append((f"peak memory fwd+bwd minus T_frozen's at P [{f}] (MB)", f"<= {bound:.2f}", f"<= {bound:.2f}",
-                    f"{extra:.2f}", ok, ok))
-    else:
-        out.append(("peak memory fwd+bwd minus T_frozen's at P (MB)", "<= 2Mr4 B + params", "same", "-", "no data",
-                    "no data"))
-    # never slower than the torch backend
+    if not (rf and rz and rf.get("peak_mem_mb") is not None and rz.get("peak_mem_mb") is not None):
+        return _no_data("peak memory fwd+bwd minus T_frozen's at P (MB)", "<= 2Mr4 B + params", "same")
+    extra = rf["peak_mem_mb"] - rz["peak_mem_mb"]
+    a = 4  # fp32 adapters at bf16
+    bound = (2 * P["M"] * P["r"] * 4 + 2 * a * P["r"] * (P["K"] + P["N"] + 1)) / 2**20
+    ok = "PASS" if extra <= bound else "FAIL"
+    return (f"peak memory fwd+bwd minus T_frozen's at P [{f}] (MB)", f"<= {bound:.2f}", f"<= {bound:.2f}",
+            f"{extra:.2f}", ok, ok)
+
+
+def _never_slower_row(t: Table) -> Target:
+    """The best fused backend against the torch backend, fwd+bwd, at every case with both."""
     checked, slower = 0, []
     for case in t.cases:
         f = t.best_fused(case, "full")
@@ -189,13 +226,17 @@ def targets(t: Table) -> List[Tuple[str, str, str, str, str, str]]:
             checked += 1
             if t.ms(case, f, "full") > te:
                 slower.append(_case_str(case))
-    if checked:
-        verdict = "PASS" if not slower else "FAIL"
-        out.append((f"fused never slower than torch backend (full, {checked} shapes)", "0 slower", "0 slower",
-                    f"{len(slower)} slower", verdict, verdict))
-    else:
-        out.append(("fused never slower than torch backend (full)", "0 slower", "0 slower", "-", "no data", "no data"))
-    return out
+    if not checked:
+        return _no_data("fused never slower than torch backend (full)", "0 slower", "0 slower")
+    verdict = "PASS" if not slower else "FAIL"
+    return (f"fused never slower than torch backend (full, {checked} shapes)", "0 slower", "0 slower",
+            f"{len(slower)} slower", verdict, verdict)
+
+
+def targets(t: Table) -> List[Target]:
+    """(metric, must, target, value, must verdict, target verdict) rows."""
+    return _ratio_rows(t) + _gemm_rows(t) + [_decode_row(t), _regularizer_row(t), _memory_row(t),
+                                             _never_slower_row(t)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,7 +258,7 @@ def _case_table(t: Table, case: CaseKey) -> List[str]:
             continue
         full = t.row(case, p, "full")
         fwd = t.row(case, p, "forward")
-        rng = f"{full['ms_median']:.3f} ({full['ms_p20']:.3f}-{full['ms_p80']:.3f})" if full else "-"
+        rng = _ms_range(full) if full else "-"
         peak = (full or fwd or {}).get("peak_mem_mb")
         rows.append([
             p, _f(t.ms(case, p, "forward")), _f(t.ms(case, p, "backward")), rng,
@@ -245,29 +286,38 @@ def _peer_table(t: Table) -> List[str]:
     return _md_table(hdr, rows)
 
 
+def _whole_model_rows(data: Dict, kind: str) -> List[Dict]:
+    """The whole-model results of one kind ("regularizer", "train_step") that ran (errors have no provider)."""
+    return [w for w in data.get("whole_model", []) if w.get("kind") == kind and w.get("provider")]
+
+
+def _peft_of(rows: List[Dict]) -> Optional[Dict]:
+    return next((w for w in rows if w["provider"] == "peft"), None)
+
+
 def _whole_model(data: Dict) -> List[str]:
     out = []
-    reg = [w for w in data.get("whole_model", []) if w.get("kind") == "regularizer" and w.get("provider")]
+    reg = _whole_model_rows(data, "regularizer")
     if reg:
         w0 = reg[0]
-        peft = next((w for w in reg if w["provider"] == "peft"), None)
+        peft = _peft_of(reg)
         out.append(f"Regularizer loss + backward, {w0['layers']} layers x {w0['targets_per_layer']} targets, hidden "
                    f"{w0['hidden']}, MLP {w0['mlp']}, r {w0['r']}:")
         out.append("")
         out += _md_table(["provider", "ms median (p20-p80)", "PEFT / this", "loss rel. diff vs PEFT", "extra MB"], [
-            [w["provider"], f"{w['ms_median']:.3f} ({w['ms_p20']:.3f}-{w['ms_p80']:.3f})",
+            [w["provider"], _ms_range(w),
              _f(peft["ms_median"] / w["ms_median"] if peft else None, "{:.1f}x"),
              _f(w.get("loss_rel_diff_vs_peft"), "{:.1e}"), _f(w.get("peak_mem_mb"), "{:.2f}")] for w in reg])
-    tr = [w for w in data.get("whole_model", []) if w.get("kind") == "train_step" and w.get("provider")]
+    tr = _whole_model_rows(data, "train_step")
     if tr:
         w0 = tr[0]
-        peft = next((w for w in tr if w["provider"] == "peft"), None)
+        peft = _peft_of(tr)
         out.append(f"Training step of {w0['model']} (hidden {w0['hidden']}, MLP {w0['mlp']}, {w0['layers']} layers, "
                    f"vocab {w0['vocab']}, {w0['dtype']}), {w0['batch']}x{w0['seq']} tokens, r {w0['r']} on "
                    f"{', '.join(w0['targets'])}; forward + regularizer + backward + AdamW:")
         out.append("")
         out += _md_table(["provider", "ms / step (p20-p80)", "tokens/s", "vs PEFT", "peak MB"], [
-            [w["provider"], f"{w['ms_median']:.2f} ({w['ms_p20']:.2f}-{w['ms_p80']:.2f})", f"{w['tokens_per_s']:.0f}",
+            [w["provider"], _ms_range(w, "{:.2f}"), f"{w['tokens_per_s']:.0f}",
              _f(w["tokens_per_s"] / peft["tokens_per_s"] if peft else None, "{:.2f}x"), _f(w["peak_mem_mb"], "{:.1f}")]
             for w in tr])
     errs = [w for w in data.get("whole_model", []) if w.get("error")]
@@ -371,66 +421,78 @@ def _sweeps(t: Table) -> Dict[Tuple, List[CaseKey]]:
     return {k: sorted(v) for k, v in groups.items() if len(v) >= 3}
 
 
+def _finish_panel(ax, t: Table, ylabel: str, subtitle: str, legend_size: int) -> None:
+    """The 1.0 line (no overhead), the y label, the device's title (marked when a CPU run) and the legend."""
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel(ylabel)
+    cpu = " [CPU run]" if t.data.get("device_type") == "cpu" else ""
+    ax.set_title(f"{_short(t.data)}{cpu}\n{subtitle}", fontsize=9)
+    ax.legend(fontsize=legend_size)
+
+
+def _headline_panel(ax, t: Table) -> None:
+    """Bars of fwd / T_mm and full / T_frozen per KaSA provider at the headline case."""
+    head, is_p = t.headline_case()
+    if head is None:
+        return
+    provs = [p for p in t.providers() if p not in BASELINES]
+    full = [t.ratio(head, p, "full", "frozen_linear", "full") or 0 for p in provs]
+    fwd = [t.ratio(head, p, "forward", "cublas_linear", "forward") or 0 for p in provs]
+    xs = range(len(provs))
+    ax.bar([x - 0.2 for x in xs], fwd, 0.4, label="forward / T_mm")
+    ax.bar([x + 0.2 for x in xs], full, 0.4, label="fwd+bwd / T_frozen")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(provs, rotation=30, ha="right", fontsize=8)
+    _finish_panel(ax, t, "time ratio (lower is better)", _case_str(head), 8)
+
+
+def _msweep_panel(ax, t: Table, groups: Dict[Tuple, List[CaseKey]]) -> None:
+    """full / T_frozen against M per KaSA provider, for the first sweep group."""
+    if not groups:
+        ax.set_axis_off()
+        return
+    gk, cases = next(iter(groups.items()))
+    for p in t.providers():
+        if p in BASELINES:
+            continue
+        pts = [(c[0], t.ratio(c, p, "full", "frozen_linear", "full")) for c in cases]
+        pts = [(m, v) for m, v in pts if v is not None]
+        if pts:
+            ax.plot([m for m, _ in pts], [v for _, v in pts], marker="o", label=p)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    _finish_panel(ax, t, "fwd+bwd / T_frozen (lower is better)",
+                  f"K={gk[0]} N={gk[1]} r={gk[2]} p={gk[3]:g} {gk[4]}", 7)
+
+
 def plot(tables: List[Table], out_dir: str, name: str) -> List[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
-    n = len(tables)
-    # 1. headline bars: full / T_frozen and fwd / T_mm per provider, one panel per device
-    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.2), squeeze=False)
+    def panels():  # one panel per device
+        return plt.subplots(1, len(tables), figsize=(6.5 * len(tables), 4.2), squeeze=False)
+
+    def save(fig, what: str) -> str:
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{name}-{what}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    # 1. headline bars: full / T_frozen and fwd / T_mm per provider
+    fig, axes = panels()
     for ax, t in zip(axes[0], tables):
-        head, is_p = t.headline_case()
-        if head is None:
-            continue
-        provs = [p for p in t.providers() if p not in BASELINES]
-        full = [t.ratio(head, p, "full", "frozen_linear", "full") or 0 for p in provs]
-        fwd = [t.ratio(head, p, "forward", "cublas_linear", "forward") or 0 for p in provs]
-        xs = range(len(provs))
-        ax.bar([x - 0.2 for x in xs], fwd, 0.4, label="forward / T_mm")
-        ax.bar([x + 0.2 for x in xs], full, 0.4, label="fwd+bwd / T_frozen")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(provs, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("time ratio (lower is better)")
-        cpu = " [CPU run]" if t.data.get("device_type") == "cpu" else ""
-        ax.set_title(f"{_short(t.data)}{cpu}\n{_case_str(head)}", fontsize=9)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"{name}-headline.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path)
+        _headline_panel(ax, t)
+    files = [save(fig, "headline")]
     # 2. M sweep: full / T_frozen vs M (the first sweep group of each file)
     sweeps = [(t, _sweeps(t)) for t in tables]
     if any(s for _, s in sweeps):
-        fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.2), squeeze=False)
+        fig, axes = panels()
         for ax, (t, groups) in zip(axes[0], sweeps):
-            if not groups:
-                ax.set_axis_off()
-                continue
-            gk, cases = next(iter(groups.items()))
-            for p in t.providers():
-                if p in BASELINES:
-                    continue
-                pts = [(c[0], t.ratio(c, p, "full", "frozen_linear", "full")) for c in cases]
-                pts = [(m, v) for m, v in pts if v is not None]
-                if pts:
-                    ax.plot([m for m, _ in pts], [v for _, v in pts], marker="o", label=p)
-            ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("M (tokens)")
-            ax.set_ylabel("fwd+bwd / T_frozen (lower is better)")
-            cpu = " [CPU run]" if t.data.get("device_type") == "cpu" else ""
-            ax.set_title(f"{_short(t.data)}{cpu}\nK={gk[0]} N={gk[1]} r={gk[2]} p={gk[3]:g} {gk[4]}", fontsize=9)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{name}-msweep.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+            _msweep_panel(ax, t, groups)
+        files.append(save(fig, "msweep"))
     return files
 
 

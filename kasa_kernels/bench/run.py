@@ -18,7 +18,7 @@ import torch
 from . import providers as prov
 from .shapes import Case
 from ..ops.precision import allow_tf32
-from .timing import Timer
+from .timing import Timer, quantiles
 
 SCHEMA_VERSION = 1
 
@@ -89,10 +89,14 @@ def environment(device: torch.device) -> Dict:
 # One case
 
 
+def _clear_grads(leaves: Sequence[torch.Tensor]) -> None:
+    for t in leaves:
+        t.grad = None
+
+
 def _zero_grads(leaves: Sequence[torch.Tensor]):
     def reset():
-        for t in leaves:
-            t.grad = None
+        _clear_grads(leaves)
 
     return reset
 
@@ -136,6 +140,143 @@ def _own_preexisting_bytes(name: str) -> int:
     return sum(p.numel() * p.element_size() for layer in prov._PEFT_LAYERS.values() for p in layer.parameters())
 
 
+def _record_skip(skipped: List[Dict], log, message: str, **entry) -> None:
+    """List what was left out (a provider, a case, or one provider's case or mode) under the results' "skipped",
+    with the reason, and say so: nothing is dropped silently."""
+    skipped.append(entry)
+    log(message)
+
+
+def _record_failure(skipped: List[Dict], log, stage: str, name: str, case: Case, e: Exception,
+                    mode: Optional[str] = None) -> None:
+    """Provider `name` failed to build (stage "build") or to run (stage "run") this case (in `mode`)."""
+    err = f"{type(e).__name__}: {e}"
+    in_mode = {"mode": mode} if mode else {}
+    _record_skip(skipped, log, f"    {name}{' ' + mode if mode else ''}: skipped ({err})",
+                 provider=name, case=str(case), **in_mode, reason=f"{stage} failed: {err}")
+
+
+def _collect(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _build_states(case: Case, names: Sequence[str], device: torch.device, args, log,
+                  skipped: List[Dict]) -> Dict[str, prov.State]:
+    """Each provider's tensors and forward for this case; one that cannot build it is recorded as skipped."""
+    states: Dict[str, prov.State] = {}
+    if "torch_compile" in names:
+        prov.prepare_compile(device)
+    for name in names:
+        try:
+            states[name] = prov.build(name, case, device, compile_mode=args.compile_mode)
+        except Exception as e:  # a provider that cannot build this case is recorded, never silently dropped
+            _record_failure(skipped, log, "build", name, case, e)
+    return states
+
+
+def _warm_up(fn, prepare, calls: int, timer: Timer) -> float:
+    """`calls` untimed calls; their wall time in seconds (long where they compile)."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        if prepare is not None:
+            prepare()
+        fn()
+    timer.sync()
+    return time.perf_counter() - t0
+
+
+def _reps(timer: Timer, fns, preps, args) -> int:
+    """Timed calls per provider: args.rep_ms worth of the slowest one, within [min_reps, max_reps]."""
+    est = max(timer.estimate_ms(f, p) for f, p in zip(fns, preps))
+    return int(max(args.min_reps, min(args.max_reps, args.rep_ms / max(est, 1e-3))))
+
+
+def _row(case: Case, mode: str, name: str, state: prov.State, samples: List[float]) -> Dict:
+    """One results row (the schema the report and tools read); peak_mem_mb is filled in later."""
+    q = quantiles(samples)
+    secs = q["ms_median"] / 1e3
+    return {
+        "provider": name, "mode": mode, "M": case.M, "K": case.K, "N": case.N, "r": case.r,
+        "dropout": case.dropout, "dtype": case.dtype, "tag": case.tag,
+        **q,
+        "tflops": prov.flops(state.kind, mode, case) / secs / 1e12 if secs > 0 else 0.0,
+        "gbps": prov.bytes_moved(state.kind, mode, case) / secs / 1e9 if secs > 0 else 0.0,
+        "peak_mem_mb": math.nan,
+        "reps": len(samples),
+        "impl": state.impl,
+    }
+
+
+def _time_mode(case: Case, mode: str, states: Dict[str, prov.State], timer: Timer, args, log,
+               skipped: List[Dict]) -> List[Dict]:
+    """Warm up every provider that has `mode`, time them interleaved call by call, and return their rows."""
+    live, fns, preps, keep = [], [], [], []
+    for n, state in states.items():
+        if not _supports(n, mode):
+            continue
+        try:
+            fn, prep, k = _mode_callable(state, mode)
+            warm_s = _warm_up(fn, prep, args.warmup, timer)
+        except Exception as e:
+            _record_failure(skipped, log, "run", n, case, e, mode)
+            continue
+        if warm_s > 5:
+            log(f"    {n} {mode}: warm-up {warm_s:.1f} s (compilation)")
+        live.append(n)
+        fns.append(fn)
+        preps.append(prep)
+        keep.append(k)
+    if not live:
+        return []
+    reps = _reps(timer, fns, preps, args)
+    samples = timer.run_interleaved(fns, preps, reps)
+    rows = [_row(case, mode, n, states[n], s) for n, s in zip(live, samples)]
+    del fns, preps, keep
+    line = "  ".join(f"{r['provider']} {r['ms_median']:.3f}" for r in rows)
+    log(f"    {mode:8s} ms: {line}  ({reps} reps)")
+    return rows
+
+
+def _peak_memory(name: str, case: Case, modes: Sequence[str], rows: List[Dict], device: torch.device, timer: Timer,
+                 args) -> None:
+    """Set peak_mem_mb on provider `name`'s rows of `modes`, from a fresh build, counting from before its tensors
+    were made."""
+    timer.sync()
+    before = (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0) - _own_preexisting_bytes(name)
+    st = prov.build(name, case, device, compile_mode=args.compile_mode)
+    for mode in modes:
+        fn, prep, k = _mode_callable(st, mode)
+        peak = timer.peak_memory_mb(fn, prep)
+        if device.type == "cuda":
+            flush = timer.flush_buf.numel() * 4 if timer.flush_buf is not None else 0
+            peak -= (before - flush) / 2**20
+        for r in rows:
+            if r["provider"] == name and r["mode"] == mode:
+                r["peak_mem_mb"] = peak
+        del fn, prep, k
+    _clear_grads(st.leaves)
+
+
+def _measure_peak_memory(case: Case, names: Sequence[str], modes: Sequence[str], rows: List[Dict],
+                         device: torch.device, timer: Timer, args, log) -> None:
+    """Peak memory of every timed provider and mode: one provider alive at a time. Rows it could not measure get
+    None."""
+    for name in names:
+        timed = [m for m in modes if any(r["provider"] == name and r["mode"] == m for r in rows)]
+        if not timed:
+            continue
+        try:
+            _peak_memory(name, case, timed, rows, device, timer, args)
+        except Exception as e:
+            log(f"    {name}: peak memory not measured ({type(e).__name__}: {e})")
+        _collect(device)
+    for r in rows:
+        if isinstance(r["peak_mem_mb"], float) and math.isnan(r["peak_mem_mb"]):
+            r["peak_mem_mb"] = None
+
+
 def bench_case(
     case: Case,
     names: Sequence[str],
@@ -146,107 +287,18 @@ def bench_case(
     log,
     skipped: List[Dict],
 ) -> List[Dict]:
+    """Every provider x mode of one case: the timed rows, then each one's peak memory. Providers that fail to build
+    or run are recorded in `skipped`."""
+    states = _build_states(case, names, device, args, log, skipped)
     rows: List[Dict] = []
-    states: Dict[str, prov.State] = {}
-    if "torch_compile" in names:
-        prov.prepare_compile(device)
-    for name in names:
-        try:
-            states[name] = prov.build(name, case, device, compile_mode=args.compile_mode)
-        except Exception as e:  # a provider that cannot build this case is recorded, never silently dropped
-            skipped.append({"provider": name, "case": str(case), "reason": f"build failed: {type(e).__name__}: {e}"})
-            log(f"    {name}: skipped ({type(e).__name__}: {e})")
     for mode in modes:
-        active = [n for n in states if _supports(n, mode)]
-        fns, preps, keep, live = [], [], [], []
-        for n in active:
-            try:
-                fn, prep, k = _mode_callable(states[n], mode)
-                t0 = time.perf_counter()
-                for _ in range(args.warmup):
-                    if prep is not None:
-                        prep()
-                    fn()
-                timer.sync()
-                warm_s = time.perf_counter() - t0
-            except Exception as e:
-                skipped.append({"provider": n, "case": str(case), "mode": mode,
-                                "reason": f"run failed: {type(e).__name__}: {e}"})
-                log(f"    {n} {mode}: skipped ({type(e).__name__}: {e})")
-                continue
-            if warm_s > 5:
-                log(f"    {n} {mode}: warm-up {warm_s:.1f} s (compilation)")
-            fns.append(fn)
-            preps.append(prep)
-            keep.append(k)
-            live.append(n)
-        if not live:
-            continue
-        est = max(timer.estimate_ms(f, p) for f, p in zip(fns, preps))
-        reps = int(max(args.min_reps, min(args.max_reps, args.rep_ms / max(est, 1e-3))))
-        samples = timer.run_interleaved(fns, preps, reps)
-        for n, s in zip(live, samples):
-            st = states[n]
-            q = timer_stats(s)
-            secs = q["ms_median"] / 1e3
-            rows.append({
-                "provider": n, "mode": mode, "M": case.M, "K": case.K, "N": case.N, "r": case.r,
-                "dropout": case.dropout, "dtype": case.dtype, "tag": case.tag,
-                **q,
-                "tflops": prov.flops(st.kind, mode, case) / secs / 1e12 if secs > 0 else 0.0,
-                "gbps": prov.bytes_moved(st.kind, mode, case) / secs / 1e9 if secs > 0 else 0.0,
-                "peak_mem_mb": math.nan,
-                "reps": len(s),
-                "impl": st.impl,
-            })
-        del fns, preps, keep
-        line = "  ".join(f"{r['provider']} {r['ms_median']:.3f}" for r in rows if r["mode"] == mode)
-        log(f"    {mode:8s} ms: {line}  ({reps} reps)")
-    # Peak memory: one provider alive at a time, measured from before its tensors were made.
+        rows += _time_mode(case, mode, states, timer, args, log, skipped)
     for st in states.values():
-        for t in st.leaves:
-            t.grad = None
+        _clear_grads(st.leaves)
     states.clear()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    for name in names:
-        if not any(r["provider"] == name for r in rows):
-            continue
-        try:
-            timer.sync()
-            before = (torch.cuda.memory_allocated(device) if device.type == "cuda" else 0) - _own_preexisting_bytes(name)
-            st = prov.build(name, case, device, compile_mode=args.compile_mode)
-            for mode in modes:
-                if not any(r["provider"] == name and r["mode"] == mode for r in rows):
-                    continue
-                fn, prep, k = _mode_callable(st, mode)
-                peak = timer.peak_memory_mb(fn, prep)
-                if device.type == "cuda":
-                    flush = timer.flush_buf.numel() * 4 if timer.flush_buf is not None else 0
-                    peak -= (before - flush) / 2**20
-                for r in rows:
-                    if r["provider"] == name and r["mode"] == mode:
-                        r["peak_mem_mb"] = peak
-                del fn, prep, k
-            for t in st.leaves:
-                t.grad = None
-            del st
-        except Exception as e:
-            log(f"    {name}: peak memory not measured ({type(e).__name__}: {e})")
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    for r in rows:
-        if isinstance(r["peak_mem_mb"], float) and math.isnan(r["peak_mem_mb"]):
-            r["peak_mem_mb"] = None
+    _collect(device)
+    _measure_peak_memory(case, names, modes, rows, device, timer, args, log)
     return rows
-
-
-def timer_stats(samples):
-    from .timing import quantiles
-
-    return quantiles(samples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,18 +318,24 @@ def default_out_path(out: Optional[str], env: Dict, date: str) -> str:
     return path
 
 
-def run(args, cases: Sequence[Case], names: Sequence[str], modes: Sequence[str], device: torch.device,
-        command: str) -> str:
-    t_start = time.perf_counter()
-    quiet = args.quiet
-
+def _logger(quiet: bool):
     def log(msg: str) -> None:
         if not quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    env = environment(device)
-    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    skipped: List[Dict] = []
+    return log
+
+
+def _load_avg_1m() -> Optional[float]:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _budget_spent(budget: float) -> str:
+    return f"--time-budget-s {budget:g} spent"
+
+
+def _runnable(names: Sequence[str], device: torch.device, args, log, skipped: List[Dict]) -> List[str]:
+    """The providers that can run here; the others are recorded as skipped, with the reason."""
     runnable = []
     for n in names:
         ok, why = prov.usable(n, device)
@@ -287,36 +345,57 @@ def run(args, cases: Sequence[Case], names: Sequence[str], modes: Sequence[str],
         if ok:
             runnable.append(n)
         else:
-            skipped.append({"provider": n, "reason": why})
-            log(f"skipping provider {n}: {why}")
-    log(f"kasa-bench on {env['device']}: {len(cases)} cases x {len(modes)} modes x {len(runnable)} providers")
-    timer = Timer(device, flush=not args.no_flush)
+            _record_skip(skipped, log, f"skipping provider {n}: {why}", provider=n, reason=why)
+    return runnable
+
+
+def _bench_cases(cases: Sequence[Case], names: Sequence[str], modes: Sequence[str], device: torch.device,
+                 timer: Timer, args, log, skipped: List[Dict], t_start: float, over_budget) -> List[Dict]:
+    """bench_case over the cases, until the time budget (if any) is spent; the cases left then are listed."""
     rows: List[Dict] = []
-    budget = getattr(args, "time_budget_s", None)
-
-    def over_budget() -> bool:
-        return budget is not None and time.perf_counter() - t_start > budget
-
     for i, case in enumerate(cases):
         if over_budget():
             for left in cases[i:]:
-                skipped.append({"case": str(left), "reason": f"--time-budget-s {budget:g} spent"})
+                skipped.append({"case": str(left), "reason": _budget_spent(args.time_budget_s)})
             log(f"time budget spent: {len(cases) - i} cases left out")
             break
         log(f"[{i + 1}/{len(cases)}] {case}  ({time.perf_counter() - t_start:.0f} s elapsed)")
-        rows += bench_case(case, runnable, modes, device, timer, args, log, skipped)
-    whole: List[Dict] = []
-    if args.whole_model and over_budget():
-        skipped.append({"case": "whole-model runs", "reason": f"--time-budget-s {budget:g} spent"})
-    elif args.whole_model:
-        from . import wholemodel
+        rows += bench_case(case, names, modes, device, timer, args, log, skipped)
+    return rows
 
-        log("whole-model runs")
-        whole = wholemodel.run_all(device, small=(device.type != "cuda" or args.whole_model_small), timer=timer,
-                                   log=log, args=args)
-    backends = {k: {"usable": v.available, "reason": v.reason} for k, v in __import__("kasa_kernels").backends(device).items()}
-    now = _dt.datetime.now()
-    result = {
+
+def _whole_model_runs(device: torch.device, timer: Timer, args, log, skipped: List[Dict], over_budget) -> List[Dict]:
+    if not args.whole_model:
+        return []
+    if over_budget():
+        skipped.append({"case": "whole-model runs", "reason": _budget_spent(args.time_budget_s)})
+        return []
+    from . import wholemodel
+
+    log("whole-model runs")
+    return wholemodel.run_all(device, small=(device.type != "cuda" or args.whole_model_small), timer=timer, log=log,
+                              args=args)
+
+
+def _timing_settings(timer: Timer, args, device: torch.device) -> Dict:
+    return {"method": timer.method, "warmup": args.warmup, "rep_ms": args.rep_ms, "min_reps": args.min_reps,
+            "max_reps": args.max_reps, "compile_mode": args.compile_mode,
+            "allow_tf32_matmul": allow_tf32(),
+            "peak_mem": ("torch.cuda.max_memory_allocated during one call, minus what was allocated before "
+                         "the provider's tensors were made (inputs, parameters and saved tensors count)"
+                         if device.type == "cuda" else
+                         "CPU estimate: peak live tensor storage seen by a dispatch mode during one call "
+                         "(inputs, parameters and saved tensors count; scratch inside kernels does not)")}
+
+
+def _results(env: Dict, command: str, now: _dt.datetime, device: torch.device, timer: Timer, args,
+             runnable: Sequence[str], skipped: List[Dict], rows: List[Dict], whole: List[Dict], t_start: float,
+             load_start: Optional[float]) -> Dict:
+    """The results file's content (schema SCHEMA_VERSION)."""
+    import kasa_kernels
+
+    backends = {k: {"usable": v.available, "reason": v.reason} for k, v in kasa_kernels.backends(device).items()}
+    return {
         "schema": SCHEMA_VERSION,
         **{k: env[k] for k in ("device", "capability", "driver", "torch", "triton", "cuda")},
         "command": command,
@@ -325,16 +404,9 @@ def run(args, cases: Sequence[Case], names: Sequence[str], modes: Sequence[str],
         "device_type": env["device_type"],
         "python": env["python"],
         "host": env["host"],
-        "kasa_kernels": __import__("kasa_kernels").__version__,
+        "kasa_kernels": kasa_kernels.__version__,
         "backends": backends,
-        "timing": {"method": timer.method, "warmup": args.warmup, "rep_ms": args.rep_ms, "min_reps": args.min_reps,
-                   "max_reps": args.max_reps, "compile_mode": args.compile_mode,
-                   "allow_tf32_matmul": allow_tf32(),
-                   "peak_mem": ("torch.cuda.max_memory_allocated during one call, minus what was allocated before "
-                                "the provider's tensors were made (inputs, parameters and saved tensors count)"
-                                if device.type == "cuda" else
-                                "CPU estimate: peak live tensor storage seen by a dispatch mode during one call "
-                                "(inputs, parameters and saved tensors count; scratch inside kernels does not)")},
+        "timing": _timing_settings(timer, args, device),
         "formulas": {
             "tflops": "base 2MNK (+2MNK for dW of dense_linear in backward); adapter 2Mr(K+N) forward, 4Mr(K+N) "
                       "backward; full = forward + backward",
@@ -346,13 +418,37 @@ def run(args, cases: Sequence[Case], names: Sequence[str], modes: Sequence[str],
         "whole_model": whole,
         "elapsed_s": round(time.perf_counter() - t_start, 1),
         # other work on the machine inflates and spreads CPU timings; the 1-minute load average says how much
-        "load_avg_1m": {"start": load_start and round(load_start[0], 2),
-                        "end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
+        "load_avg_1m": {"start": load_start, "end": _load_avg_1m()},
     }
-    path = default_out_path(args.out, env, now.strftime("%Y-%m-%d"))
+
+
+def _write_json(path: str, result: Dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1, allow_nan=False)
         f.write("\n")
+
+
+def run(args, cases: Sequence[Case], names: Sequence[str], modes: Sequence[str], device: torch.device,
+        command: str) -> str:
+    t_start = time.perf_counter()
+    log = _logger(args.quiet)
+    env = environment(device)
+    load_start = _load_avg_1m()
+    skipped: List[Dict] = []
+    runnable = _runnable(names, device, args, log, skipped)
+    log(f"kasa-bench on {env['device']}: {len(cases)} cases x {len(modes)} modes x {len(runnable)} providers")
+    timer = Timer(device, flush=not args.no_flush)
+    budget = getattr(args, "time_budget_s", None)
+
+    def over_budget() -> bool:
+        return budget is not None and time.perf_counter() - t_start > budget
+
+    rows = _bench_cases(cases, runnable, modes, device, timer, args, log, skipped, t_start, over_budget)
+    whole = _whole_model_runs(device, timer, args, log, skipped, over_budget)
+    now = _dt.datetime.now()
+    result = _results(env, command, now, device, timer, args, runnable, skipped, rows, whole, t_start, load_start)
+    path = default_out_path(args.out, env, now.strftime("%Y-%m-%d"))
+    _write_json(path, result)
     log(f"wrote {path} ({len(rows)} rows, {len(whole)} whole-model rows, {result['elapsed_s']} s)")
     return path
