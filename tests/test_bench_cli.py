@@ -59,7 +59,7 @@ def test_report_one_and_two_devices(results, tmp_path):
     path, data = results
     assert main(["report", str(path), "--out-dir", str(tmp_path / "one")]) == 0
     md = (tmp_path / "one" / "cpu.md").read_text()
-    assert "CPU run" in md and "full / T_frozen" in md and "DESIGN.md targets" in md
+    assert "CPU run" in md and "full / T_frozen" in md and "Performance targets" in md
     assert (tmp_path / "one" / "cpu-headline.png").stat().st_size > 1000
     other = dict(data, device="NVIDIA GeForce RTX 3090 (fabricated for this test)", device_slug="rtx3090-test",
                  device_type="cuda")

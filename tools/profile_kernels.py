@@ -30,7 +30,7 @@ from kasa_kernels.bench.run import _mode_callable, _supports  # noqa: E402
 from kasa_kernels.bench.shapes import P, parse_shape  # noqa: E402
 
 # Profiled by default on a GPU: every provider of the registry but these (ask for them with --providers): the dense
-# layer (no DESIGN.md ratio uses it), PEFT's layer and torch.compile (unsloth_style stands for the unfused
+# layer (no docs/design.md ratio uses it), PEFT's layer and torch.compile (unsloth_style stands for the unfused
 # compositions). On CPU, where no fused kernel runs: the two references (T_mm, T_frozen) and the torch backend.
 NOT_BY_DEFAULT = ("dense_linear", "peft", "torch_compile")
 GPU_DEFAULT = ",".join(n for n in prov.PROVIDERS if n not in NOT_BY_DEFAULT)

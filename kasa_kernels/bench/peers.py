@@ -5,7 +5,7 @@ Unsloth's LoRA MLP kernels: the base GEMM, then the rank-r term added into its o
 scale s folded into addmm's alpha and the diagonal d folded into B (an N x r product, not M x r), and a hand-written
 backward whose GEMMs also carry the scale in alpha. Everything runs in the activation dtype (adapters are cast to
 it, as Unsloth does), so it does fewer, cheaper passes than PEFT's fp32-adapter path; it is the unfused bar the fused
-kernels must beat. Written for this harness from KASA_MATH.md; it shares no code with any library.
+kernels must beat. Written for this harness from docs/math.md; it shares no code with any library.
 
     forward:  H = X~ A^T (M x r),  Bd = B * d (N x r),  Y = x W^T (+ b);  Y += s * H Bd^T        (addmm_, alpha=s)
     backward: gH = s * G Bd (M x r),  dBd = s * G^T H (N x r),  dB = dBd * d,  dd = colsum(dBd * B),

@@ -10,7 +10,7 @@ The forward-only providers (cublas_linear, T_mm; our two GEMMs with the adapter 
 come from python/kasa_reference (peft_style_eager, the PEFT-shaped eager composition used when PEFT is not
 installed), from PEFT itself, and from bench/peers.py.
 
-FLOP counts are those of the math, the same for every implementation of it (KASA_MATH.md, "Cost"):
+FLOP counts are those of the math, the same for every implementation of it (docs/math.md, "Cost model"):
     base GEMM          2 M N K                    (forward; dx = G W in backward; dW = G^T x for a dense layer)
     adapter forward    2 M r (K + N)              (H = X~ A^T and S B^T)
     adapter backward   4 M r (K + N)              (G B, G^T Z, gH^T X~, gH A)
@@ -360,7 +360,7 @@ def names(*categories: str) -> Tuple[str, ...]:
 PROVIDERS = tuple(p.name for p in REGISTRY)
 FORWARD_ONLY = tuple(p.name for p in REGISTRY if p.forward_only)
 # Our Triton and CUDA GEMMs with the adapter switched off (the same kernels as the fused forwards, rank-r k-steps
-# disabled), timed against cublas_linear (T_mm) for DESIGN.md's "our GEMM vs cuBLAS".
+# disabled), timed against cublas_linear (T_mm) for docs/design.md's "our GEMM vs cuBLAS".
 GEMMS = names(OUR_GEMM)
 # Not KaSA layers: left out of per-provider KaSA plots and peer tables.
 BASELINES = names(BASELINE_GEMM, FROZEN_LAYER, OUR_GEMM)

@@ -108,14 +108,14 @@ def _short(data: Dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Targets (DESIGN.md, "Performance targets"): evaluated only where the data exists
+# Targets (docs/design.md, "Performance targets"): evaluated only where the data exists
 
 
 Target = Tuple[str, str, str, str, str, str]  # (metric, must, target, value, must verdict, target verdict)
 
 
 def _p_key(dropout: float = 0.0) -> CaseKey:
-    """Shape P at bf16, the setting of DESIGN.md's targets."""
+    """Shape P at bf16, the setting of docs/design.md's targets."""
     return (P["M"], P["K"], P["N"], P["r"], dropout, "bf16")
 
 
@@ -370,7 +370,7 @@ def _side_by_side(tables: List[Table]) -> List[str]:
             rows = [[p] + [_f(t.ratio(case, p, num_mode, den, den_mode)) for t in tables] for p in provs]
             rows.append([f"{den} ms"] + [_f(t.ms(case, den, den_mode)) for t in tables])
             out += _md_table(["provider"] + names, rows)
-    out += ["### DESIGN.md targets", ""]
+    out += ["### Performance targets (docs/design.md)", ""]
     per = [targets(t) for t in tables]
     rows = []
     for i, tr in enumerate(per[0]):
@@ -393,7 +393,7 @@ def render_markdown(datas: List[Dict], plot_files: Sequence[str] = ()) -> str:
         if head is not None:
             lines += [f"#### Headline: {_case_str(head)}" + ("" if is_p else " (shape P is not in this file)"), ""]
             lines += _case_table(t, head)
-        lines += ["#### DESIGN.md targets (bf16 at P; pass/fail only where this file has the data)", ""]
+        lines += ["#### Performance targets of docs/design.md (bf16 at P; pass/fail only where this file has the data)", ""]
         lines += _md_table(["metric", "must", "target", "value", "must", "target"], targets(t))
         lines += ["#### Speedup of ours over each peer (forward+backward; peer ms / ours ms)", ""]
         lines += _peer_table(t)

@@ -35,7 +35,7 @@ class Case:
         return f"M={self.M} K={self.K} N={self.N} r={self.r} p={self.dropout:g} {self.dtype}{t}"
 
 
-# The primary shape of DESIGN.md's targets table.
+# The primary shape of docs/design.md's targets table.
 P = dict(M=8192, K=4096, N=4096, r=16, dropout=0.0)
 
 # (K, N) = (in_features, out_features) of the adapted projections, nn.Linear convention.
