@@ -2,9 +2,19 @@
 
 Runs on every device and traces under torch.compile. It never forms diag(d) and never keeps an M x N or M x K
 tensor for backward: forward returns H = dropout(x) A^T (M x r, fp32) and backward rebuilds everything else from
-x, H and the dropout seed. The low-rank products accumulate in fp32 (fp64 when x is fp64, for gradcheck); the base
-GEMM and the M x N output stay in x's dtype, and the rank-r term is added into the GEMM's output in place, so no
-second M x N tensor is made.
+x, H and the dropout seed.
+
+It is what backend="auto" runs wherever no fused backend has been measured faster, so it is written to move few
+bytes (kasa-bench traffic counts them per aten op; tests/test_traffic.py holds it to the best unfused composition):
+- The rank-r products take x and the output gradient in their own dtype and cast the small factors instead (fp16
+  excepted: precision.operand_dtype); bf16 products sum in fp32 and come back unrounded where torch.mm has
+  out_dtype (CUDA), else rounded once (precision.rank_r_mm).
+- s and d are folded into B (an N x r product), the dropout scale 1/(1-p) into A, so the M x r work is the products
+  themselves; dB and dd come from the one N x r product G^T H: dB = s (G^T H) d, dd = s colsum(B * (G^T H)).
+- The mask is used through ops/rng.py's kernels, one fused kernel each where inductor compiles them: forward masks
+  x once; backward masks dx's rank-r term and x (for dA) in one pass. Masked values are exact (no scale).
+- The base GEMMs and the M x N output stay in x's dtype, and each rank-r term is added into its GEMM's output in
+  place (addmm_), so no second M x N or M x K tensor is made.
 """
 from __future__ import annotations
 
@@ -14,13 +24,26 @@ import torch
 import torch.nn.functional as F
 
 from .defs import register_kernel
-from .precision import accumulation_dtype, fp16_rebalance
-from .rng import apply_dropout
+from .precision import accumulation_dtype, fp16_rebalance, mm_sums_to_fp32, operand_dtype, rank_r_mm
+from .rng import add_masked_, dropout_backward_, keep_scale, masked
+
+
+def _factor_a(lora_A: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale * A (r, K) in the operand dtype: the dropout's 1/(1-p) rides on A, rounded once with it."""
+    if scale == 1.0:
+        return lora_A.to(dtype)
+    return (lora_A.to(accumulation_dtype(lora_A)) * scale).to(dtype)
+
+
+def _factor_b(lora_B: torch.Tensor, lora_diag: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """s * B diag(d) (N, r) in the operand dtype."""
+    acc = accumulation_dtype(lora_B)
+    return (lora_B.to(acc) * (lora_diag.to(acc) * scaling)).to(dtype)
 
 
 def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """out += left @ right for a rank-r left (M, r) and right (r, cols) in the accumulation dtype, with the operands
-    cast to out's dtype so the add rides in the GEMM (fp16 after precision.fp16_rebalance)."""
+    """out += left @ right for a rank-r left (M, r) and right (r, cols) in the operand dtype, inside the GEMM; for fp16
+    out after precision.fp16_rebalance."""
     if out.dtype == torch.float16:
         left, right = fp16_rebalance(left, right)
     out.addmm_(left.to(out.dtype), right.to(out.dtype))
@@ -39,12 +62,18 @@ def linear_forward(
     seed: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) fp32)."""
-    acc = accumulation_dtype(x2d)
-    x_acc = apply_dropout(x2d, seed, dropout_p, acc) if dropout_p > 0.0 else x2d.to(acc)
-    h = x_acc @ lora_A.to(acc).t()
-    s = h * (lora_diag.to(acc) * scaling)
+    acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
+    a = _factor_a(lora_A, keep_scale(dropout_p), dt)
+    x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else x2d.to(dt)
+    # H = keep(x) (A / (1-p))^T, plus its copy in the operand dtype for the GEMM below (one cast, whichever way)
+    if mm_sums_to_fp32(x_kept):
+        h = torch.mm(x_kept, a.t(), out_dtype=acc)
+        h_op = h.to(dt)
+    else:
+        h_op = x_kept @ a.t()
+        h = h_op.to(acc)
     y = F.linear(x2d, weight, bias)
-    _add_lowrank_(y, s, lora_B.to(acc).t())
+    _add_lowrank_(y, h_op, _factor_b(lora_B, lora_diag, scaling, dt).t())
     return y, h
 
 
@@ -66,22 +95,31 @@ def linear_backward(
 
     dx is in x's dtype; dA, dd, dB are in the accumulation dtype (the autograd layer casts them)."""
     need_dx, need_da, need_dd, need_db = needs
-    acc = h.dtype
-    g_acc = grad_y.to(acc)
-    d = lora_diag.to(acc)
-    gz = (g_acc @ lora_B.to(acc)) * scaling
-    gh = gz * d
-    db = (g_acc.t() @ (h * d)) * scaling if need_db else None
-    dd = (gz * h).sum(0) if need_dd else None
-    da = None
-    if need_da:
-        x_acc = apply_dropout(x2d, seed, dropout_p, acc) if dropout_p > 0.0 else x2d.to(acc)
-        da = gh.t() @ x_acc
-    dx = None
+    acc, dt = h.dtype, operand_dtype(x2d)
+    g = grad_y.to(dt)
+    gh = g @ _factor_b(lora_B, lora_diag, scaling, dt)  # gH = s G B diag(d), (M, r)
+    dd = db = None
+    if need_dd or need_db:
+        gth = rank_r_mm(g.t(), h.to(dt), acc)  # G^T H, (N, r)
+        if need_db:
+            db = gth * (lora_diag.to(acc) * scaling)
+        if need_dd:
+            dd = (gth * lora_B.to(acc)).sum(0) * scaling
+    dx = x_kept = None
     if need_dx:
         dx = grad_y @ weight
-        if dropout_p > 0.0:
-            dx += apply_dropout(gh @ lora_A.to(acc), seed, dropout_p, out_dtype=dx.dtype)
+        a = _factor_a(lora_A, keep_scale(dropout_p), dt)
+        if dropout_p == 0.0:
+            _add_lowrank_(dx, gh, a)
+        elif need_da:  # one mask for dx's rank-r term and for dA's input; the term's buffer then holds keep(x)
+            dx, x_kept = dropout_backward_(dx, gh @ a, x2d, seed, dropout_p)
         else:
-            _add_lowrank_(dx, gh, lora_A.to(acc))
+            add_masked_(dx, gh @ a, seed, dropout_p)
+    da = None
+    if need_da:
+        if x_kept is None:
+            x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else x2d.to(dt)
+        da = rank_r_mm(gh.t(), x_kept, acc)
+        if dropout_p > 0.0:
+            da *= keep_scale(dropout_p)
     return dx, da, dd, db
