@@ -352,3 +352,18 @@ def test_fused_mask_kernels_on_cuda_are_bit_identical(name, dtype):
     for f, e in zip(fused + fused_args, eager + eager_args):
         if isinstance(f, torch.Tensor):
             assert torch.equal(f, e)
+
+
+# This machine's CPU decides the path a bf16 / fp16 layer takes (precision.PATHS); the other one is forced here, so
+# both CPU paths are held to the reference wherever the suite runs.
+@pytest.mark.parametrize("lowp_gemm", [True, False], ids=["lowp-gemm", "no-lowp-gemm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_both_cpu_paths_match_reference(monkeypatch, lowp_gemm, dtype, p):
+    from kasa_kernels.ops import precision
+
+    monkeypatch.setitem(precision._CPU_LOWP_GEMM, dtype, lowp_gemm)
+    x = make_case((3, 13), 64, 96, 8, dtype, torch.float32)[0]
+    assert precision.operand_dtype(x) == (dtype if lowp_gemm and dtype == torch.bfloat16 else torch.float32)
+    check_against_reference(make_case((3, 13), 64, 96, 8, dtype, torch.float32), p=p)
+    check_against_reference(make_case((2, 11), 33, 21, 3, dtype, dtype, noncontig=True), p=p)

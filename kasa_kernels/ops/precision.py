@@ -27,28 +27,74 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Which path a device takes
-
+#
+# The torch backend's path depends on what the device's kernels are good at:
+#   cuda              low-precision GEMMs are native, torch.mm returns fp32 sums of bf16 operands (out_dtype), and the
+#                     dropout-mask kernels are compiled to Triton.
+#   cpu-bf16-gemm     a CPU whose oneDNN has bf16 (and fp16) GEMM kernels (AVX-512, AMX): low-precision operands as on
+#                     cuda, without out_dtype; the mask kernels compiled to C++ for large tensors.
+#   cpu-no-bf16-gemm  a CPU without them (AVX2): torch's fallback bf16 GEMM is slow enough that the rank-r work runs in
+#                     fp32 instead (copies of x and the output gradient, fp32 products added into the output).
+#                     Measured on a 2-core AMD EPYC (AVX2, 1 thread, min of 15, 2026-12-01): at 1024 x 768 x 768, r 16,
+#                     x @ A^T took 3.2 ms in bf16 against 1.1 ms for fp32 copy + product, G @ B 18.5 ms against 1.2, and
+#                     adding the rank-r term into a bf16 output 53 ms by a bf16 addmm_ against 12.6 ms in fp32.
 # Meta tensors have no kernels of their own. kasa_kernels.bench.traffic runs layers on them to count the bytes each
-# op moves, and has them take the code path of the device it names (meta_runs_as); otherwise they take the plain
-# eager path.
-_meta_kind = "meta"
+# op moves and has them take the path it names (meta_runs_as); otherwise they take the cuda path, without compiled
+# kernels.
+PATHS = ("cuda", "cpu-bf16-gemm", "cpu-no-bf16-gemm")
+
+
+def _cpu_has(check: str) -> bool:
+    fn = getattr(torch.ops.mkldnn, check, None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except RuntimeError:
+        return False
+
+
+# read once at import: a constant for torch.compile, which then never traces the query
+_CPU_LOWP_GEMM = {torch.bfloat16: _cpu_has("_is_mkldnn_bf16_supported"),
+                  torch.float16: _cpu_has("_is_mkldnn_fp16_supported")}
+_meta_path = None
 
 
 @contextlib.contextmanager
-def meta_runs_as(device_type: str):
-    """Within this block, code that picks a path by device_kind treats meta tensors as `device_type` tensors."""
-    global _meta_kind
-    before, _meta_kind = _meta_kind, device_type
+def meta_runs_as(path: str):
+    """Within this block, meta tensors take device path `path` (one of PATHS)."""
+    global _meta_path
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    before, _meta_path = _meta_path, path
     try:
         yield
     finally:
-        _meta_kind = before
+        _meta_path = before
+
+
+def device_path(device: torch.device) -> str:
+    """The path (PATHS) tensors on `device` take; other device types are named as they are."""
+    if device.type == "meta" and _meta_path is not None:
+        return _meta_path
+    if device.type == "cpu":
+        return "cpu-bf16-gemm" if _CPU_LOWP_GEMM[torch.bfloat16] else "cpu-no-bf16-gemm"
+    return device.type
 
 
 def device_kind(t: torch.Tensor) -> str:
-    """The device type whose code path `t` takes: its own, or for a meta tensor the one meta_runs_as names."""
+    """The device type whose code path `t` takes: its own, or for a meta tensor that of the path meta_runs_as names."""
     kind = t.device.type
-    return _meta_kind if kind == "meta" else kind
+    if kind == "meta" and _meta_path is not None:
+        return _meta_path.split("-")[0]
+    return kind
+
+
+def lowp_gemm_native(t: torch.Tensor) -> bool:
+    """Whether t's device has fast GEMM kernels in t's dtype when that is bf16 or fp16 (see PATHS)."""
+    if t.device.type == "cpu":
+        return _CPU_LOWP_GEMM.get(t.dtype, True)
+    if t.device.type == "meta" and _meta_path is not None:
+        return _meta_path != "cpu-no-bf16-gemm"
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -57,9 +103,12 @@ def device_kind(t: torch.Tensor) -> str:
 
 def operand_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype in which the rank-r products take x (and the output gradient): x's own, so no M x K or M x N copy is
-    made; the small rank-r factor is cast to it instead. Except fp16: H and gH routinely exceed its range (65504) while
-    the layer's output does not, so fp16 operands are taken in fp32."""
-    return torch.float32 if x.dtype == torch.float16 else x.dtype
+    made; the small rank-r factor is cast to it instead. Except fp16, whose range (65504) H and gH routinely exceed
+    while the layer's output does not, and bf16 or fp16 where the device has no fast GEMM in them (PATHS): those are
+    taken in fp32."""
+    if x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not lowp_gemm_native(x)):
+        return torch.float32
+    return x.dtype
 
 
 _HAS_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch >= 2.8: torch.mm(a, b, out_dtype=...)

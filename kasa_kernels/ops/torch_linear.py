@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .defs import register_kernel
-from .precision import accumulation_dtype, fp16_rebalance, mm_sums_to_fp32, operand_dtype, rank_r_mm
+from .precision import (accumulation_dtype, fp16_rebalance, lowp_gemm_native, mm_sums_to_fp32, operand_dtype,
+                        rank_r_mm)
 from .rng import add_masked_, dropout_backward_, keep_scale, masked
 
 
@@ -42,11 +43,17 @@ def _factor_b(lora_B: torch.Tensor, lora_diag: torch.Tensor, scaling: float, dty
 
 
 def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """out += left @ right for a rank-r left (M, r) and right (r, cols) in the operand dtype, inside the GEMM; for fp16
-    out after precision.fp16_rebalance."""
-    if out.dtype == torch.float16:
-        left, right = fp16_rebalance(left, right)
-    out.addmm_(left.to(out.dtype), right.to(out.dtype))
+    """out += left @ right for a rank-r left (M, r) and right (r, cols) in the operand dtype. Inside the GEMM (addmm_)
+    where the device has a fast GEMM in out's dtype, fp16 after precision.fp16_rebalance; on a CPU without one the
+    product is formed in fp32 and added (precision.PATHS: 4x faster than a bf16 addmm_ there)."""
+    if left.dtype != out.dtype:
+        if not lowp_gemm_native(out):
+            out.add_(left @ right)
+            return
+        if out.dtype == torch.float16:
+            left, right = fp16_rebalance(left, right)
+        left, right = left.to(out.dtype), right.to(out.dtype)
+    out.addmm_(left, right)
 
 
 @register_kernel("linear_forward", "torch")
@@ -103,8 +110,8 @@ def linear_backward(
         gth = rank_r_mm(g.t(), h.to(dt), acc)  # G^T H, (N, r)
         if need_db:
             db = gth * (lora_diag.to(acc) * scaling)
-        if need_dd:
-            dd = (gth * lora_B.to(acc)).sum(0) * scaling
+        if need_dd:  # the diagonal of B^T (G^T H): one pass over B and G^T H, the r x r product is tiny
+            dd = torch.mm(lora_B.to(acc).t(), gth).diagonal() * scaling
     dx = x_kept = None
     if need_dx:
         dx = grad_y @ weight
