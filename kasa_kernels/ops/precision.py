@@ -120,11 +120,16 @@ def mm_sums_to_fp32(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and _HAS_MM_OUT_DTYPE and device_kind(t) == "cuda"
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`; t itself when it already is (Tensor.to costs a dispatch even then, which small layers feel)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def rank_r_mm(left: torch.Tensor, right: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """left @ right (one side of rank r), returned in `acc` (fp32 or fp64), summed in fp32 or wider."""
     if acc == torch.float32 and mm_sums_to_fp32(left):
         return torch.mm(left, right, out_dtype=acc)
-    return torch.mm(left, right).to(acc)
+    return cast(torch.mm(left, right), acc)
 
 
 def fp16_rebalance(left: torch.Tensor, right: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

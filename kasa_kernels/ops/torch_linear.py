@@ -24,22 +24,26 @@ import torch
 import torch.nn.functional as F
 
 from .defs import register_kernel
-from .precision import (accumulation_dtype, fp16_rebalance, lowp_gemm_native, mm_sums_to_fp32, operand_dtype,
-                        rank_r_mm)
+from .precision import (accumulation_dtype, cast, fp16_rebalance, lowp_gemm_native, mm_sums_to_fp32,
+                        operand_dtype, rank_r_mm)
 from .rng import add_masked_, dropout_backward_, keep_scale, masked
 
 
 def _factor_a(lora_A: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """scale * A (r, K) in the operand dtype: the dropout's 1/(1-p) rides on A, rounded once with it."""
     if scale == 1.0:
-        return lora_A.to(dtype)
-    return (lora_A.to(accumulation_dtype(lora_A)) * scale).to(dtype)
+        return cast(lora_A, dtype)
+    return cast(cast(lora_A, accumulation_dtype(lora_A)) * scale, dtype)
 
 
-def _factor_b(lora_B: torch.Tensor, lora_diag: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """s * B diag(d) (N, r) in the operand dtype."""
-    acc = accumulation_dtype(lora_B)
-    return (lora_B.to(acc) * (lora_diag.to(acc) * scaling)).to(dtype)
+def _diag_scale(lora_diag: torch.Tensor, scaling: float, acc: torch.dtype) -> torch.Tensor:
+    """s * d (r,) in the accumulation dtype."""
+    return cast(lora_diag, acc) * scaling
+
+
+def _factor_b(lora_B: torch.Tensor, ds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """B diag(s d) (N, r) in the operand dtype."""
+    return cast(cast(lora_B, ds.dtype) * ds, dtype)
 
 
 def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
@@ -52,7 +56,7 @@ def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) ->
             return
         if out.dtype == torch.float16:
             left, right = fp16_rebalance(left, right)
-        left, right = left.to(out.dtype), right.to(out.dtype)
+        left, right = cast(left, out.dtype), cast(right, out.dtype)
     out.addmm_(left, right)
 
 
@@ -71,16 +75,16 @@ def linear_forward(
     """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) fp32)."""
     acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
     a = _factor_a(lora_A, keep_scale(dropout_p), dt)
-    x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else x2d.to(dt)
+    x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else cast(x2d, dt)
     # H = keep(x) (A / (1-p))^T, plus its copy in the operand dtype for the GEMM below (one cast, whichever way)
     if mm_sums_to_fp32(x_kept):
         h = torch.mm(x_kept, a.t(), out_dtype=acc)
         h_op = h.to(dt)
     else:
         h_op = x_kept @ a.t()
-        h = h_op.to(acc)
+        h = cast(h_op, acc)
     y = F.linear(x2d, weight, bias)
-    _add_lowrank_(y, h_op, _factor_b(lora_B, lora_diag, scaling, dt).t())
+    _add_lowrank_(y, h_op, _factor_b(lora_B, _diag_scale(lora_diag, scaling, acc), dt).t())
     return y, h
 
 
@@ -103,15 +107,16 @@ def linear_backward(
     dx is in x's dtype; dA, dd, dB are in the accumulation dtype (the autograd layer casts them)."""
     need_dx, need_da, need_dd, need_db = needs
     acc, dt = h.dtype, operand_dtype(x2d)
-    g = grad_y.to(dt)
-    gh = g @ _factor_b(lora_B, lora_diag, scaling, dt)  # gH = s G B diag(d), (M, r)
+    g = cast(grad_y, dt)
+    ds = _diag_scale(lora_diag, scaling, acc)
+    gh = g @ _factor_b(lora_B, ds, dt)  # gH = G B diag(s d), (M, r)
     dd = db = None
     if need_dd or need_db:
-        gth = rank_r_mm(g.t(), h.to(dt), acc)  # G^T H, (N, r)
+        gth = rank_r_mm(g.t(), cast(h, dt), acc)  # G^T H, (N, r)
         if need_db:
-            db = gth * (lora_diag.to(acc) * scaling)
+            db = gth * ds
         if need_dd:  # the diagonal of B^T (G^T H): one pass over B and G^T H, the r x r product is tiny
-            dd = torch.mm(lora_B.to(acc).t(), gth).diagonal() * scaling
+            dd = torch.mm(cast(lora_B, acc).t(), gth).diagonal() * scaling
     dx = x_kept = None
     if need_dx:
         dx = grad_y @ weight
@@ -125,7 +130,7 @@ def linear_backward(
     da = None
     if need_da:
         if x_kept is None:
-            x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else x2d.to(dt)
+            x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else cast(x2d, dt)
         da = rank_r_mm(gh.t(), x_kept, acc)
         if dropout_p > 0.0:
             da *= keep_scale(dropout_p)
