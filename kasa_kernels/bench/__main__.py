@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd")
     r = sub.add_parser("run", help="time providers x modes x shapes and write a results JSON (the default)")
     r.add_argument("--preset", choices=PRESETS, default=None,
-                   help="cpu: small CPU subset (default without a GPU); p: shape P and decode sizes (default on a "
+                   help="cpu: CPU subset, fp32 and bf16 (default without a GPU); p: shape P and decode sizes (default on a "
                         "GPU); sweep: M, r, dropout and model (K, N) sweeps; full: sweep x bf16/fp16/fp32")
     r.add_argument("--providers", default=None,
                    help=f"comma list from {','.join(prov.PROVIDERS)} (default: all; unusable ones are recorded "
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     r.add_argument("--out", default=None,
                    help="a .json path, or a folder: writes <folder>/<device>/<date>.json (default benchmarks/results)")
-    r.add_argument("--warmup", type=int, default=3, help="untimed calls per provider and mode before timing")
+    r.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls per provider and mode before timing (default 3 on CUDA, 2 on CPU)")
     r.add_argument("--rep-ms", type=float, default=None,
                    help="timing budget per provider and mode in ms (default 300 on CUDA, 60 on CPU)")
     r.add_argument("--min-reps", type=int, default=None, help="at least this many timed calls (default 10 / 5 on CPU)")
@@ -123,6 +124,8 @@ def _resolve_run_args(args):
     for m in modes:
         if m not in prov.MODES:
             raise SystemExit(f"--modes: expected some of {','.join(prov.MODES)}, got {m!r}")
+    if args.warmup is None:
+        args.warmup = 3 if on_gpu else 2
     if args.rep_ms is None:
         args.rep_ms = 300.0 if on_gpu else 60.0
     if args.max_reps is None:
