@@ -318,6 +318,7 @@ def render(path: str, out_dir: Optional[str] = None, name: Optional[str] = None)
         data = json.load(f)
     data["_path"] = path
     out_dir = out_dir or os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
     name = name or os.path.splitext(os.path.basename(path))[0]
     md_path = os.path.join(out_dir, f"{name}.md")
     with open(md_path, "w") as f:
