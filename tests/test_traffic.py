@@ -129,44 +129,41 @@ def test_torch_backend_excess_at_P_without_dropout_is_rank_r_work_only(path):
     assert ours - peer <= 6 * P["M"] * P["r"] * 4, f"{path}: {(ours - peer) / MiB:.2f} MiB beyond unsloth_style"
 
 
+def _generated_code(name, args):
+    """inductor's generated code for mask kernel `name` (ops/rng.py) on `args`: (whole source, its call function)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(rng._EAGER[name], dynamic=True, fullgraph=True), *args)
+    src = "\n".join(code)
+    return src, src[src.index("def call("):src.index("runner = Runner")]
+
+
+def _kernel_args(device, dtype):
+    x = torch.randn(400, 240, device=device, dtype=dtype)
+    t, dx = torch.randn_like(x), torch.randn_like(x)
+    seed, thr = rng.make_seed(3, x.device), rng.compare_threshold(0.3)
+    return {"masked": (x, seed, thr, x.dtype), "add_masked_": (dx, t, seed, thr),
+            "dropout_backward_": (dx, t, x, seed, thr)}
+
+
+def _assert_one_kernel(name, src, body, kernel_marker):
+    assert src.count(kernel_marker) == 1, f"{name}: not one kernel"
+    assert "extern_kernels." not in body, f"{name}: calls an extern kernel"
+    # buffers allocated: the result of masked, nothing for the in-place kernels (no temporary anywhere)
+    assert body.count("empty_strided") == (1 if name == "masked" else 0), f"{name}: allocates a temporary"
+
+
 def test_fused_mask_kernels_compile_to_one_kernel_each():
     # The counter counts each mask kernel by its inputs and outputs; that holds because inductor emits ONE kernel per
     # kernel function (hash, casts and selects fused), with no extern call and no temporary buffer. Checked here with
-    # its C++ code generator; the GPU suite checks its Triton one (test_torch_backend.py).
-    from torch._inductor.utils import run_and_get_code
-
-    x = torch.randn(40, 24)
-    seed = rng.make_seed(3, x.device)
-    thr = rng.compare_threshold(0.3)
-    args = {"masked": (x, seed, thr, torch.float32), "add_masked_": (torch.randn(40, 24), torch.randn(40, 24), seed, thr),
-            "dropout_backward_": (torch.randn(40, 24), torch.randn(40, 24), x, seed, thr)}
-    for name, a in args.items():
-        torch._dynamo.reset()
-        _, code = run_and_get_code(torch.compile(rng._EAGER[name], dynamic=True, fullgraph=True), *a)
-        src = "\n".join(code)
-        assert src.count("async_compile.cpp_pybinding(") == 1, f"{name}: not one kernel"
-        body = src[src.index("def call("):src.index("runner = Runner")]
-        assert "extern_kernels." not in body, f"{name}: calls an extern kernel"
-        # buffers allocated: the result of masked, nothing for the in-place kernels (no temporary anywhere)
-        assert body.count("empty_strided") == (1 if name == "masked" else 0), f"{name}: allocates a temporary"
+    # its C++ code generator; the GPU suite checks its Triton one below.
+    for name, args in _kernel_args("cpu", torch.float32).items():
+        _assert_one_kernel(name, *_generated_code(name, args), "async_compile.cpp_pybinding(")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fused_mask_kernels_compile_to_one_triton_kernel_each():
-    from torch._inductor.utils import run_and_get_code
-
-    x = torch.randn(400, 240, device="cuda", dtype=torch.bfloat16)
-    seed = rng.make_seed(3, x.device)
-    thr = rng.compare_threshold(0.3)
-    t, dx = torch.randn_like(x), torch.randn_like(x)
-    args = {"masked": (x, seed, thr, x.dtype), "add_masked_": (dx, t, seed, thr),
-            "dropout_backward_": (dx, t, x, seed, thr)}
-    for name, a in args.items():
-        torch._dynamo.reset()
-        _, code = run_and_get_code(torch.compile(rng._EAGER[name], dynamic=True, fullgraph=True), *a)
-        src = "\n".join(code)
-        assert src.count("@triton.jit") == 1, f"{name}: not one kernel"
-        body = src[src.index("def call("):src.index("runner = Runner")]
-        assert "extern_kernels." not in body, f"{name}: calls an extern kernel"
-        assert body.count("empty_strided") == (1 if name == "masked" else 0), f"{name}: allocates a temporary"
+    for name, args in _kernel_args("cuda", torch.bfloat16).items():
+        _assert_one_kernel(name, *_generated_code(name, args), "@triton.jit")

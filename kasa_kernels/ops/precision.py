@@ -55,26 +55,35 @@ def _cpu_has(check: str) -> bool:
 # read once at import: a constant for torch.compile, which then never traces the query
 _CPU_LOWP_GEMM = {torch.bfloat16: _cpu_has("_is_mkldnn_bf16_supported"),
                   torch.float16: _cpu_has("_is_mkldnn_fp16_supported")}
-_meta_path = None
+class Setting:
+    """A process-wide value that a `with setting.within(value):` block changes for its length."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+    @contextlib.contextmanager
+    def within(self, value):
+        before, self.value = self.value, value
+        try:
+            yield
+        finally:
+            self.value = before
 
 
-@contextlib.contextmanager
+_META_PATH = Setting()
+
+
 def meta_runs_as(path: str):
-    """Within this block, meta tensors take device path `path` (one of PATHS)."""
-    global _meta_path
+    """Within this `with` block, meta tensors take device path `path` (one of PATHS)."""
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
-    before, _meta_path = _meta_path, path
-    try:
-        yield
-    finally:
-        _meta_path = before
+    return _META_PATH.within(path)
 
 
 def device_path(device: torch.device) -> str:
     """The path (PATHS) tensors on `device` take; other device types are named as they are."""
-    if device.type == "meta" and _meta_path is not None:
-        return _meta_path
+    if device.type == "meta" and _META_PATH.value is not None:
+        return _META_PATH.value
     if device.type == "cpu":
         return "cpu-bf16-gemm" if _CPU_LOWP_GEMM[torch.bfloat16] else "cpu-no-bf16-gemm"
     return device.type
@@ -83,8 +92,8 @@ def device_path(device: torch.device) -> str:
 def device_kind(t: torch.Tensor) -> str:
     """The device type whose code path `t` takes: its own, or for a meta tensor that of the path meta_runs_as names."""
     kind = t.device.type
-    if kind == "meta" and _meta_path is not None:
-        return _meta_path.split("-")[0]
+    if kind == "meta" and _META_PATH.value is not None:
+        return _META_PATH.value.split("-")[0]
     return kind
 
 
@@ -92,8 +101,8 @@ def lowp_gemm_native(t: torch.Tensor) -> bool:
     """Whether t's device has fast GEMM kernels in t's dtype when that is bf16 or fp16 (see PATHS)."""
     if t.device.type == "cpu":
         return _CPU_LOWP_GEMM.get(t.dtype, True)
-    if t.device.type == "meta" and _meta_path is not None:
-        return _meta_path != "cpu-no-bf16-gemm"
+    if t.device.type == "meta" and _META_PATH.value is not None:
+        return _META_PATH.value != "cpu-no-bf16-gemm"
     return True
 
 

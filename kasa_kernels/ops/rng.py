@@ -29,13 +29,12 @@ rounding of A * scale in bf16, the same count as rounding A), so a masked copy o
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Callable, Dict, Optional, Set, Union
 
 import torch
 
-from .precision import device_kind
+from .precision import Setting, device_kind
 from .rng_constants import MASK32, MIX_MUL1, MIX_MUL2  # noqa: F401  (defined once, there)
 
 
@@ -174,18 +173,12 @@ _failed: Set[str] = set()  # device types where compiling a kernel failed: eager
 # A runner sees every kernel launch on a fused path instead: runner(name, eager form, args) -> what the kernel
 # returns. kasa_kernels.bench installs one to count each kernel's bytes on meta tensors (bench/traffic.py), and one
 # to run the compiled kernels outside its CPU memory-tracking dispatch mode (bench/timing.py).
-_runner: Optional[Callable] = None
+_RUNNER = Setting()
 
 
-@contextlib.contextmanager
 def kernels_run_by(runner: Callable):
-    """Within this block, every mask kernel on a fused path is launched as runner(name, eager form, args)."""
-    global _runner
-    before, _runner = _runner, runner
-    try:
-        yield
-    finally:
-        _runner = before
+    """Within this `with` block, every mask kernel on a fused path is launched as runner(name, eager form, args)."""
+    return _RUNNER.within(runner)
 
 
 def kernel_path(t: torch.Tensor) -> str:
@@ -194,7 +187,7 @@ def kernel_path(t: torch.Tensor) -> str:
     fused = kind == "cuda" or (kind == "cpu" and t.numel() >= CPU_FUSED_MIN_ELEMENTS)
     if not fused or torch.compiler.is_compiling():
         return "eager"
-    if _runner is not None:
+    if _RUNNER.value is not None:
         return "fused"
     if t.device.type == "meta" or t.device.type in _failed or torch._C._len_torch_dispatch_stack() > 0:
         return "eager"
@@ -221,8 +214,8 @@ def run_fused(name: str, args) -> object:
 def _launch(name: str, largest: torch.Tensor, *args):
     if kernel_path(largest) == "eager":
         return _EAGER[name](*args)
-    if _runner is not None:
-        return _runner(name, _EAGER[name], args)
+    if _RUNNER.value is not None:
+        return _RUNNER.value(name, _EAGER[name], args)
     return run_fused(name, args)
 
 

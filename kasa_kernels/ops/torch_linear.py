@@ -6,15 +6,16 @@ x, H and the dropout seed.
 
 It is what backend="auto" runs wherever no fused backend has been measured faster, so it is written to move few
 bytes (kasa-bench traffic counts them per aten op; tests/test_traffic.py holds it to the best unfused composition):
-- The rank-r products take x and the output gradient in their own dtype and cast the small factors instead (fp16
-  excepted: precision.operand_dtype); bf16 products sum in fp32 and come back unrounded where torch.mm has
-  out_dtype (CUDA), else rounded once (precision.rank_r_mm).
+- The rank-r products take x and the output gradient in their own dtype and cast the small factors instead, except
+  where precision.operand_dtype says fp32 (fp16's range; CPUs without bf16 GEMM kernels); bf16 products sum in fp32
+  and come back unrounded where torch.mm has out_dtype (CUDA), else rounded once (precision.rank_r_mm).
 - s and d are folded into B (an N x r product), the dropout scale 1/(1-p) into A, so the M x r work is the products
   themselves; dB and dd come from the one N x r product G^T H: dB = s (G^T H) d, dd = s colsum(B * (G^T H)).
 - The mask is used through ops/rng.py's kernels, one fused kernel each where inductor compiles them: forward masks
   x once; backward masks dx's rank-r term and x (for dA) in one pass. Masked values are exact (no scale).
 - The base GEMMs and the M x N output stay in x's dtype, and each rank-r term is added into its GEMM's output in
-  place (addmm_), so no second M x N or M x K tensor is made.
+  place by addmm_ (with dropout, dx's term gH A is formed, then masked and added in one pass; on CPUs without bf16
+  GEMM kernels the terms of bf16/fp16 layers are formed in fp32 and added).
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def linear_backward(
     acc, dt = h.dtype, operand_dtype(x2d)
     g = cast(grad_y, dt)
     ds = _diag_scale(lora_diag, scaling, acc)
-    gh = g @ _factor_b(lora_B, ds, dt)  # gH = G B diag(s d), (M, r)
+    gh = g @ _factor_b(lora_B, ds, dt) if need_dx or need_da else None  # gH = G B diag(s d), (M, r)
     dd = db = None
     if need_dd or need_db:
         gth = rank_r_mm(g.t(), cast(h, dt), acc)  # G^T H, (N, r)
