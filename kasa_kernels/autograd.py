@@ -9,6 +9,7 @@ Policy:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional, Sequence
 
@@ -41,20 +42,23 @@ class KasaLinearFunction(torch.autograd.Function):
         x, weight, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale = ctx.saved_tensors
         need = ctx.needs_input_grad
         needs = (need[0], need[3], need[4], need[5])
-        dx, da, dd, db = defs.linear_backward(
-            ctx.backend,
-            grad_y.reshape(-1, weight.shape[0]),
-            x.reshape(-1, x.shape[-1]),
-            weight,
-            lora_A,
-            lora_diag,
-            lora_B,
-            h,
-            ctx.scaling,
-            ctx.dropout_p,
-            seed,
-            needs,
-        )
+        # a backward called inside an autocast block runs with autocast on; the op runs with it off, as forward does
+        device_type = grad_y.device.type
+        with torch.autocast(device_type, enabled=False) if autocasting(device_type) else contextlib.nullcontext():
+            dx, da, dd, db = defs.linear_backward(
+                ctx.backend,
+                grad_y.reshape(-1, weight.shape[0]),
+                x.reshape(-1, x.shape[-1]),
+                weight,
+                lora_A,
+                lora_diag,
+                lora_B,
+                h,
+                ctx.scaling,
+                ctx.dropout_p,
+                seed,
+                needs,
+            )
         if dx is not None:
             dx = dx.view(x.shape).to(x.dtype)
         if ctx.folded_reg is not None and any(needs[1:]):

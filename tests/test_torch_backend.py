@@ -367,3 +367,30 @@ def test_both_cpu_paths_match_reference(monkeypatch, lowp_gemm, dtype, p):
     assert precision.operand_dtype(x) == (dtype if lowp_gemm and dtype == torch.bfloat16 else torch.float32)
     check_against_reference(make_case((3, 13), 64, 96, 8, dtype, torch.float32), p=p)
     check_against_reference(make_case((2, 11), 33, 21, 3, dtype, dtype, noncontig=True), p=p)
+
+
+@pytest.mark.parametrize("lowp_gemm", [True, False], ids=["lowp-gemm", "no-lowp-gemm"])
+def test_backward_inside_autocast_gives_the_gradients_of_backward_outside(monkeypatch, lowp_gemm):
+    # autograd runs a backward called inside an autocast block with autocast on; the op must still run with it off
+    from kasa_kernels.ops import precision
+
+    monkeypatch.setitem(precision._CPU_LOWP_GEMM, torch.bfloat16, lowp_gemm)
+    layer = kk.KasaLinear(24, 16, r=4, dropout=0.2, backend="torch")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 24)
+
+    def grads(backward_inside):
+        torch.manual_seed(3)
+        for p in layer.parameters():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            if backward_inside:
+                y.float().square().sum().backward()
+        if not backward_inside:
+            y.float().square().sum().backward()
+        return [p.grad.clone() for p in (layer.lora_A, layer.lora_diag, layer.lora_B)]
+
+    for inside, outside in zip(grads(True), grads(False)):
+        assert torch.equal(inside, outside)
