@@ -394,3 +394,47 @@ def test_backward_inside_autocast_gives_the_gradients_of_backward_outside(monkey
 
     for inside, outside in zip(grads(True), grads(False)):
         assert torch.equal(inside, outside)
+
+
+# The CUDA path (precision.PATHS): bf16 rank-r products summed to fp32 by torch.mm(..., out_dtype=fp32), the mask
+# kernels compiled to Triton. Run by the GPU session (tools/gpu_session.sh: pytest -m gpu).
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cuda_path_matches_reference(dtype, p):
+    from kasa_kernels.ops import precision
+
+    case = make_case((3, 37), 64, 96, 8, dtype, torch.float32, device="cuda")
+    assert precision.mm_sums_to_fp32(case[0]) == (dtype == torch.bfloat16)
+    check_against_reference(case, p=p)
+    check_against_reference(make_case((2, 11), 33, 21, 3, dtype, dtype, noncontig=True, device="cuda"), p=p)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_compile_fullgraph_on_cuda_bf16_matches_eager():
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    layer = kk.KasaLinear(64, 48, r=8, dropout=0.1, backend="torch", dtype=torch.bfloat16).cuda()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 33, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step(module):
+        torch.manual_seed(11)
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.float().square().sum().backward()
+        out = [y.detach(), xi.grad] + [p.grad.clone() for p in (layer.lora_A, layer.lora_diag, layer.lora_B)]
+        for p in (layer.lora_A, layer.lora_diag, layer.lora_B):
+            p.grad = None
+        return out
+
+    eager = step(layer)
+    with inductor_config.patch(fallback_random=True):
+        compiled = step(torch.compile(layer, fullgraph=True))
+    for name, e, c in zip(LINEAR_NAMES, eager, compiled):
+        # same mask and math, other fusion and rounding: a few bf16 ulps of the largest value
+        torch.testing.assert_close(c.float(), e.float(), rtol=0, atol=2**-6 * e.float().abs().max().item(), msg=name)
