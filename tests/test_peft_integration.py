@@ -245,9 +245,10 @@ def _peft_and_patched(pm, fn):
     return want, got
 
 
-@pytest.mark.parametrize("case", ["merged", "disabled", "adapter_names", "two_active", "custom_dropout", "no_active"])
+@pytest.mark.parametrize("case", ["merged", "disabled", "adapter_names", "two_active_dropout_training",
+                                  "custom_dropout", "no_active"])
 def test_fallback_to_peft_forward(case, count_fused):
-    pm = make_peft_tiny()
+    pm = make_peft_tiny(dropout=0.3 if case == "two_active_dropout_training" else 0.0)
     pm.eval()
     layer = pm.base_model.model.q
     x = torch.randn(2, 5, 48)
@@ -256,10 +257,14 @@ def test_fallback_to_peft_forward(case, count_fused):
         pm.merge_adapter()
     elif case == "adapter_names":
         kwargs = {"adapter_names": ["default", "__base__"]}
-    elif case == "two_active":
-        pm.add_adapter("other", LoraConfig(r=3, lora_alpha=6, target_modules=["q", "v"], kasa_config=KasaConfig()))
+    elif case == "two_active_dropout_training":
+        # PEFT draws one dropout mask per adapter; one fused call would share one (tests/test_peft_parity.py fuses
+        # several adapters where no dropout applies)
+        pm.add_adapter("other", LoraConfig(r=3, lora_alpha=6, lora_dropout=0.3, target_modules=["q", "v"],
+                                           kasa_config=KasaConfig()))
         randomize_peft_adapters(pm, seed=7)
         pm.base_model.set_adapter(["default", "other"])
+        pm.train()
     elif case == "custom_dropout":
 
         class MyDropout(nn.Dropout):
@@ -271,6 +276,7 @@ def test_fallback_to_peft_forward(case, count_fused):
         pm.set_adapter("other")  # layer q has no adapter "other": it runs only its base layer
 
     def fwd():
+        torch.manual_seed(5)  # the same dropout masks in both runs
         with torch.no_grad():
             if case == "disabled":
                 with pm.disable_adapter():
