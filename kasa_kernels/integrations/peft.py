@@ -1,4 +1,5 @@
-"""PEFT integration: run PEFT's KaSA layers through kasa_kernels, and move KaSA checkpoints between the two.
+"""PEFT integration: run PEFT's KaSA layers through kasa_kernels, move KaSA checkpoints between the two, and export
+KaSA as a plain LoRA adapter for serving on the untouched base model.
 
     from kasa_kernels.integrations import peft as kk_peft
 
@@ -7,16 +8,20 @@
 
     kk_peft.save_peft_adapter(kk_model, "adapter/")        # a kasa_kernels.inject model -> PEFT adapter files
     kk_model = kk_peft.load_peft_adapter(base_model, "adapter/")   # PEFT adapter files -> KasaLinear layers
+    kk_peft.export_lora_adapter(kasa_model, base_model, "lora/")   # KaSA -> plain LoRA on the untouched base
 
 Patching swaps the class of each `peft.tuners.lora.layer.Linear` for a subclass whose forward computes
 x W^T + b + s ((dropout(x) A^T) * d) B^T in one `kasa_linear` call (base GEMM included) from PEFT's own parameters
 (base_layer.weight / .bias, lora_A[name].weight, lora_diag[name], lora_B[name].weight, scaling[name], the
 lora_dropout[name] p). No parameter is moved, copied or renamed, so state dicts and `save_pretrained` output are
-unchanged. Whenever a call is outside what the fused op computes, the layer runs PEFT's forward instead:
-merged or disabled adapters, zero or several active adapters, mixed-batch `adapter_names` (or any other extra
-argument), a non-KaSA adapter, a pending (meta-device) KaSA truncation, lora_bias, a base layer that is not a plain
-hook-free nn.Linear, a dropout module that is not nn.Dropout / nn.Identity, a trainable base weight, or adapter
-dtypes other than the compute dtype or fp32.
+unchanged. Several active adapters run as one layer of rank sum(r_i) when no dropout applies (see _fused_call).
+Whenever a call is outside what the fused op computes, the layer runs PEFT's forward instead: merged or disabled
+adapters, no active adapter, several active adapters with dropout in training or with different dropout or dtypes,
+mixed-batch `adapter_names` (or any other extra argument), a non-KaSA adapter, a pending (meta-device) KaSA
+truncation, lora_bias, a base layer that is not a plain hook-free nn.Linear, a dropout module that is not
+nn.Dropout / nn.Identity, a trainable base weight, or adapter dtypes other than the compute dtype or fp32. When
+fold_regularizer has folded the regularizer into the layer, such a fallback with gradients flowing is an error
+rather than a silently missing regularizer term.
 
 Dropout differs from PEFT in one way: the mask comes from kasa_kernels' counter-based hash (one seed drawn from
 torch's generator per call), not from nn.Dropout's RNG stream; the distribution is the same, the draws are not.
