@@ -39,14 +39,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def base_model(args):
-    import transformers
+def base_model_and_tokens(args):
+    """The small Llama from a config and the byte tokens of examples/finetune.py."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    from finetune import build_model_and_tokens
 
-    torch.manual_seed(args.seed)
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=args.hidden_size, intermediate_size=3 * args.hidden_size,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config).eval()
+    model, tokens, _ = build_model_and_tokens(argparse.Namespace(model=None, data=args.data, seed=args.seed,
+                                                                 hidden_size=args.hidden_size, layers=2,
+                                                                 seq_len=args.seq_len))
+    return model.eval(), tokens
 
 
 def train_kasa(original, tokens, mode, args):
@@ -77,9 +79,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     import kasa_kernels as kk
     from kasa_kernels.integrations.peft import export_lora_adapter
 
-    with open(args.data, "rb") as f:
-        tokens = torch.tensor(list(f.read()), dtype=torch.long)
-    original = base_model(args)
+    original, tokens = base_model_and_tokens(args)
     kasa_models = {mode: train_kasa(original, tokens, mode, args) for mode in MODES}
     for mode, model in kasa_models.items():
         export_lora_adapter(model, original, os.path.join(args.out, f"lora_{mode}"))

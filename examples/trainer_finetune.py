@@ -29,7 +29,8 @@ DEFAULT_DATA = os.path.join(HERE, "data", "tiny.txt")
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trainer", choices=["trainer", "sft"], default="trainer")
-    p.add_argument("--data", default=DEFAULT_DATA, help="a UTF-8 text file to train on (byte-level tokens)")
+    p.add_argument("--model", default=None, help="hub model name or local path; default: a small Llama from config")
+    p.add_argument("--data", default=DEFAULT_DATA, help="a UTF-8 text file to train on")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=2)
@@ -48,36 +49,32 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_peft_model(args):
-    import transformers
+def build_peft_model_and_rows(args):
+    """(PEFT KaSA model, token windows): the model and data of examples/finetune.py (a small Llama from a config and
+    the bytes of --data, or --model from the hub with its tokenizer), cut into windows of --seq-len tokens."""
     from peft import KasaConfig, LoraConfig, get_peft_model
 
-    torch.manual_seed(args.seed)
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=args.hidden_size, intermediate_size=2 * args.hidden_size,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=max(64, args.seq_len),
-    )
-    model = transformers.LlamaForCausalLM(config)
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    from finetune import build_model_and_tokens
+
+    model, ids, _ = build_model_and_tokens(args)
+    if ids.numel() < 2 * args.seq_len:
+        raise ValueError(f"--data has {ids.numel()} tokens; need at least {2 * args.seq_len}")
+    rows = ids[: ids.numel() // args.seq_len * args.seq_len].view(-1, args.seq_len).tolist()
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                       kasa_config=KasaConfig(beta=args.beta, gamma=args.gamma))
-    return get_peft_model(model, lora)
+    return get_peft_model(model, lora), rows
 
 
-def windows(path: str, seq_len: int) -> List[List[int]]:
-    """The text's bytes cut into consecutive windows of seq_len tokens."""
-    with open(path, "rb") as f:
-        ids = list(f.read())
-    if len(ids) < 2 * seq_len:
-        raise ValueError(f"--data has {len(ids)} bytes; need at least {2 * seq_len}")
-    return [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer built in memory (trl's SFTTrainer wants a processing class; nothing is downloaded)."""
+def tokenizer(args):
+    """--model's tokenizer, or a byte-level one built in memory for the config-built model (trl's SFTTrainer wants a
+    processing class; nothing is downloaded)."""
     import transformers
     from tokenizers import Tokenizer, models
 
+    if args.model is not None:
+        return transformers.AutoTokenizer.from_pretrained(args.model)
     vocab = {f"<{i}>": i for i in range(256)}
     return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<0>")),
                                                 pad_token="<0>", eos_token="<1>")
@@ -94,7 +91,7 @@ def make_trainer(args, model, rows, out_dir, callbacks):
 
         return trl.SFTTrainer(model=model, args=trl.SFTConfig(max_length=None, **common),
                               train_dataset=datasets.Dataset.from_dict({"input_ids": rows}),
-                              processing_class=byte_tokenizer(), callbacks=callbacks)
+                              processing_class=tokenizer(args), callbacks=callbacks)
     import transformers
 
     data = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r)} for r in rows]
@@ -107,8 +104,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     import kasa_kernels as kk
     from kasa_kernels.integrations.transformers import KasaCallback
 
-    model = build_peft_model(args)
-    rows = windows(args.data, args.seq_len)
+    model, rows = build_peft_model_and_rows(args)
     with torch.no_grad():
         reg_before = kk.kasa_regularizer(model).item()  # beta/gamma from the adapter's KasaConfig
     callbacks = [] if args.no_callback else [KasaCallback()]

@@ -77,15 +77,15 @@ def count_fused(monkeypatch):
     return calls
 
 
-def run_layer(layer, x, grad_out):
-    """Output and gradients (x, A, d, B) of one PEFT layer for the active adapter 'default'."""
+def run_layer(layer, x, grad_out, adapters=("default",)):
+    """Output and gradients of one PEFT layer: y, dx, then dA, dd, dB of each of `adapters`."""
     for p in layer.parameters():
         p.grad = None
     x = x.detach().requires_grad_(True)
     y = layer(x)
     y.backward(grad_out)
-    _, _, a, d, b, _ = layer_params(layer)
-    return y.detach(), x.grad, a.grad.clone(), d.grad.clone(), b.grad.clone()
+    grads = [t.grad.clone() for a in adapters for t in layer_params(layer, a)[2:5]]
+    return (y.detach(), x.grad, *grads)
 
 
 def ref_layer(layer, x, grad_out, dtype=None, mask=None, p=0.0):

@@ -12,6 +12,7 @@ Numbers are held to python/kasa_reference in fp64 with tests/helpers.py's whole-
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -35,10 +36,12 @@ from test_peft_integration import (  # noqa: E402
     logits_and_grads,
     peft_params,
     randomize_peft_adapters,
+    run_layer,
     tiny_llama,
 )
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
+TWO = ("default", "other")
 
 
 def peft_llama(original, **cfg):
@@ -67,8 +70,11 @@ def test_bin_adapter_loads_like_safetensors(tmp_path):
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     assert_models_agree(logits_and_grads(ours, ids, kk_params), logits_and_grads(pm, ids, peft_params),
                         logits_and_grads(copy.deepcopy(pm).double(), ids, peft_params), ".bin")
-    # the kasa_config's weights travel: beta/gamma=None gives PEFT's _get_kasa_loss
+    # the kasa_config's weights travel: beta/gamma=None gives PEFT's _get_kasa_loss, and saving again keeps them
     torch.testing.assert_close(kk.kasa_regularizer(ours), pm.base_model._get_kasa_loss(), rtol=1e-5, atol=0)
+    kk_peft.save_peft_adapter(ours, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["kasa_config"] == {"beta": 0.05,
+                                                                                                  "gamma": 0.02}
 
 
 def biased_llama(seed=0):
@@ -259,24 +265,13 @@ def two_adapter_tiny(dtype=torch.float32, dropout=0.0):
     return pm
 
 
-def run_two(layer, x, g):
-    for p in layer.parameters():
-        p.grad = None
-    x = x.detach().requires_grad_(True)
-    y = layer(x)
-    y.backward(g)
-    grads = [p.grad.clone() for a in ("default", "other") for p in (layer.lora_A[a].weight, layer.lora_diag[a],
-                                                                    layer.lora_B[a].weight)]
-    return [y.detach(), x.grad] + grads
-
-
 def ref_two(layer, x, g, dtype):
     """sum over both adapters of s_i ((x A_i^T) * d_i) B_i^T plus the base layer, in `dtype`, with autograd."""
     base = layer.base_layer
     xr = x.detach().to(dtype).requires_grad_(True)
     leaves = []
     y = None
-    for i, a in enumerate(("default", "other")):
+    for i, a in enumerate(TWO):
         ps = [t.detach().to(dtype).requires_grad_(True) for t in (layer.lora_A[a].weight, layer.lora_diag[a],
                                                                    layer.lora_B[a].weight)]
         leaves += ps
@@ -297,13 +292,13 @@ def test_several_active_adapters_run_fused(which, autocast, count_fused):
     x = torch.randn(3, 7, 96)[..., ::2]
     g = torch.randn(3, 7, layer.base_layer.out_features, dtype=dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        theirs = run_two(layer, x, g)
+        theirs = run_layer(layer, x, g, TWO)
         kk_peft.patch_peft_model(pm, backend="torch")
-        ours = run_two(layer, x, g)
+        ours = run_layer(layer, x, g, TWO)
     assert len(count_fused) == 1  # both adapters in one kasa_linear call
     ref64 = ref_two(layer, x, g, torch.float64)
     ref_lp = ref_two(layer, x, g, dtype)
-    names = list(NAMES[:2]) + [f"{w} {a}" for a in ("default", "other") for w in ("dA", "dd", "dB")]
+    names = list(NAMES[:2]) + [f"{w} {a}" for a in TWO for w in ("dA", "dd", "dB")]
     assert ours[0].dtype == theirs[0].dtype == dtype
     for name, o, t, r64, rlp in zip(names, ours, theirs, ref64, ref_lp):
         assert o.dtype == t.dtype, name

@@ -303,8 +303,8 @@ def save_peft_adapter(
     model: nn.Module,
     save_directory: Union[str, os.PathLike],
     *,
-    beta: float = 1e-4,
-    gamma: float = 1e-3,
+    beta: Optional[float] = None,
+    gamma: Optional[float] = None,
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
 ) -> Tuple[str, str]:
@@ -312,7 +312,8 @@ def save_peft_adapter(
     names and adapter_config.json (peft_type LORA, kasa_config {beta, gamma}, r / lora_alpha with rank_pattern /
     alpha_pattern for layers that differ). `PeftModel.from_pretrained(original_base_model, save_directory)` then
     rebuilds the same model. beta / gamma only go into kasa_config (the regularizer weights PEFT's _get_kasa_loss
-    uses). Returns the two file paths.
+    uses); None takes the layers' kasa_regularizer_weights (what load_peft_adapter read), else 1e-4 / 1e-3. Returns
+    the two file paths.
 
     The adapters must have been created with truncation="peft" (PEFT truncates the original base weight that way
     when it loads the adapter). GPT-2's Conv1D layers cannot be loaded by PEFT's KaSA (it refuses fan_in_fan_out).
@@ -327,6 +328,13 @@ def save_peft_adapter(
                 f"{name}: injected with truncation={mode!r}, but PEFT re-truncates the base weight to min(N, K) - r "
                 "triplets when it loads an adapter; only truncation='peft' adapters load as the same model in PEFT"
             )
+    weights = {layer.kasa_regularizer_weights or (DEFAULT_BETA, DEFAULT_GAMMA) for layer in layers.values()}
+    if (beta is None or gamma is None) and len(weights) > 1:
+        raise ValueError(f"model: PEFT's kasa_config has one beta and one gamma, the layers have {sorted(weights)}; "
+                         "pass beta= and gamma=")
+    layer_beta, layer_gamma = weights.pop()
+    beta = layer_beta if beta is None else beta
+    gamma = layer_gamma if gamma is None else gamma
     rslora = {layer.use_rslora for layer in layers.values()}
     dropout = {layer.dropout for layer in layers.values()}
     if len(rslora) > 1 or len(dropout) > 1:
