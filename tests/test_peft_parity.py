@@ -31,7 +31,7 @@ from test_peft_integration import (  # noqa: E402
     NAMES,
     Tiny,
     assert_models_agree,
-    count_fused,  # noqa: F401  (fixture)
+    count_fused,  # noqa: F401  (a fixture: the tests below take it as an argument)
     kk_params,
     logits_and_grads,
     peft_params,
@@ -285,7 +285,7 @@ def ref_two(layer, x, g, dtype):
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("which", ["q", "v"])
-def test_several_active_adapters_run_fused(which, autocast, count_fused):
+def test_several_active_adapters_run_fused(which, autocast, count_fused):  # noqa: F811
     pm = two_adapter_tiny()
     layer = getattr(pm.base_model.model, which)
     dtype = torch.bfloat16 if autocast else torch.float32
@@ -307,7 +307,7 @@ def test_several_active_adapters_run_fused(which, autocast, count_fused):
             assert_within_ref(name + " (PEFT)", t, r64, rlp, dtype)
 
 
-def test_several_active_adapters_fused_in_a_whole_model(count_fused):
+def test_several_active_adapters_fused_in_a_whole_model(count_fused):  # noqa: F811
     pm = two_adapter_llama()
     pm.base_model.set_adapter(["default", "other"])
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(6))

@@ -282,7 +282,8 @@ def test_sft_trainer_with_callback_equals_adding_the_regularizer_by_hand(tmp_pat
         tokenizer_object=Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)}, unk_token="t0")),
         pad_token="t0", eos_token="t1")
     g = torch.Generator().manual_seed(0)
-    rows = [torch.randint(2, 96, (int(n),), generator=g).tolist() for n in torch.randint(6, 14, (SAMPLES,), generator=g)]
+    lengths = torch.randint(6, 14, (SAMPLES,), generator=g).tolist()  # unequal: padding and token counts matter
+    rows = [torch.randint(2, 96, (n,), generator=g).tolist() for n in lengths]
     data = datasets.Dataset.from_dict({"input_ids": rows})
 
     class HandRegularizedSFT(trl.SFTTrainer):

@@ -464,7 +464,8 @@ def load_peft_adapter(
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"model: has no module {name!r} named in the adapter; is it the right base model?") from None
+            raise ValueError(f"model: has no module {name!r} named in the adapter; is it the right base model?") \
+                from None
         if isinstance(module, KasaLinear):
             raise ValueError(f"model: {name!r} is already a KasaLinear; load an adapter into an untouched base model")
         r = parts["lora_A.weight"].shape[0]
@@ -505,7 +506,8 @@ def load_peft_adapter(
             for attr, key in (("lora_A", "lora_A.weight"), ("lora_B", "lora_B.weight"), ("lora_diag", "lora_diag")):
                 dst, src = getattr(layer, attr), parts[key]
                 if dst.shape != src.shape:
-                    raise ValueError(f"adapter_path: {name}.{key} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+                    raise ValueError(f"adapter_path: {name}.{key} has shape {tuple(src.shape)}, expected "
+                                     f"{tuple(dst.shape)}")
                 dst.copy_(src.to(dst.dtype))
         for key, src in others.items():
             dst = params[key]
@@ -611,7 +613,8 @@ def export_lora_adapter(
             try:
                 orig = original_base_model.get_submodule(name)
             except AttributeError:
-                raise ValueError(f"original_base_model: has no module {name!r}; is it the base of kasa_model?") from None
+                raise ValueError(f"original_base_model: has no module {name!r}; is it the base of kasa_model?") \
+                    from None
             if not (isinstance(orig, nn.Linear) or _is_conv1d(orig)):
                 raise ValueError(f"original_base_model: {name} is a {type(orig).__name__}, expected an nn.Linear or "
                                  "Conv1D (an untouched base model)")
@@ -661,7 +664,8 @@ def export_lora_adapter(
                 kasa_params[plain] = p
         for owner in sorted(changed):
             for pname, _ in original_base_model.get_submodule(owner).named_parameters():
-                tensors[PEFT_KEY_PREFIX + owner + "." + pname] = kasa_params[owner + "." + pname].detach().contiguous().cpu()
+                key = owner + "." + pname
+                tensors[PEFT_KEY_PREFIX + key] = kasa_params[key].detach().contiguous().cpu()
     names = sorted(layers)
     r = _most_common(ranks[n] for n in names)
     rank_pattern = {re.escape(n): ranks[n] for n in names if ranks[n] != r}

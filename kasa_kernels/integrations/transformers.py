@@ -24,7 +24,7 @@ from .. import _layers
 from ..modules import KasaLinear, inject
 
 __all__ = ["DEFAULT_TARGET_MODULES", "default_target_modules", "inject_kasa", "enable_gradient_checkpointing",
-           "mark_dynamic", "KasaCallback"]
+           "mark_dynamic", "KasaCallback"]  # noqa: F822  (KasaCallback loads lazily: __getattr__ below)
 
 # The attention projections the KaSA paper and PEFT's examples adapt by default, per model_type.
 DEFAULT_TARGET_MODULES: Dict[str, Sequence[str]] = {
