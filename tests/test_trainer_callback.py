@@ -246,6 +246,7 @@ def test_callback_refuses_what_it_cannot_fold(tmp_path):
                       data_collator=RecordingCollator(), callbacks=[KasaCallback()])
     with pytest.raises(ValueError, match="several active KaSA adapters"):
         trainer.train()
+    assert kk_peft.fused_layer_names(model) == []  # the refusal left the model as it was
 
 
 def test_micro_batch_count_follows_the_trainers_windows():

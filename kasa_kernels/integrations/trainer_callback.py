@@ -58,11 +58,15 @@ class KasaCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if model is None:
             raise ValueError("KasaCallback: the Trainer passed no model to on_train_begin")
-        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None):
+        if getattr(args, "deepspeed", None):
             raise ValueError("KasaCallback: DeepSpeed scales the loss inside its engine, where the callback cannot "
                              "read the factor; add kasa_regularizer(model) to the loss in compute_loss instead")
-        self._route_layers(model)
-        self.handle = fold_regularizer(model, beta=self.beta, gamma=self.gamma, form=self.form)
+        try:
+            self._route_layers(model)
+            self.handle = fold_regularizer(model, beta=self.beta, gamma=self.gamma, form=self.form)
+        except Exception:
+            self.on_train_end(args, state, control)  # leave the model as it came
+            raise
         self._undo.append(lambda: fold_regularizer(model, enable=False))
         self._scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer holds the GradScaler
         try:
