@@ -1,6 +1,7 @@
 """Fine-tune a causal LM with PEFT's KaSA in a stock transformers Trainer (or trl's SFTTrainer), regularizer included:
-one callback, `callbacks=[KasaCallback()]`, runs the KaSA layers through kasa_kernels and folds each adapter's
-regularizer (beta, gamma from its KasaConfig) into backward. Without it, PEFT trains KaSA without its regularizer.
+one callback, `callbacks=[KasaCallback()]`, runs the KaSA layers through kasa_kernels and adds each adapter's
+regularizer gradient (beta, gamma from its KasaConfig) to every step. Without it, PEFT trains KaSA without its
+regularizer.
 
 Offline on CPU (a small Llama built from a config, byte-level tokens, the bundled examples/data/tiny.txt):
 

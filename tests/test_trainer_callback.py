@@ -4,11 +4,12 @@ The bar (issue #16): after N optimizer steps the parameters equal those of a han
 kasa_regularizer to the loss of every micro-batch with the task loss's scaling. Here N = 3 optimizer steps over 5
 micro-batches with gradient accumulation 2 (windows of 2, 2 and 1: the epoch's last step accumulates one), under
 bf16 autocast, with the Trainer's gradient clipping, fused AdamW and linear schedule. The equality is BITWISE
-(torch.equal on every parameter): the callback folds each layer's closed-form regularizer gradient into its
-backward with the factor S / n (S the GradScaler scale, n the micro-batches of the step) computed in fp32, the very
-factor autograd hands the regularizer in the hand-written loop, and adds it to the same task gradient in the same
-place. The Trainer's scaling of the task loss comes in both modes: the token count across the accumulated batch
-(num_items_in_batch, transformers' default for causal LMs) and the per-micro-batch mean divided by n.
+(torch.equal on every parameter): at each step the callback runs kasa_regularizer's backward once with the factor
+S / n (S the GradScaler scale, n the micro-batches of the step) in fp32, the very factor and op the hand-written
+loop's backward uses, and adds the result to each micro-batch's task gradient before accumulation, where autograd
+adds it in the loop. The Trainer's scaling of the task loss comes in both modes: the token count across the
+accumulated batch (num_items_in_batch, transformers' default for causal LMs) and the per-micro-batch mean divided
+by n.
 """
 from __future__ import annotations
 
@@ -113,14 +114,14 @@ def hand_written_loop(model, batches, args, loss_mode, scaler=None, beta=None, g
 
 
 class FactorSpy(TrainerCallback):
-    """Reads the folded regularizer's grad_scale after KasaCallback set it for each step."""
+    """Reads the regularizer's factor S / n after KasaCallback set it for each step."""
 
     def __init__(self, kasa_callback):
         self.kasa_callback = kasa_callback
         self.factors = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.factors.append(self.kasa_callback.handle.grad_scale.item())
+        self.factors.append(self.kasa_callback.factor.item())
 
 
 def train_with_callback(model, tmp_path, loss_mode, scaler=None, callback=None, **arg_overrides):
@@ -165,10 +166,9 @@ def test_trainer_with_callback_equals_hand_written_loop(kind, loss_mode, tmp_pat
     assert factors == [0.5, 0.5, 1.0]  # 1/n for steps of 2, 2 and 1 micro-batches
     hand_written_loop(hand, batches, args, loss_mode, **beta_gamma)
     assert_same_parameters(trained, hand, initial, f"{kind}/{loss_mode}")
-    # the callback undid itself: PEFT's forward again, nothing folded
+    # the callback undid itself: PEFT's forward again, no hook left
     assert kk_peft.fused_layer_names(trained) == []
-    assert all(m.__dict__.get("kasa_folded") in (None, {}) and getattr(m, "folded_regularizer", None) is None
-               for m in trained.modules())
+    assert all(not p._backward_hooks for p in trained.parameters())
 
 
 def test_trainer_with_callback_and_a_grad_scaler_equals_hand_written_loop(tmp_path):
@@ -232,19 +232,39 @@ def test_one_step_gradient_matches_peft_and_its_kasa_loss(tmp_path):
         assert_within_ref(n.removeprefix("base_model.model.model."), g, want64[n], want32[n], torch.float32)
 
 
-def test_callback_refuses_what_it_cannot_fold(tmp_path):
+def test_several_active_adapters_train_with_their_own_configs(tmp_path):
+    """Two active adapters on q_proj / v_proj (fused as one layer of rank 4 + 2), each regularized with its own
+    KasaConfig: bitwise the hand-written loop."""
+    model = make_model("peft")
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"],
+                                          kasa_config=KasaConfig(beta=0.3, gamma=0.1)))
+    randomize_peft_adapters(model, seed=9)
+    model.base_model.set_adapter(["default", "other"])
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    initial, hand = copy.deepcopy(model), copy.deepcopy(model)
+    trained, batches, args, _ = train_with_callback(model, tmp_path, "tokens")
+    hand_written_loop(hand, batches, args, "tokens")
+    assert_same_parameters(trained, hand, initial, "two adapters")
+
+
+def test_callback_refuses_what_it_cannot_train(tmp_path):
     with pytest.raises(TypeError, match="beta: expected None or a finite float"):
         KasaCallback(beta="1e-4")
     with pytest.raises(ValueError, match="form: expected one of"):
         KasaCallback(form="squared")
     with pytest.raises(ValueError, match="backend: expected one of"):
         KasaCallback(backend="nope")
+    trainer = Trainer(model=tiny_llama(), args=training_args(tmp_path, max_steps=1), train_dataset=dataset(),
+                      data_collator=RecordingCollator(), callbacks=[KasaCallback()])
+    with pytest.raises(ValueError, match="found no KaSA layers"):
+        trainer.train()
     model = make_model("peft")
-    model.add_adapter("other", LoraConfig(r=2, target_modules=TARGETS, kasa_config=KasaConfig()))
-    model.base_model.set_adapter(["default", "other"])
+    for p in model.parameters():
+        p.requires_grad_(False)
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=dataset(),
                       data_collator=RecordingCollator(), callbacks=[KasaCallback()])
-    with pytest.raises(ValueError, match="several active KaSA adapters"):
+    with pytest.raises(ValueError, match="no KaSA adapter parameter requires grad"):
         trainer.train()
     assert kk_peft.fused_layer_names(model) == []  # the refusal left the model as it was
 
@@ -264,7 +284,7 @@ def test_micro_batch_count_follows_the_trainers_windows():
             assert got == windows, (steps_in_epoch, got)
     cb._steps_in_epoch = None  # no dataloader length: the Trainer runs max_steps full windows
     assert cb._micro_batches(args, SimpleNamespace(global_step=5, max_steps=7)) == 4
-    cb.handle, cb._expected, cb._seen = object(), 2, 0
+    cb.model, cb._expected, cb._seen = object(), 2, 0
     cb.on_substep_end(args, None, None)
     cb.on_step_end(args, None, None)  # 2 seen, 2 expected
     cb._seen = 0

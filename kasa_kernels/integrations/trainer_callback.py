@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 from transformers import TrainerCallback
 
 from .. import _backend, _layers
-from ..functional import REGULARIZER_FORMS
-from ..modules import KasaLinear, fold_regularizer
+from ..functional import REGULARIZER_FORMS, kasa_regularizer
+from ..modules import KasaLinear
 
 __all__ = ["KasaCallback"]
 
@@ -22,23 +23,26 @@ class KasaCallback(TrainerCallback):
 
         trainer = Trainer(model, args, train_dataset=..., callbacks=[KasaCallback()])
 
-    At train begin it patches every PEFT KaSA layer to run through kasa_kernels (patch_peft_model, `backend`),
-    gives every KasaLinear `backend` (unless it is "auto", which leaves each layer's own), and folds the regularizer
-    into each layer's backward (fold_regularizer): every backward adds each adapter's closed-form regularizer
-    gradient times the factor the task gradient carries, S / n, where S is the GradScaler's scale (1 without one)
-    and n the number of micro-batches the Trainer accumulates into this optimizer step (gradient_accumulation_steps,
-    or fewer in an epoch's last step). So each optimizer step gets exactly one regularizer gradient, as from the
-    hand-written loop
+    At train begin it patches every PEFT KaSA layer to run through kasa_kernels (patch_peft_model, `backend`) and
+    gives every KasaLinear `backend` (unless it is "auto", which leaves each layer's own). At each optimizer step it
+    computes the whole model's regularizer gradient once (kasa_regularizer, all layers batched) times the factor the
+    task gradient carries, S / n: S the GradScaler's scale (1 without one), n the micro-batches the Trainer
+    accumulates into this step (gradient_accumulation_steps, fewer in an epoch's last step). A hook on each adapter
+    parameter adds that gradient to the one every micro-batch's backward produces, before it is accumulated. So each
+    optimizer step gets exactly one regularizer gradient, as from the hand-written loop
 
         loss = task_loss + kasa_regularizer(model) / n        (task_loss as the Trainer scales it)
 
-    whichever way the Trainer or trl computes the task loss (the model's own loss, a token count across the
-    accumulated batch, SFTTrainer's fused loss); the Trainer's clipping then sees the full gradient. beta / gamma
-    None take each PEFT adapter's KasaConfig values (KasaLinear: its kasa_regularizer_weights, else 1e-4 / 1e-3).
-    The logged loss is the task loss; kasa_regularizer(model) under torch.no_grad() gives the regularizer.
+    and bit for bit: the term is the same fp32 product kasa_regularizer's backward forms in that loop, added to the
+    same task gradient before accumulation. Whichever way the Trainer or trl computes the task loss (the model's own
+    loss, a token count across the accumulated batch, SFTTrainer's fused loss), the Trainer's clipping then sees the
+    full gradient. beta / gamma None take each PEFT adapter's KasaConfig values (KasaLinear: its
+    kasa_regularizer_weights, else 1e-4 / 1e-3); the adapters are the active ones, several per layer included. The
+    logged loss is the task loss; kasa_regularizer(model) under torch.no_grad() gives the regularizer.
 
-    At train end the folding, the patches and the backends are undone. Not supported: DeepSpeed (its engine scales
-    the loss itself), and a layer training several active adapters at once (fold_regularizer refuses it).
+    At train end the hooks and patches are removed and the backends restored. Not supported: DeepSpeed (its engine
+    scales the loss itself) and FSDP-sharded adapters (their gradients do not pass the hooks). An adapter that a
+    micro-batch does not run (e.g. an unrouted expert) gets no term for that micro-batch.
     """
 
     def __init__(self, beta: Optional[float] = None, gamma: Optional[float] = None, form: str = "paper",
@@ -50,10 +54,11 @@ class KasaCallback(TrainerCallback):
             raise ValueError(f"form: expected one of {REGULARIZER_FORMS}, got {form!r}")
         _backend.check_name(backend)
         self.beta, self.gamma, self.form, self.backend = beta, gamma, form, backend
-        self.handle = None
+        self.model = None
+        self.factor = None  # S / n of the current optimizer step (a 0-dim fp32 tensor), for logging
         self._undo = []
 
-    # -- training begins: route every KaSA layer through kasa_kernels and fold the regularizer
+    # -- training begins: route every KaSA layer through kasa_kernels, hook every trainable adapter parameter
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if model is None:
@@ -63,11 +68,11 @@ class KasaCallback(TrainerCallback):
                              "read the factor; add kasa_regularizer(model) to the loss in compute_loss instead")
         try:
             self._route_layers(model)
-            self.handle = fold_regularizer(model, beta=self.beta, gamma=self.gamma, form=self.form)
+            self._hook_adapters(model)
         except Exception:
             self.on_train_end(args, state, control)  # leave the model as it came
             raise
-        self._undo.append(lambda: fold_regularizer(model, enable=False))
+        self.model = model
         self._scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer holds the GradScaler
         try:
             self._steps_in_epoch = len(train_dataloader)
@@ -97,7 +102,36 @@ class KasaCallback(TrainerCallback):
                 m.backend = self.backend
             self._undo.append(restore)
 
-    # -- each optimizer step: the factor of this step's micro-batches
+    def _hook_adapters(self, model):
+        entries = _layers.adapter_entries(model)
+        if not entries:
+            raise ValueError("model: found no KaSA layers (KasaLinear, or PEFT layers with an active KaSA adapter)")
+        kasa_regularizer(model, beta=self.beta, gamma=self.gamma, form=self.form)  # validates weights and adapters
+        unique = {id(t): t for e in entries for t in (e.lora_A, e.lora_B, e.lora_diag)}
+        self._params = [t for t in unique.values() if t.requires_grad]
+        if not self._params:
+            raise ValueError("model: no KaSA adapter parameter requires grad; nothing to train")
+        if any(_is_dtensor(t) for t in self._params):
+            raise ValueError("model: KaSA adapters are FSDP-sharded DTensors, whose gradients do not pass parameter "
+                             "hooks; add kasa_regularizer(model) to the loss instead")
+        self._reg_grads = {}
+        handles = [t.register_hook(self._hook(id(t))) for t in self._params]
+
+        def remove():
+            for h in handles:
+                h.remove()
+            self._reg_grads = {}
+
+        self._undo.append(remove)
+
+    def _hook(self, key: int):
+        def add_regularizer_gradient(grad):
+            extra = self._reg_grads.get(key)
+            return grad if extra is None else grad + extra
+
+        return add_regularizer_gradient
+
+    # -- each optimizer step: the regularizer gradient, times the factor of this step's micro-batches
 
     def _micro_batches(self, args, state) -> int:
         """How many micro-batches the Trainer accumulates into this optimizer step: it cuts each epoch of
@@ -111,22 +145,27 @@ class KasaCallback(TrainerCallback):
         return n - (per_epoch - 1) * ga
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.handle is None:
+        if self.model is None:
             return
         self._expected = self._micro_batches(args, state)
         self._seen = 0
         scale = self._scaler.get_scale() if self._scaler is not None and self._scaler.is_enabled() else 1.0
-        # in fp32, as autograd divides the task gradient: (S / n) reaches the loss of every micro-batch
-        self.handle.grad_scale.fill_(scale)
-        self.handle.grad_scale.div_(self._expected)
+        # (S / n) in fp32, as autograd forms it for the regularizer of `task + reg / n` scaled by S; the adapters do
+        # not change within the step, so one regularizer backward serves all n micro-batches
+        self.factor = torch.tensor(scale, dtype=torch.float32, device=self._params[0].device) / self._expected
+        with torch.enable_grad():
+            reg = kasa_regularizer(self.model, beta=self.beta, gamma=self.gamma, form=self.form)
+            grads = torch.autograd.grad(reg, self._params, grad_outputs=self.factor)
+        self._reg_grads = {id(t): g for t, g in zip(self._params, grads)}
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._seen += 1
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.handle is None:
+        if self.model is None:
             return
         self._seen += 1
+        self._reg_grads = {}
         if self._seen != self._expected:
             raise RuntimeError(
                 f"KasaCallback: this optimizer step accumulated {self._seen} micro-batches where the Trainer's "
@@ -139,4 +178,12 @@ class KasaCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         while self._undo:
             self._undo.pop()()
-        self.handle = None
+        self.model = None
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
