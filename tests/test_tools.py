@@ -116,3 +116,57 @@ def test_aot_report_on_one_compiled_kernel(tmp_path):
     assert s.atomics and all(op.startswith(("RED", "ATOM")) for op in s.atomics)
     assert s.fenced_atomics == 0 and s.gpu_fences == 0
     assert s.stl == s.ldl == 0 and s.loads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tools/gpu_session.sh: the one call of a GPU session
+
+SESSION = os.path.join(ROOT, "tools", "gpu_session.sh")
+SESSION_FILES = {"session.log", "correctness.md", "bench.json", "whole_model.json", "profile.md"}
+STAGES = ("env", "build", "selfcheck", "correctness", "cuda-tests", "sanitize", "bench", "whole-model", "profile",
+          "auto-preference")
+
+
+def test_gpu_session_boxes_fit_the_device_call():
+    # The device tool allows 10 minutes a command and the issue 8 for `all` on a cold machine: the GPU branch's
+    # stage boxes (and the budget that clamps them) must stay within 480 s.
+    import re
+
+    text = open(SESSION).read()
+    gpu_branch = text[text.index("if [ $dry = 0 ]; then"):text.index("\nelse\n")]
+    boxes = {k: int(v) for k, v in re.findall(r"BOX_(\w+)=(\d+)", gpu_branch)}
+    budget = int(re.search(r"BUDGET=(\d+)", gpu_branch).group(1))
+    assert set(boxes) == {"ENV", "BUILD", "SELFCHECK", "CORRECT", "CUDA_TESTS", "SANITIZE", "BENCH", "WHOLE",
+                          "PROFILE", "AUTO"}
+    assert sum(boxes.values()) <= budget <= 480, (boxes, budget)
+
+
+def test_gpu_session_dry_run(tmp_path):
+    # Every stage of `gpu_session.sh all`, as the GPU session will run it, on CPU with tiny shapes and the
+    # interpreter: a typo, a renamed option or a provider that crashes fails here instead of in a GPU's few minutes.
+    import json
+    import re
+
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", SESSION, "all", "--dry-run"], capture_output=True, text=True, timeout=1500, env=env)
+    log = (tmp_path / "session.log").read_text() if (tmp_path / "session.log").exists() else ""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:] + log[-6000:]
+    for stage in STAGES:
+        assert re.search(rf"^\| {stage} \| ok \|", proc.stdout, re.M), stage
+    # what the device tool brings back: at most 8 plain files, no folders, plain names
+    names = sorted(os.listdir(tmp_path))
+    assert set(names) == SESSION_FILES and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), names
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    asked = set(re.search(r"^PROVIDERS=(\S+)", open(SESSION).read(), re.M).group(1).split(","))
+    ran = {r["provider"] for r in bench["rows"]}
+    skipped = {s["provider"]: s["reason"] for s in bench["skipped"] if "provider" in s and "case" not in s}
+    failed = [s for s in bench["skipped"] if s.get("reason", "").startswith("run failed")]
+    assert not failed, failed  # a provider that crashed would lose its GPU measurement
+    assert ran | set(skipped) == asked and {"triton", "triton_gemm"} <= ran
+    assert set(skipped) == {"cuda", "cuda_gemm"}  # no extension on CPU tensors: said, not silently dropped
+    correctness = (tmp_path / "correctness.md").read_text()
+    assert "\n0 failed;" in correctness and correctness.count("| triton | ok |") >= 8
+    whole = json.loads((tmp_path / "whole_model.json").read_text())
+    assert {r["kind"] for r in whole["whole_model"]} >= {"regularizer"}
+    profile = (tmp_path / "profile.md").read_text()
+    assert "## triton, full" in profile and "## triton_gemm, forward" in profile and "p=0.1" in profile

@@ -52,7 +52,9 @@ if [ $dry = 0 ]; then
   CORRECT_ARGS=""
   SANITIZE="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
   SANITIZE="${SANITIZE:-compute-sanitizer} --tool memcheck --error-exitcode 1 $PY tests/gpu/sanitize_cuda.py"
-  BENCH_ARGS="--shape 8192,4096,4096,16 --shape 64,4096,4096,16 --dropout 0,0.1 --rep-ms 100 --warmup 2"
+  BENCH_ARGS="--modes forward,backward,full --shape 8192,4096,4096,16 --shape 64,4096,4096,16 --dropout 0,0.1"
+  BENCH_ARGS+=" --rep-ms 100 --warmup 2"
+  WHOLE_ENV=""
   WHOLE_ARGS="--shape 16,4096,4096,16"
   PROFILE_ARGS="--dropout 0,0.1"
 else
@@ -64,8 +66,9 @@ else
   BUILD="KASA_KERNELS_BUILD_CUDA=0 $PY setup.py build_ext --inplace"
   CORRECT_ARGS="--dry-run"
   SANITIZE="$PY tests/gpu/sanitize_cuda.py --help"
-  BENCH_ARGS="--device cpu --shape 48,64,40,4 --shape 8,64,40,4 --dropout 0,0.1 --rep-ms 5 --warmup 1 --min-reps 2"
-  BENCH_ARGS+=" --max-reps 3"
+  BENCH_ARGS="--modes forward,full --device cpu --shape 48,64,40,4 --dropout 0,0.1 --rep-ms 5 --warmup 1"
+  BENCH_ARGS+=" --min-reps 2 --max-reps 3"
+  WHOLE_ENV="env -u TRITON_INTERPRET"  # the whole-model runs on the torch backend and PEFT: the interpreter takes minutes
   WHOLE_ARGS="--device cpu --shape 8,64,40,4 --rep-ms 5 --warmup 1 --min-reps 2 --max-reps 3"
   PROFILE_ARGS="--shape 48,64,40,4 --dropout 0,0.1 --warmup 1 --iters 2"
 fi
@@ -109,12 +112,12 @@ stage_correctness() {
   run_stage sanitize "$BOX_SANITIZE" "$SANITIZE"
 }
 stage_bench() {
-  run_stage bench "$BOX_BENCH" "$PY -m kasa_kernels.bench run --providers $PROVIDERS --modes forward,backward,full \
-$BENCH_ARGS --no-whole-model --time-budget-s $((BOX_BENCH - 35)) --out $OUT/bench.json"
+  run_stage bench "$BOX_BENCH" "$PY -m kasa_kernels.bench run --providers $PROVIDERS $BENCH_ARGS --no-whole-model \
+--time-budget-s $((BOX_BENCH - 35)) --out $OUT/bench.json"
 }
 stage_whole_model() {
-  run_stage whole-model "$BOX_WHOLE" "$PY -m kasa_kernels.bench run --providers torch_eager --modes full $WHOLE_ARGS \
---whole-model --out $OUT/whole_model.json"
+  run_stage whole-model "$BOX_WHOLE" "$WHOLE_ENV $PY -m kasa_kernels.bench run --providers torch_eager --modes full \
+$WHOLE_ARGS --whole-model --out $OUT/whole_model.json"
 }
 stage_profile() {
   run_stage profile "$BOX_PROFILE" "$PY tools/profile_kernels.py --providers $FUSED --modes forward,full \
