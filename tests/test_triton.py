@@ -349,6 +349,44 @@ def test_unaligned_operands_never_choose_tma():
         assert not any(c.kwargs["PERSISTENT"] or c.kwargs["USE_TMA"] for c in triton_gemm.autotune_configs(arch))
 
 
+GPUS = {(9, 0): Target((9, 0), 132, 227 * 1024), (8, 0): Target((8, 0), 108, 163 * 1024),
+        (8, 6): Target((8, 6), 82, 99 * 1024)}
+
+
+class _Bf16:  # what the prune reads of a (bf16 operands on a CUDA device)
+    device = torch.device("cuda", 0)
+
+    @staticmethod
+    def element_size():
+        return 2
+
+
+@pytest.mark.parametrize("arch", list(GPUS), ids=lambda a: f"sm{a[0]}{a[1]}")
+def test_autotune_shortlist_serves_every_launch(arch, monkeypatch):
+    # A first GPU session tunes over SHORTLIST only: it must be part of the full space, and leave every launch the
+    # prune sees (P and decode; forward, dX, masked dX; TMA-readable operands or not) a config of its own choosing,
+    # never the prune's keep-the-smallest fallback, and the masked dX only tiles that fit (masked_dx_fits).
+    full = triton_gemm.autotune_configs(arch, "full")
+    short = triton_gemm.autotune_configs(arch, "shortlist")
+    monkeypatch.setenv(triton_gemm.AUTOTUNE_ENV, "shortlist")
+    assert [c.all_kwargs() for c in triton_gemm.autotune_configs(arch)] == [c.all_kwargs() for c in short]
+    assert {str(c.all_kwargs()) for c in short} < {str(c.all_kwargs()) for c in full} and len(short) == 3
+    for m in (8192, 64, 16):
+        for tma_ok in (True, False):
+            for masked in (False, True):
+                with aot_target(GPUS[arch]):
+                    kept = triton_gemm.prune_configs(short, dict(a_ptr=_Bf16, M=m, N=4096), TMA_OK=tma_ok,
+                                                     LOWRANK=True, LOWRANK_DROPOUT=masked, R_CHUNK=16)
+                what = (m, tma_ok, masked)
+                assert kept and all(tma_ok or not c.kwargs["USE_TMA"] for c in kept), what
+                decode = {c.kwargs["BLOCK_M"] <= triton_gemm.DECODE_BLOCK_M for c in kept}
+                assert decode == ({True} if m <= 32 else {True, False} if m <= 64 else {False}), what
+                assert not masked or all(triton_gemm.masked_dx_fits(c) for c in kept), what
+    monkeypatch.setenv(triton_gemm.AUTOTUNE_ENV, "short")
+    with pytest.raises(ValueError, match="KASA_KERNELS_TRITON_AUTOTUNE: expected 'full' or 'shortlist', got 'short'"):
+        triton_gemm.autotune_configs(arch)
+
+
 def _identity_adapter(m, k, p, seed, dtype=torch.float32, x=None):
     """r = K, A = I, d = 1, s = 1: H = dropout(x) exactly, so H exposes the kernel's mask."""
     x = torch.randn(m, k, dtype=dtype, device=DEVICE) if x is None else x

@@ -103,7 +103,9 @@ def regularizer(lora_As: List[torch.Tensor], lora_Bs: List[torch.Tensor], lora_d
     regularizer_kernel[(len(rows),)](
         flat, grads, table, partials,
         float(beta), float(gamma), 1.0 / len(lora_As) if official else 1.0,
-        BLOCK_L=64 if interpret else 32, R_PAD=r_pad(r_max), TABLE_COLS=TABLE_COLS,
+        # 64 rows a step up to R_PAD 32: 32 left 8 B/thread of stack on sm80 (AOT, triton 3.6); at R_PAD 128, 64 rows
+        # spilled 1.5-9.8 KB/thread (AOT sm80/sm86/sm90, triton 3.6 and 3.8), so there 32
+        BLOCK_L=64 if interpret or r_pad(r_max) <= 32 else 32, R_PAD=r_pad(r_max), TABLE_COLS=TABLE_COLS,
         num_warps=4 if r_max <= 32 else 8,
         # AOT (triton 3.8), R_PAD 128: 3 stages need 106 KB of shared memory, over sm86's 99 KB; 1 stage needs 80 KB
         # and does not spill on sm86 but spills 1.6 KB/thread on sm90, where 3 stages fit.
