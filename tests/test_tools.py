@@ -44,8 +44,9 @@ def test_profile_kernels_defaults_are_registry_providers():
 # tools/sass_report.py (reading SASS) and tools/aot_compile_triton.py (the ahead-of-time report that uses it)
 
 # A made-up listing in cuobjdump -sass's format: a pipelined loop (0x0040-0x00b0) holding a retry loop of its own,
-# an unfenced reduction, a fenced atomic, spill traffic, and a retry stub after the EXITs that branches back into
-# the code (ptxas places mbarrier-wait retries there).
+# rank-r wgmmas after it, an unfenced reduction, a fenced atomic, spill traffic, and a retry stub after the EXITs that
+# branches back into the code (ptxas places mbarrier-wait retries there): taken for a loop, its body would hold the
+# most MMAs.
 LISTING = """
         /*0000*/                   LDC R1, c[0x0][0x28] ;                      /* 0x00000a00ff017b82 */
         /*0010*/                   LDG.E.64 R8, desc[UR4][R2.64] ;
@@ -59,29 +60,33 @@ LISTING = """
         /*0090*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x20000], R4 ;
         /*00a0*/               @!P0 BRA 0x90 ;
         /*00b0*/               @!P2 BRA 0x40 ;
-        /*00c0*/                   LDL R20, [R1+0x8] ;
-        /*00d0*/                   REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R3 ;
-        /*00e0*/                   FFMA R5, R6, R7, R5 ;
-        /*00f0*/                   FFMA R5, R6, R7, R5 ;
-        /*0100*/                   FFMA R5, R6, R7, R5 ;
-        /*0110*/                   FFMA R5, R6, R7, R5 ;
-        /*0120*/                   MEMBAR.ALL.GPU ;
-        /*0130*/                   ERRBAR ;
-        /*0140*/                   ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, R9, desc[UR4][R2.64], R3 ;
-        /*0150*/                   CCTL.IVALL ;
-        /*0160*/               @P3 EXIT ;
-        /*0170*/                   EXIT ;
-        /*0180*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x20000], R4 ;
-        /*0190*/                   BRA 0x20 ;
-        /*01a0*/                   BRA 0x1a0;
+        /*00c0*/                   HGMMA.64x256x8.F32.TF32 R24, gdesc[UR24], R24 ;
+        /*00d0*/                   HGMMA.64x256x8.F32.TF32 R24, gdesc[UR24], R24 ;
+        /*00e0*/                   HGMMA.64x256x8.F32.TF32 R24, gdesc[UR24], R24, gsb0 ;
+        /*00f0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0100*/                   LDL R20, [R1+0x8] ;
+        /*0110*/                   REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R3 ;
+        /*0120*/                   FFMA R5, R6, R7, R5 ;
+        /*0130*/                   FFMA R5, R6, R7, R5 ;
+        /*0140*/                   FFMA R5, R6, R7, R5 ;
+        /*0150*/                   FFMA R5, R6, R7, R5 ;
+        /*0160*/                   MEMBAR.ALL.GPU ;
+        /*0170*/                   ERRBAR ;
+        /*0180*/                   ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, R9, desc[UR4][R2.64], R3 ;
+        /*0190*/                   CCTL.IVALL ;
+        /*01a0*/               @P3 EXIT ;
+        /*01b0*/                   EXIT ;
+        /*01c0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8+0x20000], R4 ;
+        /*01d0*/                   BRA 0x20 ;
+        /*01e0*/                   BRA 0x1e0;
 """
 
 
 def test_sass_report_reads_loads_mma_spills_fences_and_the_hot_loop():
     sr = _load("sass_report")
     s = sr.read_sass(LISTING)
-    assert s.n_instr == 27
-    assert s.mma == {"HGMMA.64x256x16.F32.BF16": 2} and s.ffma == 4
+    assert s.n_instr == 31
+    assert s.mma == {"HGMMA.64x256x16.F32.BF16": 2, "HGMMA.64x256x8.F32.TF32": 3} and s.ffma == 4
     assert s.loads == {"ldg 8B": 1, "cp.async 16B": 1, "cp.async 8B": 1}
     assert (s.stl, s.ldl) == (1, 1)
     assert s.atomics == {"REDG.E.ADD.F32.FTZ.RN.STRONG.GPU": 1, "ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU": 1}
@@ -90,7 +95,7 @@ def test_sass_report_reads_loads_mma_spills_fences_and_the_hot_loop():
     assert s.loop == dict(instr=6, mma=2, bar_sync=1, ldg=0, cp_async=1, tma=0, mma_in_flight=1)
     assert s.lead == dict(instr=2, ldg=1, mma=0)
     assert sr.fmt_counts(s.loads) == "cp.async 16B ×1, cp.async 8B ×1, ldg 8B ×1"
-    assert sr.mma_class(s) == "HGMMA.F32.BF16 ×2"
+    assert sr.mma_class(s) == "HGMMA.F32.TF32 ×3, HGMMA.F32.BF16 ×2"
     assert sr.read_resources(" Function k:\n  REG:255 STACK:1864 SHARED:1024 LOCAL:0") == (255, 1864)
 
 
