@@ -13,7 +13,8 @@
 #
 #   bash tools/gpu_session.sh all               # on the GPU machine, from the repository root
 #   bash tools/gpu_session.sh all --dry-run     # the same stages on CPU: tiny shapes, Triton's interpreter (CI runs it)
-#   bash tools/gpu_session.sh bench             # one stage: env-build, selfcheck, correctness, bench, whole-model, profile
+#   bash tools/gpu_session.sh bench             # one stage (env-build, selfcheck, correctness, bench, whole-model,
+#                                               # profile)
 #
 # Everything lands in $OUT (default /tmp/kasa_gpu_out), as at most 8 files, none in a subfolder, since the device tool
 # brings back 8 files at most: session.log (every stage's output, then a summary table), correctness.md, bench.json,
@@ -45,9 +46,10 @@ FUSED=cublas_linear,frozen_linear,triton,cuda,triton_gemm,cuda_gemm
 if [ $dry = 0 ]; then
   # Seconds per stage, 475 in all with the closing auto-preference step, of the 480 allowed: a cold start's build of
   # one architecture on 16 cores, then each check sized to finish inside its box (the bench and the correctness suite
-  # stop starting cases before theirs ends and still write their files). Estimates: no GPU has run this yet.
-  BOX_ENV=10; BOX_BUILD=110; BOX_SELFCHECK=25; BOX_CORRECT=70; BOX_CUDA_TESTS=40; BOX_SANITIZE=40; BOX_BENCH=95
-  BOX_WHOLE=45; BOX_PROFILE=30; BOX_AUTO=10; BUDGET=475
+  # stop starting cases before theirs ends and still write their files); what a stage leaves unused goes to the next
+  # (run_stage). Estimates: no GPU has run this yet.
+  BOX_ENV=10; BOX_BUILD=100; BOX_SELFCHECK=25; BOX_CORRECT=70; BOX_CUDA_TESTS=35; BOX_SANITIZE=35; BOX_BENCH=110
+  BOX_WHOLE=50; BOX_PROFILE=30; BOX_AUTO=10; BUDGET=475
   BUILD="KASA_KERNELS_BUILD_CUDA=1 KASA_KERNELS_CUDA_ARCHS=90 MAX_JOBS=16 $PY setup.py build_ext --inplace"
   CORRECT_ARGS=""
   SANITIZE="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
@@ -68,26 +70,30 @@ else
   SANITIZE="$PY tests/gpu/sanitize_cuda.py --help"
   BENCH_ARGS="--modes forward,full --device cpu --shape 48,64,40,4 --dropout 0,0.1 --rep-ms 5 --warmup 1"
   BENCH_ARGS+=" --min-reps 2 --max-reps 3"
-  WHOLE_ENV="env -u TRITON_INTERPRET"  # the whole-model runs on the torch backend and PEFT: the interpreter takes minutes
+  # the whole-model runs on the torch backend and PEFT only: through the interpreter they take minutes
+  WHOLE_ENV="env -u TRITON_INTERPRET"
   WHOLE_ARGS="--device cpu --shape 8,64,40,4 --rep-ms 5 --warmup 1 --min-reps 2 --max-reps 3"
   PROFILE_ARGS="--shape 48,64,40,4 --dropout 0,0.1 --warmup 1 --iters 2"
 fi
 
 T0=$SECONDS
+DEADLINE=0
 SUMMARY=""
-# run_stage NAME BOX COMMAND: COMMAND under `timeout`, for BOX seconds or what is left of BUDGET if less; its output
-# goes to session.log; its status and time to the summary.
+# run_stage NAME BOX COMMAND: COMMAND under `timeout` until the sum of the boxes so far (and never past BUDGET), so a
+# stage that finishes early leaves its time to the next ones and a slow one cannot take theirs. The command sees its
+# seconds as $STAGE_SECONDS; its output goes to session.log, its status and time to the summary.
 run_stage() {
   local name=$1 box=$2 cmd=$3
-  local left=$((BUDGET - (SECONDS - T0)))
-  local t=$((box < left ? box : left))
+  DEADLINE=$((DEADLINE + box))
+  local end=$((DEADLINE < BUDGET ? DEADLINE : BUDGET))
+  local t=$((end - (SECONDS - T0)))
   if [ "$t" -lt 5 ]; then
-    SUMMARY+="| $name | not run: ${left} s of the budget left | 0 | $box |"$'\n'
+    SUMMARY+="| $name | not run: ${t} s left of its box | 0 | $box |"$'\n'
     return
   fi
-  printf '\n===== %s (box %s s) =====\n$ %s\n' "$name" "$t" "$cmd" >> "$LOG"
+  printf '\n===== %s (%s s) =====\n$ %s\n' "$name" "$t" "$cmd" >> "$LOG"
   local s=$SECONDS
-  timeout -k 3 "$t" bash -c "$cmd" >> "$LOG" 2>&1
+  STAGE_SECONDS=$t timeout -k 3 "$t" bash -c "$cmd" >> "$LOG" 2>&1
   local rc=$?
   local status="ok"
   [ $rc -ne 0 ] && status="exit $rc"
@@ -101,19 +107,19 @@ stage_env_build() {
 torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", \
 torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")'; \
 (command -v nvcc && nvcc --version | tail -2) || echo 'no nvcc'"
-  run_stage build "$BOX_BUILD" "$BUILD > $OUT/.build.log 2>&1; rc=\$?; tail -25 $OUT/.build.log; rm -f $OUT/.build.log; \
-exit \$rc"
+  run_stage build "$BOX_BUILD" "$BUILD > $OUT/.build.log 2>&1; rc=\$?; tail -25 $OUT/.build.log; \
+rm -f $OUT/.build.log; exit \$rc"
 }
 stage_selfcheck() { run_stage selfcheck "$BOX_SELFCHECK" "$PY -m kasa_kernels"; }
 stage_correctness() {
-  run_stage correctness "$BOX_CORRECT" \
-    "$PY tests/gpu/check_backends.py $CORRECT_ARGS --budget-s $((BOX_CORRECT - 25)) --out $OUT/correctness.md"
+  run_stage correctness "$BOX_CORRECT" "$PY tests/gpu/check_backends.py $CORRECT_ARGS \
+--budget-s \$((STAGE_SECONDS > 35 ? STAGE_SECONDS - 25 : 10)) --out $OUT/correctness.md"
   run_stage cuda-tests "$BOX_CUDA_TESTS" "$PY -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py"
   run_stage sanitize "$BOX_SANITIZE" "$SANITIZE"
 }
 stage_bench() {
   run_stage bench "$BOX_BENCH" "$PY -m kasa_kernels.bench run --providers $PROVIDERS $BENCH_ARGS --no-whole-model \
---time-budget-s $((BOX_BENCH - 35)) --out $OUT/bench.json"
+--time-budget-s \$((STAGE_SECONDS > 70 ? STAGE_SECONDS - 50 : 20)) --out $OUT/bench.json"
 }
 stage_whole_model() {
   run_stage whole-model "$BOX_WHOLE" "$WHOLE_ENV $PY -m kasa_kernels.bench run --providers torch_eager --modes full \

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     usable = kk.backends(device)
     t0 = time.perf_counter()
-    lines = [f"# Correctness against python/kasa_reference on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}",
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    lines = [f"# Correctness against python/kasa_reference on {where}",
              "", f"`python tests/gpu/check_backends.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              "| shape | M, K, N, r | dtype | p | backend | result | s |", "|---|---|---|---:|---|---|---:|"]
     failed = 0
