@@ -4,8 +4,9 @@ Policy:
 - Under autocast, x, W and b are cast to the autocast dtype, as F.linear would; the adapters keep their dtype
   (fp32 adapters beside bf16/fp16 activations are the PEFT default). The op itself then runs with autocast off.
 - The output is in x's dtype; every gradient is returned in its parameter's dtype.
-- Saved for backward: x as the caller passed it (no reshaped copy), the parameters, H (M x r, fp32) and the dropout
-  seed. Nothing of size M x N or M x K.
+- Saved for backward: x as the caller passed it (no reshaped copy), the parameters, H (M x r: fp32 from the fused
+  backends, the rank-r operand dtype from the torch backend, bf16 for bf16 layers where GEMMs in it are native) and
+  the dropout seed. Nothing of size M x N or M x K.
 """
 from __future__ import annotations
 
