@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd")
     r = sub.add_parser("run", help="time providers x modes x shapes and write a results JSON (the default)")
     r.add_argument("--preset", choices=PRESETS, default=None,
-                   help="cpu: CPU subset, fp32 and bf16 (default without a GPU); p: shape P and decode sizes (default on a "
-                        "GPU); sweep: M, r, dropout and model (K, N) sweeps; full: sweep x bf16/fp16/fp32")
+                   help="cpu: CPU subset, fp32 and bf16 (default without a GPU); p: shape P and decode sizes "
+                        "(default on a GPU); sweep: M, r, dropout and model (K, N) sweeps; full: sweep x "
+                        "bf16/fp16/fp32")
     r.add_argument("--providers", default=None,
                    help=f"comma list from {','.join(prov.PROVIDERS)} (default: all; unusable ones are recorded "
                         "as skipped with the reason)")
