@@ -83,6 +83,21 @@ def test_module_forward_is_the_functional_op_with_its_bias():
     assert torch.allclose(got.double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
+def test_module_casts_an_fp32_bias_to_a_bf16_input():
+    # a bitsandbytes layer of a bf16 model keeps its bias as loaded; the layer computes in x's dtype
+    _, layer = _layer(FORMATS[4])
+    helpers.randomize_kasa(layer)
+    x = torch.randn(3, K).bfloat16()
+    w = bnb_dequantize(layer.quantized_weight()).bfloat16()
+    args = (w, layer.bias.detach().bfloat16(), layer.lora_A.detach(), layer.lora_diag.detach(), layer.lora_B.detach())
+    want64 = ref.kasa_linear_ref(x.double(), *(t.double() for t in args), layer.scaling)
+    want_lp = ref.kasa_linear_ref(x, *args, layer.scaling, dtype=torch.bfloat16)
+    mag = helpers.kasa_linear_magnitudes(x, *args, torch.ones(3, N), layer.scaling)[0]
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    helpers.assert_close_to_reference("bf16 x, fp32 bias", got, want64, want_lp, torch.bfloat16, magnitude=mag)
+
+
 def _saved_for_backward(fn):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
@@ -204,5 +219,20 @@ def test_peft_kasa_on_bnb_is_plain_lora_and_refused(tmp_path):
     # what this guards against (peft 0.21.2): the bitsandbytes LoRA layer has no KaSA diagonal, and PEFT's own KaSA
     # loss is 0. If PEFT learns KaSA on bitsandbytes this fails, and the refusal below should be revisited.
     assert "default" not in getattr(layer, "lora_diag", {}) and float(model.base_model._get_kasa_loss()) == 0.0
-    with pytest.raises(ValueError, match="plain LoRA"):
-        kk.kasa_regularizer(model)
+    from kasa_kernels.integrations import peft as kk_peft
+
+    for refused in (kk.kasa_regularizer, kk.fold_regularizer, kk_peft.patch_peft_model):
+        with pytest.raises(ValueError, match="plain LoRA"):
+            refused(model)
+
+
+def test_peft_adapter_files_are_refused_for_a_quantized_base(tmp_path):
+    pytest.importorskip("peft")
+    from kasa_kernels.integrations import peft as kk_peft
+
+    _, layer = _layer(FORMATS[0])
+    model = nn.Sequential(layer)
+    with pytest.raises(ValueError, match="quantized base"):
+        kk_peft.save_peft_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="quantized base"):
+        kk_peft.export_lora_adapter(model, nn.Sequential(nn.Linear(K, N)), tmp_path / "lora")
