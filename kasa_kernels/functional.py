@@ -128,9 +128,10 @@ def kasa_linear(
     """y = x W^T + b + scaling * ((dropout(x) A^T) * d) B^T, with W and b frozen.
 
     x: (..., K), any strides; weight (N, K), or a quantized base (ops/quant_weight.QuantizedWeight: bitsandbytes'
-    nf4 / fp4 / int8 formats, dequantized by the kernels in x's dtype at each call); bias (N,) or None; lora_A (r, K); lora_diag (r,); lora_B (N, r).
-    x, weight and bias share one dtype (fp32, fp16 or bf16; fp64 on the torch backend); the adapters are in that
-    dtype or fp32. Dropout (inverted, on the adapter input only) applies when training and dropout_p > 0; its mask
+    nf4 / fp4 / int8 formats, dequantized by the kernels in x's dtype at each call); bias (N,) or None;
+    lora_A (r, K); lora_diag (r,); lora_B (N, r).
+    x, bias and a tensor weight share one dtype (fp32, fp16 or bf16; fp64 on the torch backend); the adapters are in
+    that dtype or fp32. Dropout (inverted, on the adapter input only) applies when training and dropout_p > 0; its mask
     is a hash of dropout_seed (drawn from torch's generator when None) and the element index, the same on every
     backend. Returns (..., N) in x's dtype.
 

@@ -161,17 +161,21 @@ class KasaLinear(nn.Module):
             use_rslora=use_rslora,
             adapter_dtype=adapter_dtype,
         )
-        device = weight.device
         layer.weight = nn.Parameter(svd_truncate(weight, r, truncation).contiguous(), requires_grad=False)
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        for name in ("lora_A", "lora_B", "lora_diag"):
-            old = getattr(layer, name)
-            setattr(layer, name, nn.Parameter(torch.empty(old.shape, device=device, dtype=old.dtype)))
-        layer.reset_adapter_parameters()
-        layer.truncation = truncation
+        layer._adopt(bias, weight.device, truncation)
         layer.from_conv1d = not isinstance(linear, nn.Linear)
         return layer
+
+    def _adopt(self, bias: Optional[torch.Tensor], device: torch.device, truncation: str) -> None:
+        """The rest of a layer built on "meta" from a pretrained one: its bias copied (frozen), the adapters allocated
+        on `device` and initialized, the truncation mode recorded."""
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        for name in ("lora_A", "lora_B", "lora_diag"):
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(torch.empty(old.shape, device=device, dtype=old.dtype)))
+        self.reset_adapter_parameters()
+        self.truncation = truncation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -119,20 +119,13 @@ class QuantKasaLinear(KasaLinear):
         layer = cls(linear.in_features, linear.out_features, bias=bias is not None, r=r, alpha=alpha,
                     dropout=dropout, backend=backend, device="meta", dtype=torch.float32, use_rslora=use_rslora,
                     adapter_dtype=adapter_dtype or torch.float32)
-        device = original.device
         w32 = dequantize(original, torch.float32)
         truncated = svd_truncate(w32, r, truncation)
         q = requantize(truncated, linear) if truncation != "none" else original
         layer.weight = None
         layer._set_quantized(q)
         layer.requant_error = relative_error(q, truncated)
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        for name in ("lora_A", "lora_B", "lora_diag"):
-            old = getattr(layer, name)
-            setattr(layer, name, nn.Parameter(torch.empty(old.shape, device=device, dtype=old.dtype)))
-        layer.reset_adapter_parameters()
-        layer.truncation = truncation
+        layer._adopt(bias, original.device, truncation)
         return layer
 
     def _set_quantized(self, q: QuantizedWeight) -> None:

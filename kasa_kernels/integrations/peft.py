@@ -268,8 +268,8 @@ def _kasa_layers(model: nn.Module) -> Dict[str, KasaLinear]:
     layers = {n: m for n, m in kasa_layers(model).items() if isinstance(m, KasaLinear)}
     quantized = [n for n, m in layers.items() if m.weight is None]
     if quantized:
-        raise ValueError(f"model: {quantized[0]!r} has a quantized base (QuantKasaLinear); PEFT cannot load KaSA onto a "
-                         "bitsandbytes layer (it builds plain LoRA there), so no PEFT adapter is written: save the "
+        raise ValueError(f"model: {quantized[0]!r} has a quantized base (QuantKasaLinear); PEFT cannot load KaSA onto "
+                         "a bitsandbytes layer (it builds plain LoRA there), so no PEFT adapter is written: save the "
                          "model's state_dict, which holds the re-quantized truncated base and the adapters")
     if not layers:
         raise ValueError("model: found no KasaLinear layer; inject() adapters first")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .cuda import ext
 from .defs import register_kernel
 from .precision import allow_tf32
-from .quant_weight import dequantize
+from .quant_weight import dequantizing
 from .rng import dropout_threshold, keep_scale
 
 
@@ -40,18 +40,10 @@ def linear_backward(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling, 
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
+
 # A quantized base: no fused dequantizing path in the CUDA C++ kernels yet. W is dequantized into memory (x's dtype,
 # bit for bit as bitsandbytes does) for this call only, then the kernels above run; backward dequantizes again, so
 # nothing dequantized is kept, but each call holds one N x K temporary.
-
-
-@register_kernel("qlinear_forward", "cuda")
-def qlinear_forward(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed):
-    return linear_forward(x2d, dequantize(weight, x2d.dtype), bias, lora_A, lora_diag, lora_B, scaling, dropout_p,
-                          seed)
-
-
-@register_kernel("qlinear_backward", "cuda")
-def qlinear_backward(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling, dropout_p, seed, needs):
-    return linear_backward(grad_y, x2d, dequantize(weight, x2d.dtype), lora_A, lora_diag, lora_B, h, scaling,
-                           dropout_p, seed, needs)
+qlinear_forward, qlinear_backward = dequantizing(linear_forward, linear_backward)
+register_kernel("qlinear_forward", "cuda")(qlinear_forward)
+register_kernel("qlinear_backward", "cuda")(qlinear_backward)

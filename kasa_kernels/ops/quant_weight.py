@@ -94,6 +94,23 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype, scales: Optional[torch.Te
     return _blockwise(w.code[nibbles.long()], scales, w.blocksize).view(n, k).to(dtype)
 
 
+def dequantizing(forward, backward, weight_without_dx: bool = True):
+    """(qlinear_forward, qlinear_backward) kernels of a backend without a fused dequantizing path: W dequantized in
+    x's dtype for this call only, then the backend's linear_forward / linear_backward kernels. Backward dequantizes
+    again (nothing dequantized is kept between them); weight_without_dx=False passes None as W when dx is not wanted
+    (kernels that read W only for dx)."""
+
+    def qlinear_forward(x2d, weight, *args):
+        return forward(x2d, dequantize(weight, x2d.dtype), *args)
+
+    def qlinear_backward(grad_y, x2d, weight, *args):
+        need_dx = args[-1][0]
+        w = dequantize(weight, x2d.dtype) if need_dx or weight_without_dx else None
+        return backward(grad_y, x2d, w, *args)
+
+    return qlinear_forward, qlinear_backward
+
+
 def check(w: QuantizedWeight, device: torch.device, name: str = "weight") -> None:
     """Refuse a QuantizedWeight whose tensors do not fit its format (argument `name`), naming what was expected."""
     n, k = w.shape

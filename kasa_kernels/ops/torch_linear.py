@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .defs import register_kernel
 from .precision import accumulation_dtype, fp16_rebalance
-from .quant_weight import dequantize
+from .quant_weight import dequantizing
 from .rng import apply_dropout
 
 
@@ -89,16 +89,8 @@ def linear_backward(
 
 
 # A quantized base (ops/quant_weight.py): W is dequantized at each call, in x's dtype and bit for bit as bitsandbytes
-# dequantizes it, and dropped after its GEMM; the autograd layer saves the packed weight, never this matrix.
-
-
-@register_kernel("qlinear_forward", "torch")
-def qlinear_forward(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed):
-    return linear_forward(x2d, dequantize(weight, x2d.dtype), bias, lora_A, lora_diag, lora_B, scaling, dropout_p,
-                          seed)
-
-
-@register_kernel("qlinear_backward", "torch")
-def qlinear_backward(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling, dropout_p, seed, needs):
-    w = dequantize(weight, x2d.dtype) if needs[0] else None  # only dx reads W
-    return linear_backward(grad_y, x2d, w, lora_A, lora_diag, lora_B, h, scaling, dropout_p, seed, needs)
+# dequantizes it, and dropped after its GEMM; the autograd layer saves the packed weight, never this matrix. Backward
+# reads W only for dx.
+qlinear_forward, qlinear_backward = dequantizing(linear_forward, linear_backward, weight_without_dx=False)
+register_kernel("qlinear_forward", "torch")(qlinear_forward)
+register_kernel("qlinear_backward", "torch")(qlinear_backward)
