@@ -334,17 +334,18 @@ def _nf4_base(t: Tensors, c: Case, device) -> nn.Module:
 
 
 def _nf4_kasa(spec, t: Tensors, c: Case, device, compile_mode) -> State:
-    """kasa_kernels' QuantKasaLinear on the NF4 base, backend auto (the dequantizing triton GEMM on a GPU). Built
-    with truncation "none" so both quantized providers compute with the same base."""
+    """kasa_kernels' QuantKasaLinear on the NF4 base: on a GPU the triton backend (W decoded in its GEMM's main
+    loop), elsewhere the torch backend. Built with truncation "none" so both quantized providers compute with the
+    same base."""
+    backend = "triton" if device.type == "cuda" else "torch"
     layer = _kk().KasaLinear.from_linear(_nf4_base(t, c, device), r=c.r, alpha=t.scaling * c.r, dropout=c.dropout,
-                                         truncation="none", adapter_dtype=t.lora_A.dtype)
+                                         truncation="none", backend=backend, adapter_dtype=t.lora_A.dtype)
     with torch.no_grad():
         for name in ("lora_A", "lora_diag", "lora_B"):
             getattr(layer, name).copy_(getattr(t, name))
     layer.train()
     x = t.x.requires_grad_(True)
     leaves = [x, layer.lora_A, layer.lora_diag, layer.lora_B]
-    backend = _kk()._backend.resolve("auto", x.device)
     return State(lambda: layer(x), leaves, t.dy, "kasa_nf4", f"kasa_kernels QuantKasaLinear (backend {backend!r})")
 
 
