@@ -150,7 +150,7 @@ def test_state_dict_round_trip_and_format_mismatch():
 
 
 def test_bad_input_is_named():
-    source, layer = _layer(FORMATS[0])
+    _, layer = _layer(FORMATS[0])
     q = layer.quantized_weight()
     x = torch.randn(2, K)
     short = q._replace(scale=q.scale[:-1])

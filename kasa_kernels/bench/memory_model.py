@@ -87,9 +87,9 @@ def rows() -> List[Row]:
 
 
 def markdown_table() -> str:
-    lines = ["| base | activation checkpointing | batch x 2048 tokens | weights GiB | adapters + AdamW GiB | "
-             "activations + loss GiB | total GiB | fits 24 GiB (1 GiB reserve) |",
-             "|---|---|---|---|---|---|---|---|"]
+    header = ("| base | activation checkpointing | batch x 2048 tokens | weights GiB | adapters + AdamW GiB | "
+              "activations + loss GiB | total GiB | fits 24 GiB (1 GiB reserve) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for x in rows():
         lines.append(f"| {x.base} | {'yes' if x.checkpointing else 'no'} | {x.batch} | {x.weights_gib:.2f} | "
                      f"{x.adapter_gib:.2f} | {x.activations_gib:.2f} | {x.total_gib:.2f} | "
