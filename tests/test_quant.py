@@ -236,3 +236,25 @@ def test_peft_adapter_files_are_refused_for_a_quantized_base(tmp_path):
         kk_peft.save_peft_adapter(model, tmp_path / "adapter")
     with pytest.raises(ValueError, match="quantized base"):
         kk_peft.export_lora_adapter(model, nn.Sequential(nn.Linear(K, N)), tmp_path / "lora")
+
+
+def test_quant_storage_dtype_is_kept():
+    # Linear4bit(quant_storage=bf16) packs its nibbles into bf16 elements (for FSDP); the bytes are the same format
+    import bitsandbytes as bnb
+
+    source = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                               quant_storage=torch.bfloat16)
+    source.load_state_dict({"weight": spread_weight(N, K)}, strict=False)
+    source = source.to("cpu")
+    layer = kk.KasaLinear.from_linear(source, r=R, backend="torch")
+    assert layer.weight_q_data.dtype == torch.bfloat16
+    helpers.randomize_kasa(layer)
+    x, *_ = helpers.make_case((4,), K, N, R, torch.float32, seed=5)
+    w = bnb_dequantize(layer.quantized_weight()).double()
+    want = ref.kasa_linear_ref(x.double(), w, None, layer.lora_A.double(), layer.lora_diag.double(),
+                               layer.lora_B.double(), layer.scaling)
+    want_lp = ref.kasa_linear_ref(x, w.float(), None, layer.lora_A, layer.lora_diag, layer.lora_B, layer.scaling)
+    mag = helpers.kasa_linear_magnitudes(x, w.float(), None, layer.lora_A, layer.lora_diag, layer.lora_B,
+                                         torch.ones(4, N), layer.scaling)[0]
+    helpers.assert_close_to_reference("bf16 quant_storage", layer(x), want, want_lp.detach(), torch.float32,
+                                      magnitude=mag)
