@@ -258,3 +258,38 @@ def test_quant_storage_dtype_is_kept():
                                          torch.ones(4, N), layer.scaling)[0]
     helpers.assert_close_to_reference("bf16 quant_storage", layer(x), want, want_lp.detach(), torch.float32,
                                       magnitude=mag)
+
+
+def test_cuda_backend_dequantizes_then_runs_its_kernels(monkeypatch):
+    # No GPU here: a stand-in for kasa_kernels._C that records the W it is handed and computes with the torch
+    # kernels checks the cuda backend's qlinear wrappers (they dequantize, bit for bit bitsandbytes, then call the
+    # extension with its usual arguments). The extension's kernels themselves are tested in test_cuda_emulation.
+    from kasa_kernels.ops import cuda_linear, torch_linear
+
+    seen = []
+
+    class StandIn:
+        def linear_forward(self, x2d, w, bias, a, d, b, s, threshold, keep, seed, tf32):
+            seen.append(w)
+            return torch_linear.linear_forward(x2d, w, bias, a, d, b, s, 0.0, None)
+
+        def linear_backward(self, gy, x2d, w, a, d, b, h, s, threshold, keep, seed, *needs_and_tf32):
+            seen.append(w)
+            return torch_linear.linear_backward(gy, x2d, w, a, d, b, h, s, 0.0, None, needs_and_tf32[:4])
+
+    monkeypatch.setattr(cuda_linear, "ext", lambda: StandIn())
+    _, layer = _layer(FORMATS[1])
+    q = layer.quantized_weight()
+    from kasa_kernels.ops.defs import _decoded
+
+    qd = _decoded(q)
+    x, _, b, a, d, bb, gy = helpers.make_case((6,), K, N, R, torch.float16, adapter_dtype=torch.float32, seed=4)
+    y, h = cuda_linear.qlinear_forward(x, qd, b, a, d, bb, 2.0, 0.0, None)
+    grads = cuda_linear.qlinear_backward(gy, x, qd, a, d, bb, h, 2.0, 0.0, None, (True, True, True, True))
+    want = bnb_dequantize(q).half()
+    assert len(seen) == 2 and all(torch.equal(w, want) for w in seen)
+    want_y, want_h = torch_linear.linear_forward(x, want, b, a, d, bb, 2.0, 0.0, None)
+    assert torch.equal(y, want_y) and torch.equal(h, want_h)
+    for g, w_ in zip(grads, torch_linear.linear_backward(gy, x, want, a, d, bb, want_h, 2.0, 0.0, None,
+                                                         (True, True, True, True))):
+        assert torch.equal(g, w_)
