@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .defs import register_kernel
 from .precision import (accumulation_dtype, cast, fp16_rebalance, lowp_gemm_native, mm_sums_to_fp32, operand_dtype,
                         rank_r_mm)
+from .quant_weight import dequantizing
 from .rng import add_masked_, dropout_backward_, keep_scale, masked
 
 
@@ -141,3 +142,11 @@ def linear_backward(
         if dropout_p > 0.0:
             da *= keep_scale(dropout_p)
     return dx, da, dd, db
+
+
+# A quantized base (ops/quant_weight.py): W is dequantized at each call, in x's dtype and bit for bit as bitsandbytes
+# dequantizes it, and dropped after its GEMM; the autograd layer saves the packed weight, never this matrix. Backward
+# reads W only for dx.
+qlinear_forward, qlinear_backward = dequantizing(linear_forward, linear_backward, weight_without_dx=False)
+register_kernel("qlinear_forward", "torch")(qlinear_forward)
+register_kernel("qlinear_backward", "torch")(qlinear_backward)
