@@ -4,12 +4,14 @@ Policy:
 - Under autocast, x, W and b are cast to the autocast dtype, as F.linear would; the adapters keep their dtype
   (fp32 adapters beside bf16/fp16 activations are the PEFT default). The op itself then runs with autocast off.
 - The output is in x's dtype; every gradient is returned in its parameter's dtype.
-- Saved for backward: x as the caller passed it (no reshaped copy), the parameters, H (M x r, fp32) and the dropout
-  seed. Nothing of size M x N or M x K. A quantized base W (ops/quant_weight.QuantizedWeight) is saved as its packed
-  tensors: no dequantized copy is kept.
+- Saved for backward: x as the caller passed it (no reshaped copy), the parameters, H (M x r: fp32 from the fused
+  backends, the rank-r operand dtype from the torch backend, bf16 for bf16 layers where GEMMs in it are native) and
+  the dropout seed. Nothing of size M x N or M x K. A quantized base W (ops/quant_weight.QuantizedWeight) is saved
+  as its packed tensors: no dequantized copy is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional, Sequence
 
@@ -47,20 +49,23 @@ class KasaLinearFunction(torch.autograd.Function):
         weight = weights[0] if ctx.quant_format is None else ctx.quant_format.with_tensors(weights)
         need = ctx.needs_input_grad
         needs = (need[0], need[3], need[4], need[5])
-        dx, da, dd, db = defs.linear_backward(
-            ctx.backend,
-            grad_y.reshape(-1, weight.shape[0]),
-            x.reshape(-1, x.shape[-1]),
-            weight,
-            lora_A,
-            lora_diag,
-            lora_B,
-            h,
-            ctx.scaling,
-            ctx.dropout_p,
-            seed,
-            needs,
-        )
+        # a backward called inside an autocast block runs with autocast on; the op runs with it off, as forward does
+        device_type = grad_y.device.type
+        with torch.autocast(device_type, enabled=False) if autocasting(device_type) else contextlib.nullcontext():
+            dx, da, dd, db = defs.linear_backward(
+                ctx.backend,
+                grad_y.reshape(-1, weight.shape[0]),
+                x.reshape(-1, x.shape[-1]),
+                weight,
+                lora_A,
+                lora_diag,
+                lora_B,
+                h,
+                ctx.scaling,
+                ctx.dropout_p,
+                seed,
+                needs,
+            )
         if dx is not None:
             dx = dx.view(x.shape).to(x.dtype)
         if ctx.folded_reg is not None and any(needs[1:]):

@@ -13,7 +13,8 @@ from kasa_reference import kasa_linear_ref
 
 ROW_FIELDS = {"provider", "mode", "M", "K", "N", "r", "dropout", "dtype", "ms_median", "ms_p20", "ms_p80", "tflops",
               "gbps", "peak_mem_mb"}
-TOP_FIELDS = {"device", "capability", "driver", "torch", "triton", "cuda", "command", "date", "rows", "whole_model"}
+TOP_FIELDS = {"device", "capability", "driver", "torch", "triton", "cuda", "command", "date", "rows", "whole_model",
+              "traffic"}
 FAST = ["--rep-ms", "2", "--min-reps", "3", "--max-reps", "5", "--warmup", "1", "--quiet"]
 # Every provider but torch_compile (inductor compiles each shape for 20-60 s on 2 cores)
 ASKED = [n for n in PROVIDERS if n != "torch_compile"]
@@ -55,6 +56,43 @@ def test_schema(results):
         assert (p, "forward", 0.0) in got and (p, "full", 0.0) not in got
     skipped = {s["provider"] for s in data["skipped"]}
     assert GPU_ONLY <= skipped  # no GPU here: recorded with the reason, never silently dropped
+
+
+def test_run_counts_each_case_traffic_on_this_device_path(results, tmp_path):
+    from kasa_kernels.ops.precision import device_path
+
+    path, data = results
+    timed = {(r["M"], r["dropout"], r["provider"]) for r in data["rows"]}
+    assert len(data["traffic"]) == 2  # one entry per case
+    for e in data["traffic"]:
+        assert e["path"] == device_path(torch.device("cpu"))
+        assert {(e["M"], e["dropout"], n) for n in e["providers"]} <= timed
+        frozen = e["providers"]["frozen_linear"]
+        # the frozen layer at 24 x 40 -> 32: forward reads x, W and writes y; backward reads G, W and writes dx
+        assert frozen["passes"]["total"] == pytest.approx((2 * 24 * 40 + 2 * 32 * 40 + 24 * 32 + 24 * 32) / (24 * 40))
+        assert e["providers"]["torch_eager"]["status"] == "counted"
+    assert main(["report", str(path), "--out-dir", str(tmp_path), "--no-plots"]) == 0
+    md = (tmp_path / "cpu.md").read_text()
+    assert "| passes |" in md and "passes: bytes read + written" in md
+
+
+def test_traffic_subcommand_writes_results_and_report(tmp_path):
+    out = tmp_path / "t.json"
+    rc = main(["traffic", "--shape", "64,48,40,4", "--dropout", "0,0.1", "--paths", "cuda,cpu-no-bf16-gemm",
+               "--providers", "frozen_linear,peft,torch_eager,unsloth_style,triton,torch_compile", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["kind"] == "traffic" and data["command"].startswith("kasa-bench traffic")
+    assert [(e["path"], e["dropout"]) for e in data["cases"]] == [("cuda", 0.0), ("cuda", 0.1),
+                                                                   ("cpu-no-bf16-gemm", 0.0), ("cpu-no-bf16-gemm", 0.1)]
+    for e in data["cases"]:
+        st = {n: p["status"] for n, p in e["providers"].items()}
+        assert st == {"frozen_linear": "counted", "peft": "counted", "torch_eager": "counted",
+                      "unsloth_style": "counted", "triton": "opaque", "torch_compile": "not counted"}
+    md = (tmp_path / "t.md").read_text()
+    assert "| torch_eager |" in md and "opaque: kasa_kernels.linear_forward.default" in md
+    assert main(["report", str(out), "--out-dir", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "t.md").read_text() == md
 
 
 def test_report_one_and_two_devices(results, tmp_path):
@@ -175,6 +213,10 @@ def test_bad_arguments_name_the_flag():
         main(["run", "--providers", "nope", "--quiet"])
     with pytest.raises(SystemExit, match="--shape"):
         main(["run", "--shape", "1,2,3", "--quiet"])
+    with pytest.raises(SystemExit, match="--paths"):
+        main(["traffic", "--paths", "gpu"])
+    with pytest.raises(SystemExit, match="--dropout"):
+        main(["traffic", "--dropout", "1.5"])
 
 
 def test_nf4_pair_computes_the_same_layer():

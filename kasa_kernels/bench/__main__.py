@@ -4,18 +4,21 @@
     kasa-bench run --preset sweep --out benchmarks/results
     kasa-bench run --providers cublas_linear,frozen_linear,triton --modes forward,full --dtype bf16
     kasa-bench report benchmarks/results/nvidia-a100*/2026-*.json benchmarks/results/nvidia-geforce-rtx-3090/*.json
+    kasa-bench traffic                      # bytes per aten op at P, p = 0 and 0.1, every device path (meta tensors)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from typing import List, Optional, Sequence
 
 from . import providers as prov
-from .shapes import DTYPES, PRESETS, preset_cases, parse_shape
+from ..ops.precision import PATHS
+from .shapes import DTYPES, P, PRESETS, preset_cases, parse_shape
 
-SUBCOMMANDS = ("run", "report")
+SUBCOMMANDS = ("run", "report", "traffic")
 
 
 def _csv(text: str) -> List[str]:
@@ -27,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd")
     r = sub.add_parser("run", help="time providers x modes x shapes and write a results JSON (the default)")
     r.add_argument("--preset", choices=PRESETS, default=None,
-                   help="cpu: small CPU subset (default without a GPU); p: shape P and decode sizes (default on a "
-                        "GPU); sweep: M, r, dropout and model (K, N) sweeps; full: sweep x bf16/fp16/fp32")
+                   help="cpu: CPU subset, fp32 and bf16 (default without a GPU); p: shape P and decode sizes "
+                        "(default on a GPU); sweep: M, r, dropout and model (K, N) sweeps; full: sweep x "
+                        "bf16/fp16/fp32")
     r.add_argument("--providers", default=None,
                    help=f"comma list from {','.join(prov.PROVIDERS)} (default: all; unusable ones are recorded "
                         "as skipped with the reason)")
@@ -40,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     r.add_argument("--out", default=None,
                    help="a .json path, or a folder: writes <folder>/<device>/<date>.json (default benchmarks/results)")
-    r.add_argument("--warmup", type=int, default=3, help="untimed calls per provider and mode before timing")
+    r.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls per provider and mode before timing (default 3 on CUDA, 2 on CPU)")
     r.add_argument("--rep-ms", type=float, default=None,
                    help="timing budget per provider and mode in ms (default 300 on CUDA, 60 on CPU)")
     r.add_argument("--min-reps", type=int, default=None, help="at least this many timed calls (default 10 / 5 on CPU)")
@@ -58,12 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no new case (or whole-model run) after this many seconds; the results file is still "
                         "written, and the cases left out are listed under 'skipped'")
     r.add_argument("--report", action="store_true", help="render the report next to the results file afterwards")
+    r.add_argument("--no-traffic", action="store_true",
+                   help="do not count each case's bytes per aten op (kasa-bench traffic, on this device's path)")
 
     p = sub.add_parser("report", help="render markdown tables and PNG plots from one or more results files")
     p.add_argument("files", nargs="+", help="results JSON files; two or more from different devices go side by side")
     p.add_argument("--out-dir", default=None, help="where to write <name>.md and PNGs (default: next to the first file)")
     p.add_argument("--name", default=None, help="base name of the outputs (default: the results file's name)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+
+    t = sub.add_parser("traffic", help="count the bytes every aten op of one forward + backward moves, per provider, "
+                                       "on meta tensors (no compute), and write a results JSON and its report")
+    t.add_argument("--shape", action="append", default=None, metavar="M,K,N,r",
+                   help="count this shape (repeatable; default P: 8192,4096,4096,16)")
+    t.add_argument("--dropout", default="0,0.1", help="comma list of dropout probabilities (default 0,0.1)")
+    t.add_argument("--dtype", default="bf16", help="comma list of bf16,fp16,fp32 (default bf16)")
+    t.add_argument("--paths", default=",".join(PATHS),
+                   help=f"comma list of the device paths to count, from {','.join(PATHS)} (default: all)")
+    t.add_argument("--providers", default=None, help="comma list (default: all; those not counted say why)")
+    t.add_argument("--out", default=None,
+                   help="a .json path, or a folder: writes <folder>/traffic/<date>.json (default benchmarks/results)")
     return ap
 
 
@@ -106,6 +125,8 @@ def _resolve_run_args(args):
     for m in modes:
         if m not in prov.MODES:
             raise SystemExit(f"--modes: expected some of {','.join(prov.MODES)}, got {m!r}")
+    if args.warmup is None:
+        args.warmup = 3 if on_gpu else 2
     if args.rep_ms is None:
         args.rep_ms = 300.0 if on_gpu else 60.0
     if args.max_reps is None:
@@ -117,11 +138,47 @@ def _resolve_run_args(args):
     return device, cases, names, modes
 
 
+def _traffic(args, command: str) -> int:
+    from . import traffic
+
+    paths = _csv(args.paths)
+    for path in paths:
+        if path not in PATHS:
+            raise SystemExit(f"--paths: expected some of {','.join(PATHS)}, got {path!r}")
+    dtypes = _csv(args.dtype)
+    for d in dtypes:
+        if d not in DTYPES:
+            raise SystemExit(f"--dtype: expected some of {','.join(DTYPES)}, got {d!r}")
+    try:
+        drops = [float(v) for v in _csv(args.dropout)]
+    except ValueError:
+        raise SystemExit(f"--dropout: expected a comma list of floats, got {args.dropout!r}") from None
+    if not drops or any(not 0.0 <= d < 1.0 for d in drops):
+        raise SystemExit(f"--dropout: expected probabilities in [0, 1), got {args.dropout!r}")
+    p_shape = f"{P['M']},{P['K']},{P['N']},{P['r']}"
+    try:
+        cases = [dataclasses.replace(c, tag="P") if s == p_shape else c
+                 for s in (args.shape or [p_shape]) for c in parse_shape(s, drops, dtypes)]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    names = _csv(args.providers) if args.providers else list(prov.PROVIDERS)
+    for n in names:
+        if n not in prov.PROVIDERS:
+            raise SystemExit(f"--providers: unknown provider {n!r}; expected some of {','.join(prov.PROVIDERS)}")
+    path = traffic.run(cases, names, paths, command, args.out)
+    print(path)
+    print(traffic.render(path))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["run"] + argv
     args = build_parser().parse_args(argv)
+    command = "kasa-bench " + " ".join(shlex.quote(a) for a in argv)
+    if args.cmd == "traffic":
+        return _traffic(args, command)
     if args.cmd == "report":
         from .report import render
 
@@ -132,7 +189,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .run import run
 
     device, cases, names, modes = _resolve_run_args(args)
-    command = "kasa-bench " + " ".join(shlex.quote(a) for a in argv)
     path = run(args, cases, names, modes, device, command)
     print(path)
     if args.report:

@@ -20,6 +20,11 @@ from .shapes import P
 CaseKey = Tuple[int, int, int, int, float, str]
 
 
+def _is_traffic(path: str) -> bool:
+    with open(path) as f:
+        return json.load(f).get("kind") == "traffic"
+
+
 def load(path: str) -> Dict:
     with open(path) as f:
         data = json.load(f)
@@ -49,6 +54,9 @@ class Table:
         for r in data["rows"]:
             self.rows[(_key(r), r["provider"], r["mode"])] = r
             self.cases.setdefault(_key(r), r.get("tag", ""))
+        # (case, provider) -> that provider's entry in the traffic count of the case (bench/traffic.py)
+        self.traffic: Dict[Tuple[CaseKey, str], Dict] = {
+            (_key(e), name): entry for e in data.get("traffic", []) for name, entry in e["providers"].items()}
 
     def ms(self, case: CaseKey, provider: str, mode: str) -> Optional[float]:
         r = self.rows.get((case, provider, mode))
@@ -56,6 +64,15 @@ class Table:
 
     def row(self, case, provider, mode) -> Optional[Dict]:
         return self.rows.get((case, provider, mode))
+
+    def passes(self, case, provider) -> str:
+        """Activation passes of one forward + backward (or forward only) of `provider` at `case`, as a cell."""
+        entry = self.traffic.get((case, provider))
+        if entry is None:
+            return "-"
+        if entry["status"] == "counted":
+            return f"{entry['passes']['total']:.2f}"
+        return "opaque" if entry["status"] == "opaque" else "-"
 
     def providers(self) -> List[str]:
         present = {p for (_, p, _) in self.rows}
@@ -251,7 +268,7 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]
 
 def _case_table(t: Table, case: CaseKey) -> List[str]:
     hdr = ["provider", "fwd ms", "bwd ms", "full ms (p20-p80)", "fwd / T_mm", "full / T_frozen", "full TFLOP/s",
-           "full GB/s", "peak MB (full)"]
+           "full GB/s", "peak MB (full)", "passes"]
     rows = []
     for p in t.providers():
         if not any(t.row(case, p, m) for m in ("forward", "backward", "full")):
@@ -265,7 +282,7 @@ def _case_table(t: Table, case: CaseKey) -> List[str]:
             _f(t.ratio(case, p, "forward", "cublas_linear", "forward")),
             _f(t.ratio(case, p, "full", "frozen_linear", "full")),
             _f((full or fwd or {}).get("tflops"), "{:.2f}"), _f((full or fwd or {}).get("gbps"), "{:.1f}"),
-            _f(peak, "{:.1f}"),
+            _f(peak, "{:.1f}"), t.passes(case, p),
         ])
     return _md_table(hdr, rows)
 
@@ -337,6 +354,12 @@ def _file_header(data: Dict) -> List[str]:
             f"driver {data.get('driver')}, capability {data.get('capability')}",
             f"- timing: {data.get('timing', {}).get('method', '?')}; peak memory: "
             f"{data.get('timing', {}).get('peak_mem', '?')}"]
+    paths = sorted({e["path"] for e in data.get("traffic", [])})
+    if paths:
+        out.append(f"- passes: bytes read + written by the aten ops of one forward + backward (forward only for "
+                   f"forward-only providers), on this device's path ({', '.join(paths)}), in units of one pass over "
+                   f"x (M x K elements of x's dtype); counted on meta tensors by `kasa-bench traffic`'s counter "
+                   f"(kasa_kernels/bench/traffic.py); opaque: the provider runs custom ops it cannot look into")
     la = data.get("load_avg_1m")
     if la and data.get("device_type") == "cpu":
         out.append(f"- 1-minute load average {la.get('start')} at start, {la.get('end')} at end, on "
@@ -498,7 +521,12 @@ def plot(tables: List[Table], out_dir: str, name: str) -> List[str]:
 
 def render(paths: Sequence[str], out_dir: Optional[str] = None, name: Optional[str] = None,
            plots: bool = True) -> List[str]:
-    """Write <out_dir>/<name>.md (and PNGs); returns the paths written."""
+    """Write <out_dir>/<name>.md (and PNGs); returns the paths written. A traffic file (kasa-bench traffic) gets its
+    own report."""
+    if len(paths) == 1 and _is_traffic(paths[0]):
+        from .traffic import render as render_traffic
+
+        return [render_traffic(paths[0], out_dir, name)]
     datas = [load(p) for p in paths]
     out_dir = out_dir or os.path.dirname(os.path.abspath(paths[0]))
     os.makedirs(out_dir, exist_ok=True)

@@ -17,7 +17,7 @@ import torch
 
 from . import providers as prov
 from .shapes import Case
-from ..ops.precision import allow_tf32
+from ..ops.precision import allow_tf32, device_path
 from .timing import Timer, quantiles
 
 SCHEMA_VERSION = 1
@@ -188,8 +188,9 @@ def _warm_up(fn, prepare, calls: int, timer: Timer) -> float:
 
 
 def _reps(timer: Timer, fns, preps, args) -> int:
-    """Timed calls per provider: args.rep_ms worth of the slowest one, within [min_reps, max_reps]."""
-    est = max(timer.estimate_ms(f, p) for f, p in zip(fns, preps))
+    """Timed calls per provider: args.rep_ms worth of the slowest one, within [min_reps, max_reps]. On CPU one call
+    estimates it (a 2048-wide bf16 layer takes seconds a call on a CPU without bf16 GEMM kernels)."""
+    est = max(timer.estimate_ms(f, p, n=3 if timer.is_cuda else 1) for f, p in zip(fns, preps))
     return int(max(args.min_reps, min(args.max_reps, args.rep_ms / max(est, 1e-3))))
 
 
@@ -286,9 +287,11 @@ def bench_case(
     args,
     log,
     skipped: List[Dict],
+    traffic_out: Optional[List[Dict]] = None,
 ) -> List[Dict]:
-    """Every provider x mode of one case: the timed rows, then each one's peak memory. Providers that fail to build
-    or run are recorded in `skipped`."""
+    """Every provider x mode of one case: the timed rows, then each one's peak memory, then (into traffic_out) the
+    bytes each one's aten ops move on this device's path. Providers that fail to build or run are recorded in
+    `skipped`."""
     states = _build_states(case, names, device, args, log, skipped)
     rows: List[Dict] = []
     for mode in modes:
@@ -298,6 +301,11 @@ def bench_case(
     states.clear()
     _collect(device)
     _measure_peak_memory(case, names, modes, rows, device, timer, args, log)
+    if traffic_out is not None and not getattr(args, "no_traffic", False):
+        from . import traffic
+
+        timed = [n for n in names if any(r["provider"] == n for r in rows)]
+        traffic_out.append(traffic.count_case(case, timed, device_path(device)))
     return rows
 
 
@@ -350,7 +358,8 @@ def _runnable(names: Sequence[str], device: torch.device, args, log, skipped: Li
 
 
 def _bench_cases(cases: Sequence[Case], names: Sequence[str], modes: Sequence[str], device: torch.device,
-                 timer: Timer, args, log, skipped: List[Dict], t_start: float, over_budget) -> List[Dict]:
+                 timer: Timer, args, log, skipped: List[Dict], t_start: float, over_budget,
+                 traffic_out: List[Dict]) -> List[Dict]:
     """bench_case over the cases, until the time budget (if any) is spent; the cases left then are listed."""
     rows: List[Dict] = []
     for i, case in enumerate(cases):
@@ -360,7 +369,7 @@ def _bench_cases(cases: Sequence[Case], names: Sequence[str], modes: Sequence[st
             log(f"time budget spent: {len(cases) - i} cases left out")
             break
         log(f"[{i + 1}/{len(cases)}] {case}  ({time.perf_counter() - t_start:.0f} s elapsed)")
-        rows += bench_case(case, names, modes, device, timer, args, log, skipped)
+        rows += bench_case(case, names, modes, device, timer, args, log, skipped, traffic_out)
     return rows
 
 
@@ -390,7 +399,7 @@ def _timing_settings(timer: Timer, args, device: torch.device) -> Dict:
 
 def _results(env: Dict, command: str, now: _dt.datetime, device: torch.device, timer: Timer, args,
              runnable: Sequence[str], skipped: List[Dict], rows: List[Dict], whole: List[Dict], t_start: float,
-             load_start: Optional[float]) -> Dict:
+             load_start: Optional[float], traffic: List[Dict]) -> Dict:
     """The results file's content (schema SCHEMA_VERSION)."""
     import kasa_kernels
 
@@ -415,6 +424,8 @@ def _results(env: Dict, command: str, now: _dt.datetime, device: torch.device, t
         "providers": {n: prov.usable(n, device)[1] for n in runnable},
         "skipped": skipped,
         "rows": rows,
+        # bytes per aten op of one forward + backward on this device's path, per case (bench/traffic.py)
+        "traffic": traffic,
         "whole_model": whole,
         "elapsed_s": round(time.perf_counter() - t_start, 1),
         # other work on the machine inflates and spreads CPU timings; the 1-minute load average says how much
@@ -444,10 +455,12 @@ def run(args, cases: Sequence[Case], names: Sequence[str], modes: Sequence[str],
     def over_budget() -> bool:
         return budget is not None and time.perf_counter() - t_start > budget
 
-    rows = _bench_cases(cases, runnable, modes, device, timer, args, log, skipped, t_start, over_budget)
+    traffic: List[Dict] = []
+    rows = _bench_cases(cases, runnable, modes, device, timer, args, log, skipped, t_start, over_budget, traffic)
     whole = _whole_model_runs(device, timer, args, log, skipped, over_budget)
     now = _dt.datetime.now()
-    result = _results(env, command, now, device, timer, args, runnable, skipped, rows, whole, t_start, load_start)
+    result = _results(env, command, now, device, timer, args, runnable, skipped, rows, whole, t_start, load_start,
+                      traffic)
     path = default_out_path(args.out, env, now.strftime("%Y-%m-%d"))
     _write_json(path, result)
     log(f"wrote {path} ({len(rows)} rows, {len(whole)} whole-model rows, {result['elapsed_s']} s)")

@@ -112,20 +112,22 @@ def full_cases(dtypes: Sequence[str] = ("bf16", "fp16", "fp32")) -> List[Case]:
     return _dedupe(out)
 
 
-def cpu_cases(dtypes: Sequence[str] = ("fp32",)) -> List[Case]:
-    """The CPU subset: narrow layers and few tokens, so the whole run takes about a minute on 2 cores. It shows the
-    harness and the relative cost of the unfused compositions, not GPU performance."""
+def cpu_cases(dtypes: Sequence[str] = ("fp32", "bf16")) -> List[Case]:
+    """The CPU subset: a small layer, a RoBERTa-base projection at 1024 tokens and a 2048-wide layer at 512 tokens,
+    each with dropout 0 and 0.1. It shows the harness and the relative cost of the unfused compositions on CPU (the
+    torch backend is what `auto` runs there), not GPU performance."""
     out = []
     for dt in dtypes:
-        out.append(Case(256, 256, 256, 16, 0.0, dt, "cpu-small"))
-        out.append(Case(256, 256, 256, 16, 0.1, dt, "cpu-small"))
-        out.append(Case(512, 768, 768, 16, 0.0, dt, "roberta-base.q"))
+        for p in DROPOUTS:
+            out.append(Case(256, 256, 256, 16, p, dt, "cpu-small"))
+            out.append(Case(1024, 768, 768, 16, p, dt, "roberta-base.q"))
+            out.append(Case(512, 2048, 2048, 16, p, dt, "cpu-wide"))
     return _dedupe(out)
 
 
 def preset_cases(preset: str, dtypes: Sequence[str] = ()) -> List[Case]:
     if preset == "cpu":
-        return cpu_cases(dtypes or ("fp32",))
+        return cpu_cases(dtypes or ("fp32", "bf16"))
     if preset == "p":
         return p_cases(dtypes or ("bf16",))
     if preset == "sweep":

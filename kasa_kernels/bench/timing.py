@@ -17,6 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..ops import rng
+
 CUDA_FLUSH_BYTES = 256 * 1024 * 1024
 CPU_FLUSH_BYTES = 4 * 1024 * 1024
 
@@ -124,9 +126,19 @@ class Timer:
                 peak -= self.flush_buf.numel() * self.flush_buf.element_size()
             return peak / 2**20
         tracker = LiveTensorBytes()
-        with tracker:
+        with rng.kernels_run_by(_run_outside_modes), tracker:
             fn()
         return tracker.peak / 2**20
+
+
+def _run_outside_modes(name, eager, args):
+    """Runs the torch backend's dropout-mask kernels compiled, as they run when timed: torch.compile refuses to run
+    under a TorchDispatchMode such as LiveTensorBytes, and their eager form would add temporaries the real run does not
+    have. The tracker still sees their results when the next op reads them."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return rng.run_fused(name, args)
 
 
 class LiveTensorBytes(TorchDispatchMode):

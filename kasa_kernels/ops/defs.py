@@ -1,6 +1,6 @@
 """The fused ops, each defined once: signature, fake implementation, and the backends' kernels behind it.
 
-    linear_forward   (x2d, W, b, A, d, B, s, p, seed)            -> (Y (M, N) in x's dtype, H (M, r) fp32)
+    linear_forward   (x2d, W, b, A, d, B, s, p, seed)            -> (Y (M, N) in x's dtype, H (M, r))
     linear_backward  (G, x2d, W, A, d, B, H, s, p, seed, needs)  -> (dx, dA, dd, dB), None where not needed
     regularizer      (As, Bs, ds, beta, gamma, official)         -> (loss, [dA_l], [dB_l], [dd_l]), all fp32
     base_gemm        (x2d, W, b)                                  -> x W^T + b through a fused GEMM, adapter off
@@ -16,7 +16,9 @@ only one, and torch.compile(fullgraph=True) traces a KasaLinear on any backend w
 backend is plain PyTorch, so its kernels are called directly and inductor sees (and fuses) their aten ops.
 
 Kernel contracts (the custom ops' bodies hold the kernels to them):
-- linear_forward kernels return (Y, H); linear_backward kernels return (dx, dA, dd, dB) with None for gradients
+- linear_forward kernels return (Y, H), H fp32 from the opaque backends (the fake implementation's); the torch
+  backend's H is in its rank-r operand dtype (ops/torch_linear.py: bf16 for bf16 layers where bf16 GEMMs are native),
+  and only its own backward reads it. linear_backward kernels return (dx, dA, dd, dB) with None for gradients
   not asked for; dx in x's dtype, the rest fp32 (fp64 for fp64 inputs on the torch backend).
 - regularizer kernels of opaque backends return (loss, flat), flat holding the fp32 gradients of every A, then
   every B, then every d, each flattened in order (one buffer: a custom op's outputs may not alias each other, and

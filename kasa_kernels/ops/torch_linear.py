@@ -1,10 +1,26 @@
 """Backend "torch": the fused KaSA linear op in plain PyTorch, with the closed-form backward of docs/math.md.
 
 Runs on every device and traces under torch.compile. It never forms diag(d) and never keeps an M x N or M x K
-tensor for backward: forward returns H = dropout(x) A^T (M x r, fp32) and backward rebuilds everything else from
-x, H and the dropout seed. The low-rank products accumulate in fp32 (fp64 when x is fp64, for gradcheck); the base
-GEMM and the M x N output stay in x's dtype, and the rank-r term is added into the GEMM's output in place, so no
-second M x N tensor is made.
+tensor for backward: forward returns H = dropout(x) A^T (M x r, in the operand dtype below) and backward rebuilds
+everything else from x, H and the dropout seed.
+
+It is what backend="auto" runs wherever no fused backend has been measured faster, so it is written to move few
+bytes (kasa-bench traffic counts them per aten op; tests/test_traffic.py holds it to the best unfused composition):
+- The rank-r products take x and the output gradient in their own dtype and cast the small factors instead, except
+  where precision.operand_dtype says fp32 (fp16's range; CPUs without bf16 GEMM kernels); bf16 products sum in fp32
+  and come back unrounded where torch.mm has out_dtype (CUDA), else rounded once (precision.rank_r_mm).
+- H is kept in that operand dtype: both of its readers (the forward GEMM's rank-r term, backward's G^T H) take it
+  in that dtype, so an fp32 H would only be written, cast and read again (on CUDA, 2.5 MiB at P in bf16, more than
+  unsloth_style's whole margin: kasa-bench traffic). The values are the same either way: the bf16 H is the one
+  rounding of the fp32 sum that an fp32 H was cast to before each use.
+- s and d are folded into B (an N x r product written straight in the operand dtype), the dropout scale 1/(1-p) into
+  A, so the M x r work is the products themselves; dB and dd come from the one N x r product G^T H:
+  dB = s (G^T H) d, dd = s colsum(B * (G^T H)).
+- The mask is used through ops/rng.py's kernels, one fused kernel each where inductor compiles them: forward masks
+  x once; backward masks dx's rank-r term and x (for dA) in one pass. Masked values are exact (no scale).
+- The base GEMMs and the M x N output stay in x's dtype, and each rank-r term is added into its GEMM's output in
+  place by addmm_ (with dropout, dx's term gH A is formed, then masked and added in one pass; on CPUs without bf16
+  GEMM kernels the terms of bf16/fp16 layers are formed in fp32 and added).
 """
 from __future__ import annotations
 
@@ -14,17 +30,43 @@ import torch
 import torch.nn.functional as F
 
 from .defs import register_kernel
-from .precision import accumulation_dtype, fp16_rebalance
+from .precision import (accumulation_dtype, cast, fp16_rebalance, lowp_gemm_native, mm_sums_to_fp32, operand_dtype,
+                        rank_r_mm)
 from .quant_weight import dequantizing
-from .rng import apply_dropout
+from .rng import add_masked_, dropout_backward_, keep_scale, masked
+
+
+def _factor_a(lora_A: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale * A (r, K) in the operand dtype: the dropout's 1/(1-p) rides on A, rounded once with it."""
+    if scale == 1.0:
+        return cast(lora_A, dtype)
+    return cast(cast(lora_A, accumulation_dtype(lora_A)) * scale, dtype)
+
+
+def _diag_scale(lora_diag: torch.Tensor, scaling: float, acc: torch.dtype) -> torch.Tensor:
+    """s * d (r,) in the accumulation dtype."""
+    return cast(lora_diag, acc) * scaling
+
+
+def _factor_b(lora_B: torch.Tensor, ds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """B diag(s d) (N, r) in the operand dtype, rounded once: the product is written in `dtype` (out=), which reads B
+    once and writes the small result once instead of writing an fp32 product and casting it."""
+    out = torch.empty(lora_B.shape, dtype=dtype, device=lora_B.device)
+    return torch.mul(cast(lora_B, ds.dtype), ds, out=out)
 
 
 def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """out += left @ right for a rank-r left (M, r) and right (r, cols) in the accumulation dtype, with the operands
-    cast to out's dtype so the add rides in the GEMM (fp16 after precision.fp16_rebalance)."""
-    if out.dtype == torch.float16:
-        left, right = fp16_rebalance(left, right)
-    out.addmm_(left.to(out.dtype), right.to(out.dtype))
+    """out += left @ right for a rank-r left (M, r) and right (r, cols) in the operand dtype. Inside the GEMM (addmm_)
+    where the device has a fast GEMM in out's dtype, fp16 after precision.fp16_rebalance; on a CPU without one the
+    product is formed in fp32 and added (precision.PATHS: 4x faster than a bf16 addmm_ there)."""
+    if left.dtype != out.dtype:
+        if not lowp_gemm_native(out):
+            out.add_(left @ right)
+            return
+        if out.dtype == torch.float16:
+            left, right = fp16_rebalance(left, right)
+        left, right = cast(left, out.dtype), cast(right, out.dtype)
+    out.addmm_(left, right)
 
 
 @register_kernel("linear_forward", "torch")
@@ -39,13 +81,14 @@ def linear_forward(
     dropout_p: float,
     seed: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) fp32)."""
-    acc = accumulation_dtype(x2d)
-    x_acc = apply_dropout(x2d, seed, dropout_p, acc) if dropout_p > 0.0 else x2d.to(acc)
-    h = x_acc @ lora_A.to(acc).t()
-    s = h * (lora_diag.to(acc) * scaling)
+    """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) in the operand
+    dtype: x's own where the device has fast GEMMs in it, else fp32; fp64 for fp64)."""
+    acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
+    a = _factor_a(lora_A, keep_scale(dropout_p), dt)
+    x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else cast(x2d, dt)
+    h = x_kept @ a.t()  # H = keep(x) (A / (1-p))^T, summed in fp32 by every BLAS, rounded once to the operand dtype
     y = F.linear(x2d, weight, bias)
-    _add_lowrank_(y, s, lora_B.to(acc).t())
+    _add_lowrank_(y, h, _factor_b(lora_B, _diag_scale(lora_diag, scaling, acc), dt).t())
     return y, h
 
 
@@ -67,24 +110,37 @@ def linear_backward(
 
     dx is in x's dtype; dA, dd, dB are in the accumulation dtype (the autograd layer casts them)."""
     need_dx, need_da, need_dd, need_db = needs
-    acc = h.dtype
-    g_acc = grad_y.to(acc)
-    d = lora_diag.to(acc)
-    gz = (g_acc @ lora_B.to(acc)) * scaling
-    gh = gz * d
-    db = (g_acc.t() @ (h * d)) * scaling if need_db else None
-    dd = (gz * h).sum(0) if need_dd else None
-    da = None
-    if need_da:
-        x_acc = apply_dropout(x2d, seed, dropout_p, acc) if dropout_p > 0.0 else x2d.to(acc)
-        da = gh.t() @ x_acc
-    dx = None
+    acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
+    g = cast(grad_y, dt)
+    ds = _diag_scale(lora_diag, scaling, acc)
+    gh = g @ _factor_b(lora_B, ds, dt) if need_dx or need_da else None  # gH = G B diag(s d), (M, r)
+    dd = db = None
+    if need_dd or need_db:
+        # G^T H (N, r): fp32 sums where torch.mm has out_dtype (CUDA), else in the operand dtype, rounded once. Its
+        # readers take it as it comes (db's product promotes to fp32) instead of a cast copy: on cpu-bf16-gemm at P
+        # the copy was the 1/256 of a pass by which the backend moved more than unsloth_style (kasa-bench traffic).
+        gth = rank_r_mm(g.t(), h, acc) if mm_sums_to_fp32(g) else g.t() @ h
+        if need_db:
+            db = gth * ds
+        if need_dd:  # the diagonal of B^T (G^T H): one pass over B and G^T H, the r x r product is tiny
+            dd = torch.mm(cast(lora_B, gth.dtype).t(), gth).diagonal().to(acc) * scaling
+    dx = x_kept = None
     if need_dx:
         dx = grad_y @ weight
-        if dropout_p > 0.0:
-            dx += apply_dropout(gh @ lora_A.to(acc), seed, dropout_p, out_dtype=dx.dtype)
+        a = _factor_a(lora_A, keep_scale(dropout_p), dt)
+        if dropout_p == 0.0:
+            _add_lowrank_(dx, gh, a)
+        elif need_da:  # one mask for dx's rank-r term and for dA's input; the term's buffer then holds keep(x)
+            dx, x_kept = dropout_backward_(dx, gh @ a, x2d, seed, dropout_p)
         else:
-            _add_lowrank_(dx, gh, lora_A.to(acc))
+            add_masked_(dx, gh @ a, seed, dropout_p)
+    da = None
+    if need_da:
+        if x_kept is None:
+            x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else cast(x2d, dt)
+        da = rank_r_mm(gh.t(), x_kept, acc)
+        if dropout_p > 0.0:
+            da *= keep_scale(dropout_p)
     return dx, da, dd, db
 
 
