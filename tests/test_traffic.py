@@ -75,6 +75,24 @@ def test_fused_backends_are_reported_opaque_without_figures():
     assert tr.count_provider("torch_compile", _case(0.0), "cuda")["status"] == "not counted"
 
 
+def test_nf4_base_is_counted_on_cpu_paths_and_opaque_on_cuda():
+    c = _case(0.1)
+    # on CUDA the provider runs the triton backend, whose dequantizing GEMM is a custom op: no figure
+    e = tr.count_provider("nf4_kasa", c, "cuda")
+    assert e["status"] == "opaque"
+    assert set(e["opaque_ops"]) == {"kasa_kernels.qlinear_forward.default", "kasa_kernels.qlinear_backward.default"}
+    assert "bytes" not in e
+    assert tr.count_provider("nf4_peft_style", c, "cuda")["status"] == "not counted"
+    # on CPU the torch backend dequantizes W in forward and again in backward (for dx): beyond a bf16 base, each
+    # phase reads the packed NF4 weight and writes a bf16 W at least once
+    packed, w_bf16 = c.N * c.K // 2, c.N * c.K * 2
+    for path in ("cpu-bf16-gemm", "cpu-no-bf16-gemm"):
+        q, plain = tr.count_provider("nf4_kasa", c, path), tr.count_provider("torch_eager", c, path)
+        assert q["status"] == plain["status"] == "counted"
+        for phase in ("forward_bytes", "backward_bytes"):
+            assert q[phase] - plain[phase] >= packed + w_bf16, (path, phase)
+
+
 def test_fused_mask_kernel_is_counted_by_its_inputs_and_outputs():
     # on a fused path the counter sees one kernel: x read, the masked copy written (plus the 16-byte seed)
     x = _meta(64, 32, dtype=torch.bfloat16)

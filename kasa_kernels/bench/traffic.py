@@ -36,8 +36,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..ops import rng
+from ..ops import defs, rng
 from ..ops.precision import meta_runs_as
+from ..ops.quant_weight import QuantizedWeight
 from . import providers as prov
 from .shapes import Case
 
@@ -163,23 +164,51 @@ NOT_COUNTED = {
     "torch_compile": "inductor's generated kernels are not aten ops: not counted",
     "triton_gemm": "our Triton GEMM kernel (forward only): opaque, not counted",
     "cuda_gemm": "our CUDA GEMM kernel (forward only): opaque, not counted",
+    "nf4_peft_style": "bitsandbytes quantizes W from real values when it builds the layer, and its dequantize is a "
+                      "bitsandbytes kernel, not an aten op: not counted",
 }
 
 
-def _build_on_meta(name: str, c: Case) -> prov.State:
+def meta_nf4_weight(c: Case) -> QuantizedWeight:
+    """The case's W in the nf4_kasa provider's format (NF4, blocksize prov.NF4_BLOCKSIZE, double quantization with
+    bitsandbytes' nested blocksize 256) as meta tensors of the shapes and dtypes bitsandbytes gives."""
+    blocks = -(-c.N * c.K // prov.NF4_BLOCKSIZE)
+
+    def t(*shape, dtype):
+        return torch.empty(*shape, dtype=dtype, device=META)
+
+    return QuantizedWeight(t((c.N * c.K + 1) // 2, 1, dtype=torch.uint8), t(blocks, dtype=torch.uint8),
+                           t(16, dtype=torch.float32), t(-(-blocks // 256), dtype=torch.float32),
+                           t(256, dtype=torch.float32), t((), dtype=torch.float32), "nf4", prov.NF4_BLOCKSIZE, 256,
+                           (c.N, c.K))
+
+
+def _fused_on_meta(tensors: prov.Tensors, weight, c: Case, backend: str, impl: str) -> prov.State:
+    """A forward through the autograd layer on meta tensors. kk.kasa_linear would refuse meta tensors for a fused
+    backend (none runs on them); the autograd layer calls the backend's custom ops, whose fake implementations give
+    meta results and show the kernels as opaque. The torch backend's kernels run inline and are counted op by op."""
+    from .. import _backend
+    from ..autograd import kasa_linear_autograd
+
+    if backend in defs.INLINE_BACKENDS:  # its kernels run here, so they must be registered
+        _backend.load(backend)
+    leaves = prov._adapters_trainable(tensors)
+    seed = rng.make_seed(None, META) if c.dropout > 0 else None
+    args = (tensors.x, weight, None, tensors.lora_A, tensors.lora_diag, tensors.lora_B, seed, tensors.scaling,
+            c.dropout, backend)
+    return prov.State(lambda: kasa_linear_autograd(*args), leaves, tensors.dy, "kasa", impl)
+
+
+def _build_on_meta(name: str, c: Case, path: str) -> prov.State:
     spec = prov.provider(name)
     tensors = meta_tensors(c)
     if spec.category == prov.OURS_FUSED:
-        # kk.kasa_linear would refuse meta tensors (no fused backend runs on them); the autograd layer calls the
-        # backend's custom ops, whose fake implementations give meta results and show the kernels as opaque
-        from ..autograd import kasa_linear_autograd
-
-        leaves = prov._adapters_trainable(tensors)
-        seed = rng.make_seed(None, META) if c.dropout > 0 else None
-        args = (tensors.x, tensors.weight, None, tensors.lora_A, tensors.lora_diag, tensors.lora_B, seed,
-                tensors.scaling, c.dropout, spec.backend)
-        return prov.State(lambda: kasa_linear_autograd(*args), leaves, tensors.dy, "kasa",
-                          f"kasa_kernels::linear_* custom ops of backend {spec.backend!r}")
+        return _fused_on_meta(tensors, tensors.weight, c, spec.backend,
+                              f"kasa_kernels::linear_* custom ops of backend {spec.backend!r}")
+    if name == "nf4_kasa":  # the provider's own choice of backend for the device (triton on CUDA, else torch)
+        backend = "triton" if path == "cuda" else "torch"
+        return _fused_on_meta(tensors, meta_nf4_weight(c), c, backend,
+                              f"kasa_kernels QuantKasaLinear's op (backend {backend!r}), NF4 base")
     state = spec.builder(spec, tensors, c, META, None)
     if name == "peft":
         # PEFT defers KaSA's SVD truncation of W (init work, not per-step traffic) to the first forward when W is on
@@ -197,7 +226,7 @@ def count_provider(name: str, c: Case, path: str) -> Dict:
     spec = prov.provider(name)
     counter = ByteCounter()
     try:
-        state = _build_on_meta(name, c)
+        state = _build_on_meta(name, c, path)
         with meta_runs_as(path), rng.kernels_run_by(_fused_kernel_runner(counter)), counter:
             if spec.forward_only:
                 with torch.no_grad():
