@@ -1,9 +1,12 @@
-// Device helpers shared by every kernel: dtype conversion, the dropout hash, cp.async, launch checks.
+// Device helpers shared by every kernel: dtype conversion, the dropout hash, the PTX wrappers (cp.async, ldmatrix,
+// mma.sync), launch checks.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -88,18 +91,91 @@ __device__ __forceinline__ DropoutMask load_dropout_mask(const DropoutArgs& d) {
   return m;
 }
 
-// Asynchronous 16-byte global -> shared copy (sm80+), so the next tiles load while tensor cores work.
+// ---- PTX wrappers: cp.async, ldmatrix, mma.sync, cvt.tf32 -------------------------------------------------------
+// tests/cuda_emu/emu_ptx.h replaces this section (up to its end marker) in the CPU emulation, which implements each
+// instruction's semantics and fragment layout from the PTX ISA. Kernels reach these instructions only through here.
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
+// Asynchronous 16-byte global -> shared copy (sm80+), so the next tiles load while the math units work.
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src));
+}
+// The same copy reading only the first src_bytes (0..16) and zero-filling the rest: chunks that cross a matrix edge
+// and rows past it stay asynchronous (src_bytes = 0 reads nothing; gmem_src must still be a valid address).
+__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gmem_src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src),
+               "r"(src_bytes));
 }
 // The 4-byte form keeps fp32 rows that are not 16-byte aligned (K not a multiple of 4) asynchronous too.
 __device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem_src));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N of this thread's committed groups are still in flight.
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16: N 8x8 matrices of 16-bit elements, one 16-byte row per address.
+// Lane 8 i + j gives the address of row j of matrix i (lanes past 8 N are ignored); lane l receives in r[i] the
+// elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) of matrix i, or with TRANS those of its transpose.
+template <int N, bool TRANS>
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[N], const void* row) {
+  static_assert(N == 1 || N == 2 || N == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  const unsigned a = smem_addr(row);
+  if constexpr (N == 1 && !TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+  else if constexpr (N == 1)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+  else if constexpr (N == 2 && !TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  else if constexpr (N == 2)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  else if constexpr (!TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
+// d = a b + d on tensor cores, fp32 accumulation, one warp: mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.
+// Fragments (g = lane / 4, t = lane % 4; each 32-bit register holds two 16-bit elements, the lower column first):
+//   a[0] = A[g][2t..2t+1]  a[1] = A[g+8][2t..]  a[2] = A[g][2t+8..]  a[3] = A[g+8][2t+8..]      A is 16 x 16
+//   b[0] = B[2t..2t+1][g]  b[1] = B[2t+8..][g]                                                   B is 16 x 8
+//   d[0..1] = D[g][2t..2t+1]  d[2..3] = D[g+8][2t..2t+1]                                         D is 16 x 8
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d = a b + d with TF32 operands (one fp32 bit pattern per register, rounded by tf32_bits first):
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32. Fragments:
+//   a[0] = A[g][t]  a[1] = A[g+8][t]  a[2] = A[g][t+4]  a[3] = A[g+8][t+4]                     A is 16 x 8
+//   b[0] = B[t][g]  b[1] = B[t+4][g]                                                            B is 8 x 8
+//   d as for m16n8k16.
+__device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+               "{%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// cvt.rna.tf32.f32: fp32 rounded to TF32 (nearest, ties away from zero), as the bit pattern mma_1688_tf32 takes.
+__device__ __forceinline__ uint32_t tf32_bits(float v) {
+  uint32_t u;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(u) : "f"(v));
+  return u;
+}
+// ---- end of PTX wrappers ------------------------------------------------------------------------------------------
 
 // 16-byte vector access is legal when the base is 16-byte aligned and every row starts on a 16-byte boundary.
 inline bool rows_are_16b_aligned(const void* p, int64_t ld, int elem_size) {
@@ -108,7 +184,40 @@ inline bool rows_are_16b_aligned(const void* p, int64_t ld, int elem_size) {
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+// Properties of the current device, queried once per device (kasa_device.cu): the launchers' heuristics read them on
+// every call.
+int current_device();
 int device_sm_count();
+int device_capability();   // 10 * major + minor, e.g. 86
+int device_smem_optin();   // bytes of dynamic shared memory one block may opt into
+
+// Raises `kernel`'s dynamic shared memory limit to `bytes` (needed above 48 KB) once per device.
+template <class Kernel>
+void opt_in_dynamic_smem(Kernel kernel, int bytes) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> done[kMaxDevices];
+  const int dev = current_device();
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached && done[dev].load(std::memory_order_relaxed)) return;
+  KASA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (cached) done[dev].store(true, std::memory_order_relaxed);
+}
+
+// Two adjacent elements v0, v1 rounded to T, stored as one 4-byte (16-bit T) or 8-byte (fp32) access at o.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* o, float v0, float v1) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float2*>(o) = make_float2(v0, v1);
+  } else {
+    const T lo = from_float<T>(v0), hi = from_float<T>(v1);
+    uint32_t u;
+    if constexpr (std::is_same_v<T, __half>)
+      u = uint32_t(__half_as_ushort(lo)) | (uint32_t(__half_as_ushort(hi)) << 16);
+    else
+      u = uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+    *reinterpret_cast<uint32_t*>(o) = u;
+  }
+}
 
 // Element e of the sum over `tiles` partial slices of n elements each, slices added in index order: a split
 // reduction built on this gives the same bits on every run, whatever order the producing blocks ran in.

@@ -81,13 +81,6 @@ void launch(const LowrankDaArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int device_sm_count() {
-  int dev = 0, n = 0;
-  KASA_CUDA_CHECK(cudaGetDevice(&dev));
-  KASA_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  return n;
-}
-
 int lowrank_da_splits(int M, int K, int R) {
   if (M <= 0 || K <= 0 || R <= 0) return 1;
   const int64_t blocks = int64_t(ceil_div(K, kK)) * ceil_div(R, kCols);

@@ -307,25 +307,6 @@ __global__ void __launch_bounds__(256) lowrank_shrink_finish_kernel(const Shrink
   }
 }
 
-int current_device() {
-  int dev = 0;
-  KASA_CUDA_CHECK(cudaGetDevice(&dev));
-  return dev;
-}
-
-// The split heuristic runs on every forward call; the attribute query behind it does not need to.
-int sm_count_cached() {
-  static std::atomic<int> cache[kMaxDevices];
-  const int dev = current_device();
-  if (dev < 0 || dev >= kMaxDevices) return device_sm_count();
-  int n = cache[dev].load(std::memory_order_relaxed);
-  if (n <= 0) {
-    n = device_sm_count();
-    cache[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
 // Opts the kernel into its dynamic shared memory (above the 48 KB default) once per device and returns how many of
 // its blocks one SM holds.
 template <typename T, int RC, bool DROPOUT>
@@ -353,7 +334,7 @@ int splits_for(int M, int K, int R) {
   if (M <= 0 || K <= 0 || R <= 0) return 1;
   const int64_t steps = (int64_t(K) + C::BK - 1) / C::BK;
   const int64_t blocks = int64_t(ceil_div(M, kRows)) * ceil_div(R, RC);
-  const int64_t slots = int64_t(sm_count_cached()) * prepare_kernel<T, RC, false>();
+  const int64_t slots = int64_t(device_sm_count()) * prepare_kernel<T, RC, false>();
   int64_t s = slots / blocks;  // as many splits as keep the grid within one wave of resident blocks
   s = std::min<int64_t>(s, steps / kMinStepsPerSplit);
   // The workspace is written and read once (8 s M R bytes): keep that under half of what reading x costs.

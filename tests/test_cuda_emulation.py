@@ -119,9 +119,144 @@ def lowp_matmul(a, b, dt):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Known answers: each emulated PTX instruction against its layout in the PTX ISA, written out here a second time
+# (independently of tests/cuda_emu/emu_ptx.h): g = lane // 4 ("groupID"), t = lane % 4 ("threadID_in_group").
+
+def _lanes():
+    lane = np.arange(32)
+    return lane, lane // 4, lane % 4
+
+
+def _pack16(lo, hi):
+    return (lo.astype(np.uint32) & 0xFFFF) | ((hi.astype(np.uint32) & 0xFFFF) << 16)
+
+
+def ldmatrix_expected(stored, rows, n, trans):
+    """ldmatrix.m8n8.x{n}[.trans].b16: lane 8 i + j addresses row j of matrix i; lane l gets, per matrix i, the
+    elements (l // 4, 2 (l % 4)) and (l // 4, 2 (l % 4) + 1), or with .trans (2 (l % 4), l // 4) and
+    (2 (l % 4) + 1, l // 4)."""
+    lane, g, t = _lanes()
+    out = np.zeros((32, n), np.uint32)
+    for i in range(n):
+        if trans:
+            out[:, i] = _pack16(stored[rows[8 * i + 2 * t], g], stored[rows[8 * i + 2 * t + 1], g])
+        else:
+            out[:, i] = _pack16(stored[rows[8 * i + g], 2 * t], stored[rows[8 * i + g], 2 * t + 1])
+    return out
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_known_answer_ldmatrix(emu, tmp_path, n, trans):
+    rng = np.random.default_rng(n * 2 + trans)
+    stored = rng.integers(0, 2**16, size=(64, 8), dtype=np.uint16)
+    rows = rng.permutation(64)[:32].astype(np.int32)  # each lane addresses a different, scattered row
+    rows[8 * n:] = 100000  # addresses of lanes past 8 n are ignored by the hardware: never dereferenced
+    c = Case(emu, tmp_path)
+    c.put("in", torch.from_numpy(stored.view(np.int16).copy()))
+    c.put("rows", torch.from_numpy(rows))
+    c.put("out", torch.zeros(32 * n, dtype=torch.int32))
+    c.run("kat", which="ldmatrix", n=n, trans=int(trans))
+    got = c.get("out", torch.int32).numpy().view(np.uint32).reshape(32, n)
+    np.testing.assert_array_equal(got, ldmatrix_expected(stored, rows, n, trans))
+
+
+def frag_positions(kind, operand):
+    """(row, col) of each fragment element, per lane and register (and half for 16-bit operands), from the PTX
+    ISA's "Matrix Fragments for mma.m16n8k16 with floating point type" / "... mma.m16n8k8" (.tf32)."""
+    lane, g, t = _lanes()
+    if operand == "c":  # both shapes: c0, c1 at (g, 2t + i), c2, c3 at (g + 8, 2t + i)
+        return [(g + 8 * (e // 2), 2 * t + e % 2) for e in range(4)]
+    if kind == "tf32":
+        if operand == "a":  # a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4)
+            return [(g + 8 * (q % 2), t + 4 * (q // 2)) for q in range(4)]
+        return [(t + 4 * q, g) for q in range(2)]  # b0 (t, g), b1 (t + 4, g)
+    if operand == "a":  # a_i: row g (+8 for i in 2,3 / 6,7), col 2t + (i & 1) (+8 for i >= 4); two per register
+        return [[(g + 8 * (q % 2), 2 * t + h + 8 * (q // 2)) for h in range(2)] for q in range(4)]
+    return [[(2 * t + h + 8 * q, g) for h in range(2)] for q in range(2)]  # b_i: row 2t + (i & 1) (+8 for i >= 2)
+
+
+def pack_fragment(kind, operand, mat):
+    """The (32, registers) uint32 fragment of `mat` (integer-valued) in the kind's input type."""
+    pos = frag_positions(kind, operand)
+    if kind == "tf32":
+        vals = [torch.from_numpy(mat[r, c].astype(np.float32)) for r, c in pos]
+        return np.stack([v.view(torch.int32).numpy().view(np.uint32) for v in vals], axis=1)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+    bits = lambda r, c: torch.from_numpy(mat[r, c].astype(np.float32)).to(dtype).view(torch.int16).numpy()  # noqa
+    return np.stack([_pack16(bits(*lo), bits(*hi)) for lo, hi in pos], axis=1)
+
+
+MMA_KINDS = {"bf16": (0, 16), "f16": (1, 16), "tf32": (2, 8)}  # driver code, k
+
+
+@pytest.mark.parametrize("kind", list(MMA_KINDS))
+def test_known_answer_mma(emu, tmp_path, kind):
+    # Small integers: every product and sum is exact, so D = A B + C must hold bit for bit.
+    code, k = MMA_KINDS[kind]
+    rng = np.random.default_rng(code)
+    A = rng.integers(-8, 9, size=(16, k)).astype(np.float64)
+    B = rng.integers(-8, 9, size=(k, 8)).astype(np.float64)
+    C = rng.integers(-100, 101, size=(16, 8)).astype(np.float64)
+    c = Case(emu, tmp_path)
+    c.put("a", torch.from_numpy(pack_fragment(kind, "a", A).view(np.int32).copy()))
+    c.put("b", torch.from_numpy(pack_fragment(kind, "b", B).view(np.int32).copy()))
+    c.put("c", torch.from_numpy(np.stack([C[r, cc] for r, cc in frag_positions(kind, "c")], 1).astype(np.float32)))
+    c.put("out", torch.zeros(32 * 4))
+    c.run("kat", which="mma", kind=code)
+    d = c.get("out", torch.float32).numpy().reshape(32, 4)
+    D = np.zeros((16, 8))
+    for e, (r, cc) in enumerate(frag_positions(kind, "c")):
+        D[r, cc] = d[:, e]
+    np.testing.assert_array_equal(D, A @ B + C)
+
+
+@pytest.mark.parametrize("kind,b_kmajor", [("bf16", False), ("bf16", True), ("f16", False), ("f16", True),
+                                           ("tf32", False)])
+def test_known_answer_ldmatrix_feeds_mma(emu, tmp_path, kind, b_kmajor):
+    # The addressing gemm_lowrank.cuh uses: ldmatrix.x4 of a row-major 16 x (32 bytes) A tile gives the A fragment,
+    # ldmatrix.x2 of n-major B (or .x2.trans of k-major B) the B fragment, also for fp32 data read as 16-bit pairs.
+    code, k = MMA_KINDS[kind]
+    rng = np.random.default_rng(10 + code + b_kmajor)
+    A = rng.integers(-8, 9, size=(16, k)).astype(np.float32)
+    B = rng.integers(-8, 9, size=(k, 8)).astype(np.float32)
+    dtype = torch.float32 if kind == "tf32" else (torch.bfloat16 if kind == "bf16" else torch.float16)
+    c = Case(emu, tmp_path)
+    c.put("a", torch.from_numpy(A).to(dtype).flatten())
+    c.put("b", torch.from_numpy(B if b_kmajor else B.T.copy()).to(dtype).flatten())
+    c.put("out", torch.zeros(32 * 4))
+    c.run("kat", which="ldmatrix_mma", kind=code, b_kmajor=int(b_kmajor))
+    d = c.get("out", torch.float32).numpy().reshape(32, 4)
+    D = np.zeros((16, 8), np.float32)
+    for e, (r, cc) in enumerate(frag_positions(kind, "c")):
+        D[r, cc] = d[:, e]
+    np.testing.assert_array_equal(D, A @ B)
+
+
+def test_known_answer_cp_async_groups(emu, tmp_path):
+    # Four groups (16 bytes in full, 5 of 16, 0 of 16, 16): wait_group n retires all but the n newest. The emulation
+    # lands a group's bytes only when it is retired (hardware may land them earlier), so reading too early shows the
+    # 0xFF fill; the bytes past src-size are zero.
+    src = np.arange(1, 65, dtype=np.uint8)
+    c = Case(emu, tmp_path)
+    c.put("src", torch.from_numpy(src.copy()))
+    c.put("out", torch.zeros(256, dtype=torch.uint8))
+    c.run("kat", which="cp_async")
+    got = c.get("out", torch.uint8).numpy().reshape(4, 64)
+    landed = [src[0:16], np.r_[src[16:21], np.zeros(11, np.uint8)], np.zeros(16, np.uint8), src[48:64]]
+    for snap in range(4):
+        want = np.full(64, 0xFF, np.uint8)
+        for grp in range(snap + 1):
+            want[16 * grp:16 * grp + 16] = landed[grp]
+        np.testing.assert_array_equal(got[snap], want, err_msg=f"after wait_group {3 - snap}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # gemm_lowrank: forward out = x w^T + lx lw^T + bias; backward out = x w + drop(lx lw)
 
-def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0, seed=(0x1234, 0x9876), gen=None):
+def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0, seed=(0x1234, 0x9876), gen=None,
+             cc=86):
+    """One launch of the fused GEMM on an emulated sm_{cc} device (80: the wide 128 x 256 tile, 86: 128 x 128)."""
     dtype = DT[dt]
     # pad < 0: every row padded to the next 32-byte boundary past its end, so rows are aligned for 16-byte copies
     # while the last chunk of a row still crosses the matrix edge.
@@ -146,7 +281,7 @@ def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0,
         b = b[0]
         c.put("bias", b_flat, off)
     params = dict(dt=dt, fwd=int(fwd), M=M, N=N, K=K, R=R, ldx=ld(K), ldw=ld(K if fwd else N), ldlx=ld(R),
-                  ldlw=ld(R if fwd else N), ldo=ldo)
+                  ldlw=ld(R if fwd else N), ldo=ldo, cc=cc)
     mask = None
     if p > 0:
         assert not fwd
