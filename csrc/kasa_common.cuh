@@ -227,6 +227,43 @@ __device__ __forceinline__ float sum_partials_at(const float* __restrict__ part,
   return s;
 }
 
+// Element e of 16-bit or fp32 data packed in 32-bit words (as loaded by a vector access), as fp32 (exact).
+template <typename T, int N> __device__ __forceinline__ float unpack_elem(const uint32_t (&w)[N], int e) {
+  if constexpr (std::is_same_v<T, float>) {
+    return __uint_as_float(w[e]);
+  } else {
+    const uint32_t u = w[e >> 1];
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+      return __uint_as_float((e & 1) ? (u & 0xffff0000u) : (u << 16));  // bf16 is the upper half of an fp32
+    else
+      return __half2float(__ushort_as_half(static_cast<unsigned short>((e & 1) ? (u >> 16) : (u & 0xffffu))));
+  }
+}
+
+// N = 2 or 4 consecutive fp32 from shared memory as one 8- or 16-byte access (p aligned to it).
+template <int N> __device__ __forceinline__ void load_floats(float (&v)[N], const float* p) {
+  static_assert(N == 2 || N == 4, "8- or 16-byte accesses");
+  if constexpr (N == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+  } else {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    v[0] = t.x, v[1] = t.y;
+  }
+}
+
+// Sum pairs of lanes `offset` apart while halving what each lane holds: the lane whose `offset` bit is set keeps
+// the upper HALF values (HALF shuffles instead of 2 HALF for a butterfly). Folding at offsets o1 > o2 > ... leaves
+// each lane the slice of values its bits select, summed over the folded lanes in a fixed tree.
+template <int HALF, int ACC>
+__device__ __forceinline__ void fold_lanes(float (&v)[ACC], bool upper, int offset) {
+#pragma unroll
+  for (int q = 0; q < HALF; ++q) {
+    const float lo = v[q], hi = v[HALF + q];
+    v[q] = (upper ? hi : lo) + __shfl_xor_sync(0xffffffffu, upper ? lo : hi, offset);
+  }
+}
+
 // Deterministic block-wide sum (fixed shuffle tree, then warp 0 over the warp sums). All threads get the result.
 template <int NT>
 __device__ __forceinline__ float block_sum(float v, float* scratch /* >= NT/32 floats */) {

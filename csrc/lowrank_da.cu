@@ -1,94 +1,210 @@
-// Backward dA = gH^T dropout(x) (R x K, fp32), the mask regenerated from the seed as x is loaded. The reduction
-// over M is split into `splits` row slices so that a small K still fills the GPU; the slices' partial sums are added
-// in a fixed order by sum_partials (no atomics: the result does not depend on scheduling).
+// Backward dA = gH^T dropout(x) (R x K, fp32), the mask regenerated from the seed as x arrives. x (M x K) is the only
+// large operand and streams through shared memory once. A block owns a tile of 64 bytes of every row of x (32 bf16
+// or 16 fp32 columns), RC ranks, and one slice of the rows (lowrank_da_splits slices, so that P and decode sizes
+// alike launch about two blocks per SM); it walks its rows 64 at a time through a kStages ring of 16-byte cp.async
+// chunks (zero-filled past the edges; rows that are not 16-byte aligned fall back to element loads).
+// With dropout, every thread zeroes the dropped elements of its chunk of each landed tile (one hash per element and
+// block); the keep scale 1 / (1 - p) multiplies the fp32 sums once at the end.
+// Warp w owns columns [w BK/8, (w+1) BK/8) and each lane a quarter of the rows and RC/8 ranks; the quarters are
+// folded by shuffles once, after the row loop. The slices' partial sums go to a workspace that sum_partials adds in
+// a fixed order (no atomics: the result does not depend on scheduling).
+#include <algorithm>
+
 #include "kasa_common.cuh"
 
 namespace kasa {
 namespace {
 
-constexpr int kK = 64;        // columns of x per block
-constexpr int kCols = 16;     // rows of dA (rank) per block (grid.y covers R)
-constexpr int kRows = 32;     // rows of x per smem tile
-constexpr int kThreads = 256; // thread t: dA[c0 + t/16][k0 + 4*(t%16) .. +4]
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = 64;     // rows of x per tile
+constexpr int kStages = 4;
+constexpr int kMaxSplits = 64;
+constexpr int kMinTilesPerSplit = 4;  // shorter slices add workspace traffic for little extra parallelism
 
-template <typename T, bool DROPOUT>
-__global__ void __launch_bounds__(kThreads) lowrank_da_dropout_kernel(const LowrankDaArgs p) {
-  __shared__ __align__(16) float xs[kRows][kK];
-  __shared__ float gs[kRows][kCols];
+template <typename T, int RC>
+struct DaCfg {
+  static constexpr int ES = int(sizeof(T));
+  static constexpr int EPC = 16 / ES;
+  static constexpr int BK = 64 / ES;            // columns per block: 64 bytes of every row (4 chunks)
+  static constexpr int RPL = RC / 8;            // ranks per lane
+  static constexpr int NCW = BK / kWarps;       // columns per warp (8 bytes)
+  static constexpr int X_BYTES = kRows * 64;
+  static constexpr int G_BYTES = kRows * RC * 4;
+  static constexpr int STAGE_BYTES = X_BYTES + G_BYTES;
+  static constexpr int SMEM_BYTES = kStages * STAGE_BYTES;
+  static_assert(RC == 16 || RC == 32, "rank tiles of 16 or 32");
+  static_assert(kRows * 4 == kThreads, "one x chunk per thread and tile (the dropout pass relies on it)");
+  static_assert((NCW * RPL) % 4 == 0, "the fold leaves each row quarter a whole number of values");
+};
+
+// Byte offset of chunk c (0..3) of row r in a tile of 64-byte rows (XOR-swizzled as in dy_pass.cu).
+__device__ __forceinline__ int xswz(int r, int c) { return r * 64 + ((c ^ ((r >> 1) & 3)) << 4); }
+
+struct DaVec { bool x, gh; };
+
+template <typename T, int RC, bool DROPOUT>
+__global__ void __launch_bounds__(kThreads, 2) lowrank_da_kernel(const LowrankDaArgs p, const DaVec vec,
+                                                              const int tiles_per) {
+  using C = DaCfg<T, RC>;
+  constexpr int BK = C::BK, RPL = C::RPL, NCW = C::NCW, EPC = C::EPC;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int k0 = int(blockIdx.x) * BK, r0 = int(blockIdx.y) * RC, split = int(blockIdx.z);
+  const int m_tiles = (p.M + kRows - 1) / kRows;
+  const int t0 = split * tiles_per, t1 = min(m_tiles, t0 + tiles_per);
   const T* x = static_cast<const T*>(p.x);
-  const int k0 = blockIdx.x * kK, c0 = blockIdx.y * kCols;
-  const int kg = threadIdx.x % 16, jg = threadIdx.x / 16;
+  const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
+  const int q4 = lane >> 3, cq = lane & 7;
   DropoutMask mask{};
   if constexpr (DROPOUT) mask = load_dropout_mask(p.drop);
 
-  const int tiles = (p.M + kRows - 1) / kRows;
-  const int per = (tiles + p.splits - 1) / p.splits;
-  const int t0 = blockIdx.z * per;
-  const int t1 = min(tiles, t0 + per);
-  float acc[4] = {};
-  for (int t = t0; t < t1; ++t) {
-    const int m0 = t * kRows;
-    __syncthreads();
-    for (int e = threadIdx.x; e < kRows * kK; e += kThreads) {
-      const int r = e / kK, kk = e % kK;
-      const int gm = m0 + r, gk = k0 + kk;
-      float v = 0.f;
-      if (gm < p.M && gk < p.K) {
-        v = to_float(x[int64_t(gm) * p.ldx + gk]);
-        if constexpr (DROPOUT) v = mask.apply_at(v, gm, gk, p.K);
-      }
-      xs[r][kk] = v;
-    }
-    for (int e = threadIdx.x; e < kRows * kCols; e += kThreads) {
-      const int r = e / kCols, c = e % kCols;
-      const int gm = m0 + r, gc = c0 + c;
-      gs[r][c] = (gm < p.M && gc < p.R) ? p.gh[int64_t(gm) * p.R + gc] : 0.f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int r = 0; r < kRows; ++r) {
-      const float gv = gs[r][jg];
-      const float4 x4 = *reinterpret_cast<const float4*>(&xs[r][kg * 4]);
-      acc[0] = fmaf(gv, x4.x, acc[0]);
-      acc[1] = fmaf(gv, x4.y, acc[1]);
-      acc[2] = fmaf(gv, x4.z, acc[2]);
-      acc[3] = fmaf(gv, x4.w, acc[3]);
-    }
-  }
-  const int j = c0 + jg;
-  if (j >= p.R) return;
-  float* dst = p.splits > 1 ? p.partial + int64_t(blockIdx.z) * p.R * p.K : p.da;
+  // Thread t copies x chunk (t / 4, t % 4) and the gH chunks t, t + 256, ... of every tile.
+  const int xr = int(threadIdx.x) >> 2, xc = int(threadIdx.x) & 3;
+  auto load_stage = [&](int stage, int tile) {
+    unsigned char* xsm = smem + stage * C::STAGE_BYTES;
+    float* gsm = reinterpret_cast<float*>(xsm + C::X_BYTES);
+    const int m0 = tile * kRows, rows = min(kRows, p.M - m0);
+    const int gk = k0 + xc * EPC, left = p.K - gk;
+    unsigned char* d = xsm + xswz(xr, xc);
+    const T* src = x + int64_t(m0 + xr) * p.ldx + gk;
+    if (vec.x) {
+      const int bytes = xr < rows && left > 0 ? (left >= EPC ? 16 : left * C::ES) : 0;
+      cp_async_16_zfill(d, bytes > 0 ? src : p.x, bytes);
+    } else {
+      T* e = reinterpret_cast<T*>(d);
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const int k = k0 + kg * 4 + q;
-    if (k < p.K) dst[int64_t(j) * p.K + k] = acc[q];
+      for (int v = 0; v < EPC; ++v) e[v] = (xr < rows && v < left) ? src[v] : zero_value<T>();
+    }
+    constexpr int G_CPR = RC / 4;
+    for (int idx = int(threadIdx.x); idx < kRows * G_CPR; idx += kThreads) {
+      const int r = idx / G_CPR, c = idx % G_CPR;
+      const int gr = r0 + c * 4, gleft = p.R - gr;
+      float* gd = gsm + r * RC + c * 4;
+      const float* gs = p.gh + int64_t(m0 + r) * p.R + gr;
+      if (vec.gh) {
+        const int bytes = r < rows && gleft > 0 ? (gleft >= 4 ? 16 : gleft * 4) : 0;
+        cp_async_16_zfill(gd, bytes > 0 ? gs : p.gh, bytes);
+      } else {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) gd[v] = (r < rows && v < gleft) ? gs[v] : 0.f;
+      }
+    }
+  };
+
+  float acc[NCW * RPL];
+#pragma unroll
+  for (int k = 0; k < NCW * RPL; ++k) acc[k] = 0.f;
+  const int steps = t1 - t0;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load_stage(s, t0 + s);
+    cp_async_commit();  // empty groups keep the wait count uniform
   }
+  const int col = warp * NCW;  // NCW elements = 8 bytes, inside one chunk
+  for (int s = 0; s < steps; ++s) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile s visible to all; its stage's previous reader is done
+    if (s + kStages - 1 < steps) load_stage((s + kStages - 1) % kStages, t0 + s + kStages - 1);
+    cp_async_commit();
+    unsigned char* xsm = smem + (s % kStages) * C::STAGE_BYTES;
+    const float* gsm = reinterpret_cast<const float*>(xsm + C::X_BYTES);
+    const int m0 = (t0 + s) * kRows, rows = min(kRows, p.M - m0);
+    if constexpr (DROPOUT) {
+      // Zero the dropped elements of this thread's chunk: element (m, k) of the logical (M, K) input.
+      if (xr < rows) {
+        T* e = reinterpret_cast<T*>(xsm + xswz(xr, xc));
+#pragma unroll
+        for (int v = 0; v < EPC; ++v)
+          if (!mask.keep(uint64_t(m0 + xr) * uint64_t(p.K) + uint64_t(k0 + xc * EPC + v))) e[v] = zero_value<T>();
+      }
+      __syncthreads();
+    }
+#pragma unroll 4
+    for (int r = q4; r < rows; r += 4) {
+      const uint2 x2 = *reinterpret_cast<const uint2*>(xsm + xswz(r, col / EPC) + (col % EPC) * C::ES);
+      const uint32_t xw[2] = {x2.x, x2.y};
+      float gv[RPL];
+      load_floats(gv, gsm + r * RC + cq * RPL);
+#pragma unroll
+      for (int c = 0; c < NCW; ++c) {
+        const float xf = unpack_elem<T>(xw, c);
+#pragma unroll
+        for (int q = 0; q < RPL; ++q) acc[c * RPL + q] = fmaf(gv[q], xf, acc[c * RPL + q]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  fold_lanes<NCW * RPL / 2>(acc, (q4 & 2) != 0, 16);
+  fold_lanes<NCW * RPL / 4>(acc, (q4 & 1) != 0, 8);
+  float* dst = p.splits > 1 ? p.partial + int64_t(split) * p.R * p.K : p.da;
+  const float scale = DROPOUT ? mask.keep_scale : 1.f;
+#pragma unroll
+  for (int k = 0; k < NCW * RPL / 4; ++k) {
+    const int idx = q4 * (NCW * RPL / 4) + k, c = idx / RPL, q = idx % RPL;
+    const int gk = k0 + col + c, gr = r0 + cq * RPL + q;
+    if (gk < p.K && gr < p.R) dst[int64_t(gr) * p.K + gk] = acc[k] * scale;
+  }
+}
+
+template <typename T, int RC, bool DROPOUT>
+void launch_rc(const LowrankDaArgs& a, cudaStream_t stream) {
+  using C = DaCfg<T, RC>;
+  const int m_tiles = ceil_div(a.M, kRows);
+  const int per = ceil_div(m_tiles, a.splits);
+  const dim3 grid(unsigned(ceil_div(a.K, C::BK)), unsigned(ceil_div(a.R, RC)), unsigned(a.splits));
+  if (grid.x > unsigned(INT32_MAX) || grid.y > 65535u || grid.z > 65535u)
+    throw std::runtime_error("kasa_kernels: lowrank_da: K or rank too large");
+  DaVec vec;
+  vec.x = a.M == 1 ? reinterpret_cast<uintptr_t>(a.x) % 16 == 0 : rows_are_16b_aligned(a.x, a.ldx, int(sizeof(T)));
+  vec.gh = a.M == 1 ? reinterpret_cast<uintptr_t>(a.gh) % 16 == 0 : rows_are_16b_aligned(a.gh, a.R, 4);
+  auto kernel = lowrank_da_kernel<T, RC, DROPOUT>;
+  opt_in_dynamic_smem(kernel, C::SMEM_BYTES);
+  kernel<<<grid, kThreads, C::SMEM_BYTES, stream>>>(a, vec, per);
+  KASA_CHECK_LAUNCH(DROPOUT ? "lowrank_da_dropout_kernel" : "lowrank_da_kernel");
+}
+
+template <typename T, int RC>
+void launch_drop(const LowrankDaArgs& a, cudaStream_t stream) {
+  if (a.drop.seed != nullptr)
+    launch_rc<T, RC, true>(a, stream);
+  else
+    launch_rc<T, RC, false>(a, stream);
 }
 
 template <typename T>
 void launch(const LowrankDaArgs& a, cudaStream_t stream) {
-  const dim3 grid(ceil_div(a.K, kK), ceil_div(a.R, kCols), a.splits);
-  if (grid.y > 65535u || grid.z > 65535u || a.splits < 1)
-    throw std::runtime_error("kasa_kernels: lowrank_da: bad launch configuration");
-  if (a.drop.seed != nullptr) {
-    lowrank_da_dropout_kernel<T, true><<<grid, kThreads, 0, stream>>>(a);
-    KASA_CHECK_LAUNCH("lowrank_da_dropout_kernel");
-  } else {
-    lowrank_da_dropout_kernel<T, false><<<grid, kThreads, 0, stream>>>(a);
-    KASA_CHECK_LAUNCH("lowrank_da_kernel");
-  }
+  if (a.splits < 1 || a.splits > kMaxSplits || (a.splits > 1 && a.partial == nullptr))
+    throw std::runtime_error("kasa_kernels: lowrank_da: splits must be in [1, 64], with a workspace when > 1");
+  if (a.R <= 16)
+    launch_drop<T, 16>(a, stream);
+  else
+    launch_drop<T, 32>(a, stream);
+}
+
+template <typename T>
+int splits_t(int M, int K, int R) {
+  const int bk = DaCfg<T, 16>::BK;
+  const int m_tiles = ceil_div(M, kRows);
+  const int64_t blocks = int64_t(ceil_div(K, bk)) * ceil_div(R, R <= 16 ? 16 : 32);
+  int64_t s = (2 * int64_t(device_sm_count()) + blocks - 1) / blocks;  // about two blocks per SM
+  s = std::min<int64_t>(s, std::max(1, m_tiles / kMinTilesPerSplit));
+  s = std::min<int64_t>(s, kMaxSplits);
+  if (s <= 1) return 1;
+  const int per = ceil_div(m_tiles, s);
+  return ceil_div(m_tiles, per);  // the kernel gives each split `per` row tiles: no split is left empty
 }
 
 }  // namespace
 
-int lowrank_da_splits(int M, int K, int R) {
+int lowrank_da_splits(DType dt, int M, int K, int R) {
   if (M <= 0 || K <= 0 || R <= 0) return 1;
-  const int64_t blocks = int64_t(ceil_div(K, kK)) * ceil_div(R, kCols);
-  const int64_t want = (2 * int64_t(device_sm_count()) + blocks - 1) / blocks;  // about two waves
-  const int64_t most = ceil_div(M, kRows * 4);  // keep at least 4 row tiles per slice
-  int64_t s = want < most ? want : most;
-  if (s > 64) s = 64;  // bounds the (splits, R, K) workspace
-  return s < 1 ? 1 : int(s);
+  switch (dt) {
+    case DType::kF32: return splits_t<float>(M, K, R);
+    case DType::kF16: return splits_t<__half>(M, K, R);
+    case DType::kBF16: return splits_t<__nv_bfloat16>(M, K, R);
+  }
+  throw std::runtime_error("kasa_kernels: lowrank_da_splits: unsupported dtype");
 }
 
 void lowrank_da(DType dt, const LowrankDaArgs& args, cudaStream_t stream) {

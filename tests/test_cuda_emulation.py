@@ -314,10 +314,10 @@ def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0,
     return got
 
 
-GEMM_SHAPES = [  # M, N, K, R: every edge of the 128 x 128 tile, the k-tile (32 / 16) and the rank tile
+GEMM_SHAPES = [  # M, N, K, R: every edge of the 128 x 128 tile, the k-tile (64 / 32) and the rank tile
     (1, 5, 7, 1),
     (37, 130, 136, 16),
-    (130, 264, 264, 33),
+    (130, 264, 136, 33),
 ]
 
 
@@ -337,6 +337,21 @@ def test_gemm_lowrank_strided_unaligned(emu, tmp_path, dt):
     # Aligned rows with ragged edges: 16-byte copies inside, element loads for the chunk that crosses K, N or R.
     run_gemm(emu, tmp_path / "d", dt, True, 37, 70, 41, 9, pad=-1, bias=True)
     run_gemm(emu, tmp_path / "e", dt, False, 37, 70, 41, 9, pad=-1, bias=False)
+
+
+@pytest.mark.parametrize("dt", ["f16", "bf16", "tf32", "ffma"])
+def test_gemm_lowrank_wide_tile(emu, tmp_path, dt):
+    # An emulated sm80 gets the 128 x 256 tile (64 x 64 warp tiles, 144 KB of shared memory): two column tiles and
+    # ragged edges forward; backward with the rank-r prologue masked, on rows aligned for 16-byte copies.
+    run_gemm(emu, tmp_path / "a", dt, True, 130, 300, 72, 16, bias=True, cc=80)
+    run_gemm(emu, tmp_path / "b", dt, False, 37, 264, 72, 9, pad=-1, bias=False, p=0.3, cc=80)
+
+
+def test_gemm_grouped_launch_order(emu, tmp_path):
+    # 10 row tiles x 2 column tiles: launch order groups 8 row tiles, so the last group is 2 rows short; every output
+    # tile must still be computed exactly once (run_gemm checks every element and the untouched row gaps).
+    run_gemm(emu, tmp_path / "a", "bf16", True, 1153, 130, 16, 8, bias=True)
+    run_gemm(emu, tmp_path / "b", "bf16", True, 37, 20, 16, 8, bias=True, cc=90)  # sm90: the 128 x 128 tile
 
 
 @pytest.mark.parametrize("dt", ["f16", "bf16", "tf32", "ffma"])
@@ -477,7 +492,10 @@ def test_lowrank_shrink_dropout_mask_bit_identical(emu, tmp_path):
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
 def test_dy_pass(emu, tmp_path, dt, det):
     dtype = DT[dt]
-    for i, (M, N, R, pad) in enumerate([(1, 5, 1, 0), (130, 70, 33, 3), (64, 129, 16, 0)]):
+    # (M, N, R, row padding, column slices (-1: the heuristic), emulated SMs): one row; unaligned rows and two rank
+    # tiles; uneven forced slices; a decode size that the heuristic splits into many slices.
+    for i, (M, N, R, pad, splits, sms) in enumerate([(1, 5, 1, 0, -1, 4), (130, 70, 33, 3, -1, 4),
+                                                     (64, 129, 16, 0, 3, 4), (3, 300, 24, 0, -1, 64)]):
         gen = torch.Generator().manual_seed(M + N * 3 + R)
         c = Case(emu, tmp_path / str(i))
         g_flat, g = strided(M, N, N + pad, dtype, gen)
@@ -491,7 +509,9 @@ def test_dy_pass(emu, tmp_path, dt, det):
         c.put("gh_lowp", torch.full((M * R,), float("nan")).to(dtype))
         c.put("db", torch.zeros(N * R))
         c.put("dd", torch.full((R,), float("nan")))
-        c.run("dy", dt=dt, M=M, N=N, R=R, ldg=N + pad, scaling=repr(s), det=int(det))
+        out = c.run("dy", dt=dt, M=M, N=N, R=R, ldg=N + pad, scaling=repr(s), det=int(det), splits=splits, sms=sms)
+        if sms == 64:
+            assert int(out.split("splits=")[1].split()[0]) >= 4, "the heuristic was meant to split this decode size"
         gh = c.get("gh", torch.float32).view(M, R)
         db = c.get("db", torch.float32).view(N, R)
         dd = c.get("dd", torch.float32)
@@ -535,7 +555,7 @@ def test_dy_pass_deterministic_is_bitwise_repeatable(emu, tmp_path):
 def test_lowrank_da(emu, tmp_path, dt):
     dtype = DT[dt]
     for i, (M, K, R, pad, splits, p) in enumerate([(1, 7, 1, 0, 1, 0.0), (130, 70, 33, 3, 3, 0.0),
-                                                   (300, 65, 16, 1, -1, 0.3), (37, 129, 5, 0, 1, 0.5)]):
+                                                   (600, 65, 16, 1, -1, 0.3), (37, 129, 5, 0, 1, 0.5)]):
         gen = torch.Generator().manual_seed(M + K * 3 + R)
         c = Case(emu, tmp_path / str(i))
         x_flat, x = strided(M, K, K + pad, dtype, gen)

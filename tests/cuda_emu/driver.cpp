@@ -135,6 +135,10 @@ void run_dy() {
   a.dd_partial = static_cast<float*>(exact_alloc(size_t(tiles) * a.R * 4, 0xFF));
   const bool det = geti("det", 0) != 0;
   a.db_partial = det ? static_cast<float*>(exact_alloc(size_t(tiles) * a.N * a.R * 4, 0xFF)) : nullptr;
+  a.splits = int(geti("splits", -1));
+  if (a.splits < 0) a.splits = kasa::dy_pass_splits(dt, a.M, a.N, a.R);  // as bindings.cpp does
+  a.gz_partial = static_cast<float*>(exact_alloc(size_t(a.splits) * a.M * a.R * 4, 0xFF));
+  printf("splits=%d\n", a.splits);
   kasa::dy_pass(dt, a, nullptr);
   kasa::sum_partials(a.dd_partial, tiles, a.R, dd, nullptr);
   if (det) kasa::sum_partials(a.db_partial, tiles, int64_t(a.N) * a.R, a.db, nullptr);
@@ -153,7 +157,7 @@ void run_da() {
   a.da = in_t<float>("da");
   a.drop = dropout();
   a.splits = int(geti("splits", -1));
-  if (a.splits < 0) a.splits = kasa::lowrank_da_splits(a.M, a.K, a.R);
+  if (a.splits < 0) a.splits = kasa::lowrank_da_splits(dt, a.M, a.K, a.R);
   if (a.splits > 1) a.partial = static_cast<float*>(exact_alloc(size_t(a.splits) * a.R * a.K * 4, 0xFF));
   printf("splits=%d\n", a.splits);
   kasa::lowrank_da(dt, a, nullptr);
