@@ -240,6 +240,38 @@ template <typename T, int N> __device__ __forceinline__ float unpack_elem(const 
   }
 }
 
+// Byte offset of 16-byte chunk c (0..3) of row r in a tile of 64-byte rows, XOR-swizzled: the chunks that 8
+// consecutive rows contribute to one ldmatrix, or 4 rows to one 16-byte warp access, fall in different bank groups.
+__device__ __forceinline__ int swz64(int r, int c) { return r * 64 + ((c ^ ((r >> 1) & 3)) << 4); }
+
+// 2xTF32: v = hi + lo, both TF32 (hi = rna(v), lo = rna(v - hi)); against an operand that is exact in TF32 (fp16 and
+// bf16 values are), the two products carry v to about 2^-24 relative: fp32 accuracy on TF32 tensor cores.
+__device__ __forceinline__ void tf32_split(float v, uint32_t& hi, uint32_t& lo) {
+  hi = tf32_bits(v);
+  lo = tf32_bits(v - __uint_as_float(hi));
+}
+
+// The two 16-bit elements of a 32-bit register (lower address in the low half) as fp32 bit patterns: exact, and
+// exact in TF32, so they feed mma_1688_tf32 without rounding.
+template <typename T>
+__device__ __forceinline__ void widen_pair(uint32_t u, uint32_t& lo, uint32_t& hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    lo = u << 16;
+    hi = u & 0xffff0000u;
+  } else {
+    lo = __float_as_uint(__half2float(__ushort_as_half(static_cast<unsigned short>(u & 0xffffu))));
+    hi = __float_as_uint(__half2float(__ushort_as_half(static_cast<unsigned short>(u >> 16))));
+  }
+}
+
+// Whether the rank-r backward kernels (dy_pass, lowrank_da) run their 16-bit inputs on TF32 tensor cores (2xTF32)
+// rather than FFMA: where the tensor cores' TF32 rate is several times the FP32 FMA rate (sm80, sm87, sm90 and
+// newer). On sm86/sm89 it is the same rate, so 2xTF32 would halve the speed and FFMA stays.
+inline bool rank_r_uses_tf32_mma() {
+  const int cc = device_capability();
+  return cc == 80 || cc == 87 || cc >= 90;
+}
+
 // N = 2 or 4 consecutive fp32 from shared memory as one 8- or 16-byte access (p aligned to it).
 template <int N> __device__ __forceinline__ void load_floats(float (&v)[N], const float* p) {
   static_assert(N == 2 || N == 4, "8- or 16-byte accesses");

@@ -488,9 +488,15 @@ def test_lowrank_shrink_dropout_mask_bit_identical(emu, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # dy_pass: gH = s (G B) d, dB = s G^T (H d), dd = colsum(s (G B) H); sum_partials
 
-@pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
+# The rank-r backward kernels sum on TF32 tensor cores (2xTF32) for 16-bit inputs on an emulated sm80 and with FFMA
+# on sm86; fp32 inputs take FFMA on every architecture.
+RANK_R_PATHS = [pytest.param(dt, cc, id=f"{dt}-{'mma' if cc == 80 and dt != 'f32' else 'ffma'}-sm{cc}")
+                for dt, cc in (("f16", 80), ("bf16", 80), ("f16", 86), ("bf16", 86), ("f32", 86))]
+
+
+@pytest.mark.parametrize("dt,cc", RANK_R_PATHS)
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
-def test_dy_pass(emu, tmp_path, dt, det):
+def test_dy_pass(emu, tmp_path, dt, cc, det):
     dtype = DT[dt]
     # (M, N, R, row padding, column slices (-1: the heuristic), emulated SMs): one row; unaligned rows and two rank
     # tiles; uneven forced slices; a decode size that the heuristic splits into many slices.
@@ -509,7 +515,8 @@ def test_dy_pass(emu, tmp_path, dt, det):
         c.put("gh_lowp", torch.full((M * R,), float("nan")).to(dtype))
         c.put("db", torch.zeros(N * R))
         c.put("dd", torch.full((R,), float("nan")))
-        out = c.run("dy", dt=dt, M=M, N=N, R=R, ldg=N + pad, scaling=repr(s), det=int(det), splits=splits, sms=sms)
+        out = c.run("dy", dt=dt, M=M, N=N, R=R, ldg=N + pad, scaling=repr(s), det=int(det), splits=splits, sms=sms,
+                    cc=cc)
         if sms == 64:
             assert int(out.split("splits=")[1].split()[0]) >= 4, "the heuristic was meant to split this decode size"
         gh = c.get("gh", torch.float32).view(M, R)
@@ -543,7 +550,7 @@ def test_dy_pass_deterministic_is_bitwise_repeatable(emu, tmp_path):
         c.put("gh", torch.zeros(M * R))
         c.put("db", torch.zeros(N * R))
         c.put("dd", torch.zeros(R))
-        c.run("dy", dt="bf16", M=M, N=N, R=R, ldg=N, scaling="0.5", det=1)
+        c.run("dy", dt="bf16", M=M, N=N, R=R, ldg=N, scaling="0.5", det=1, cc=80)  # the tensor-core path
         outs.append((c.get("db", torch.float32), c.get("dd", torch.float32)))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
@@ -551,8 +558,8 @@ def test_dy_pass_deterministic_is_bitwise_repeatable(emu, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # lowrank_da: dA = gH^T dropout(x), split over M, partials summed in order
 
-@pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
-def test_lowrank_da(emu, tmp_path, dt):
+@pytest.mark.parametrize("dt,cc", RANK_R_PATHS)
+def test_lowrank_da(emu, tmp_path, dt, cc):
     dtype = DT[dt]
     for i, (M, K, R, pad, splits, p) in enumerate([(1, 7, 1, 0, 1, 0.0), (130, 70, 33, 3, 3, 0.0),
                                                    (600, 65, 16, 1, -1, 0.3), (37, 129, 5, 0, 1, 0.5)]):
@@ -563,7 +570,7 @@ def test_lowrank_da(emu, tmp_path, dt):
         c.put("x", x_flat)
         c.put("gh", gh.flatten())
         c.put("da", torch.full((R * K,), float("nan")))
-        params = dict(dt=dt, M=M, K=K, R=R, ldx=K + pad, splits=splits, sms=8)
+        params = dict(dt=dt, M=M, K=K, R=R, ldx=K + pad, splits=splits, sms=8, cc=cc)
         xd = x.double().contiguous()
         if p > 0:
             sd = seed_tensor(i * 1000 + 1, i)
