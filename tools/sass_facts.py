@@ -104,15 +104,16 @@ def ptxas_resources(log: str) -> Dict[str, Dict[str, int]]:
     return out
 
 
+def parse_insns(body: str) -> List[Tuple[int, str, str]]:
+    """[(address, opcode, operands)] of one function's SASS listing, without the never-executed @!PT placeholders."""
+    return [(int(a, 16), op, rest.strip()) for a, pred, op, rest in _INSN.findall(body) if pred.strip() != "@!PT"]
+
+
 def sass_functions(cuobjdump: str, cubin: str) -> Dict[str, List[Tuple[int, str, str]]]:
-    """mangled kernel -> [(address, opcode, operands)] from cuobjdump -sass."""
+    """mangled kernel -> its instructions, from cuobjdump -sass."""
     text = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    out: Dict[str, List[Tuple[int, str, str]]] = {}
     parts = re.split(r"^\s*Function : (\S+)\s*$", text, flags=re.M)
-    for name, body in zip(parts[1::2], parts[2::2]):
-        out[name] = [(int(a, 16), op, rest.strip()) for a, pred, op, rest in _INSN.findall(body)
-                     if pred.strip() != "@!PT"]
-    return out
+    return {name: parse_insns(body) for name, body in zip(parts[1::2], parts[2::2])}
 
 
 def loops(insns: List[Tuple[int, str, str]]) -> List[Tuple[int, int]]:
