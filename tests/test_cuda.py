@@ -144,6 +144,14 @@ def test_sass_facts_reads_the_main_loop(generic):
     assert (f["ldsm"], f["lds"], f["hmma"], f["ldgsts128"]) == (1, 0, {"HMMA.16816.F32.BF16": 1}, 1)
     assert f["ld_generic"] == int(generic)
     assert sf.violations(f) == (["1 generic LD in the main loop"] if generic else [])
+    # registers and spills from ptxas -v; any spill breaks the facts
+    res = sf.ptxas_resources("ptxas info    : Compiling entry function '_Zk' for 'sm_80'\n"
+                             "ptxas info    : Function properties for _Zk\n"
+                             "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+                             "ptxas info    : Used 64 registers, used 1 barriers\n")
+    assert res == {"_Zk": {"stack": 8, "spill_st": 4, "spill_ld": 12, "regs": 64}}
+    spilled = sf.facts(insns, res["_Zk"], "gemm", "gemm_lowrank_kernel<bfloat16, TC16>")
+    assert any(v.startswith("spills (4 B stored, 12 B loaded") for v in sf.violations(spilled))
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU --

@@ -84,22 +84,15 @@ def compile_unit(nvcc: str, csrc: str, unit: str, arch: str, out_dir: str) -> Tu
 def ptxas_resources(log: str) -> Dict[str, Dict[str, int]]:
     """mangled kernel -> {regs, spill_st, spill_ld, stack} from ptxas -v."""
     out: Dict[str, Dict[str, int]] = {}
-    cur = None
+    cur: Optional[Dict[str, int]] = None
     for line in log.splitlines():
-        m = re.search(r"Function properties for (\S+)", line)
+        m = re.search(r"(?:Function properties for |Compiling entry function ')([^'\s]+)", line)
         if m:
             cur = out.setdefault(m.group(1), {})
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and cur is not None:
+        elif cur is not None and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes "
+                                                 r"spill loads", line)):
             cur.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
-            continue
-        m = re.search(r"Compiling entry function '(\S+)'", line)
-        if m:
-            cur = out.setdefault(m.group(1), {})
-            continue
-        m = re.search(r"Used (\d+) registers", line)
-        if m and cur is not None:
+        elif cur is not None and (m := re.search(r"Used (\d+) registers", line)):
             cur["regs"] = int(m.group(1))
     return out
 
