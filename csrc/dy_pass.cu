@@ -30,7 +30,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = kDyRows;  // rows of G per block (128)
 constexpr int kStages = 4;
-constexpr int kMaxSplits = 64;
+constexpr int kMaxSplits = 256;  // decode: N = 4096 in 32-column tiles is 128 slices, one per SM or so
 
 template <typename T, int RC, bool MMA>
 struct DyCfg {
@@ -114,31 +114,14 @@ __global__ void __launch_bounds__(kThreads, 2) dy_pass_kernel(const DyPassArgs p
 #pragma unroll
     for (int i = 0; i < kRows * 4 / kThreads; ++i) {
       const int idx = i * kThreads + int(threadIdx.x), r = idx >> 2, c = idx & 3;
-      const int gc = n0 + c * EPC, left = p.N - gc;
-      unsigned char* d = gsm + swz64(r, c);
-      const T* src = g + int64_t(m0 + r) * p.ldg + gc;
-      if (vec.g) {
-        const int bytes = r < rows && left > 0 ? (left >= EPC ? 16 : left * C::ES) : 0;
-        cp_async_16_zfill(d, bytes > 0 ? src : p.g, bytes);
-      } else {
-        T* e = reinterpret_cast<T*>(d);
-#pragma unroll
-        for (int v = 0; v < EPC; ++v) e[v] = (r < rows && v < left) ? src[v] : zero_value<T>();
-      }
+      const int gc = n0 + c * EPC;
+      copy_chunk(gsm + swz64(r, c), g + int64_t(m0 + r) * p.ldg + gc, p.g, r < rows, p.N - gc, vec.g);
     }
     constexpr int B_CPR = RC / 4;  // 16-byte chunks per B tile row
     for (int idx = int(threadIdx.x); idx < BN * B_CPR; idx += kThreads) {
       const int n = idx / B_CPR, c = idx % B_CPR;
-      const int gn = n0 + n, gr = r0 + c * 4, left = p.R - gr;
-      float* d = bsm + n * BLD + c * 4;
-      const float* src = p.b + int64_t(gn) * p.R + gr;
-      if (vec.b) {
-        const int bytes = gn < p.N && left > 0 ? (left >= 4 ? 16 : left * 4) : 0;
-        cp_async_16_zfill(d, bytes > 0 ? src : p.b, bytes);
-      } else {
-#pragma unroll
-        for (int v = 0; v < 4; ++v) d[v] = (gn < p.N && v < left) ? src[v] : 0.f;
-      }
+      const int gn = n0 + n, gr = r0 + c * 4;
+      copy_chunk(bsm + n * BLD + c * 4, p.b + int64_t(gn) * p.R + gr, p.b, gn < p.N, p.R - gr, vec.b);
     }
   };
 
@@ -149,16 +132,10 @@ __global__ void __launch_bounds__(kThreads, 2) dy_pass_kernel(const DyPassArgs p
   for (int i = 0; i < GZ; ++i) gz[i] = 0.f;
 
   const int steps = t1 - t0;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load_stage(s, t0 + s);
-    cp_async_commit();  // empty groups keep the wait count uniform
-  }
+  auto load_step = [&](int stage, int s) { load_stage(stage, t0 + s); };
+  pipeline_prologue<kStages>(steps, load_step);
   for (int s = 0; s < steps; ++s) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile s visible to all (and Z, the first time); its stage's previous reader is done
-    if (s + kStages - 1 < steps) load_stage((s + kStages - 1) % kStages, t0 + s + kStages - 1);
-    cp_async_commit();
+    pipeline_advance<kStages>(s, steps, load_step);  // (its barrier also publishes Z, the first time)
     const unsigned char* gsm = smem + (s % kStages) * C::STAGE_BYTES;
     const float* bsm = reinterpret_cast<const float*>(gsm + C::G_BYTES);
     const int n0 = (t0 + s) * BN;
@@ -255,19 +232,7 @@ __global__ void __launch_bounds__(kThreads, 2) dy_pass_kernel(const DyPassArgs p
 #pragma unroll
       for (int k = 0; k < NCW * RPL; ++k) db[k] = 0.f;
       const int col = warp * NCW;  // NCW elements = 8 bytes, inside one chunk
-#pragma unroll 4
-      for (int r = q4; r < rows; r += 4) {
-        const uint2 g2 = *reinterpret_cast<const uint2*>(gsm + swz64(r, col / EPC) + (col % EPC) * C::ES);
-        const uint32_t g4[2] = {g2.x, g2.y};
-        float zv[RPL];
-        load_floats(zv, zs + r * RC + cq * RPL);
-#pragma unroll
-        for (int c = 0; c < NCW; ++c) {
-          const float gf = unpack_elem<T>(g4, c);
-#pragma unroll
-          for (int q = 0; q < RPL; ++q) db[c * RPL + q] = fmaf(gf, zv[q], db[c * RPL + q]);
-        }
-      }
+      accumulate_rows<T, NCW, RPL>(db, gsm, col, zs + cq * RPL, RC, q4, rows);
       fold_lanes<NCW * RPL / 2>(db, (q4 & 2) != 0, 16);
       fold_lanes<NCW * RPL / 4>(db, (q4 & 1) != 0, 8);
 #pragma unroll
@@ -366,7 +331,7 @@ void launch_math(const DyPassArgs& a, cudaStream_t stream) {
 template <typename T>
 void launch(const DyPassArgs& a, cudaStream_t stream) {
   if (a.splits < 1 || a.splits > kMaxSplits || a.gz_partial == nullptr)
-    throw std::runtime_error("kasa_kernels: dy_pass: splits must be in [1, 64], with a gz_partial workspace");
+    throw std::runtime_error("kasa_kernels: dy_pass: splits must be in [1, 256], with a gz_partial workspace");
   if (a.N > 0) {
     if constexpr (sizeof(T) == 2) {
       if (rank_r_uses_tf32_mma()) {

@@ -98,17 +98,7 @@ __device__ __forceinline__ void load_tile(unsigned char* dst, const T* src, int6
     const int idx = i * NT + int(threadIdx.x);
     const int r = idx / CHUNKS, c = idx % CHUNKS;
     const int gr = row0 + r, gc = col0 + c * EPC;
-    unsigned char* d = dst + swz(ROWS, r, c);
-    const bool row_ok = gr < row_lim;
-    const int left = col_lim - gc;  // elements of this chunk inside the matrix (may be <= 0 or > EPC)
-    if (vec) {
-      const int bytes = row_ok && left > 0 ? (left >= EPC ? 16 : left * int(sizeof(T))) : 0;
-      cp_async_16_zfill(d, bytes > 0 ? src + int64_t(gr) * ld + gc : src, bytes);
-    } else {
-      T* e = reinterpret_cast<T*>(d);
-#pragma unroll
-      for (int v = 0; v < EPC; ++v) e[v] = (row_ok && v < left) ? src[int64_t(gr) * ld + gc + v] : zero_value<T>();
-    }
+    copy_chunk(dst + swz(ROWS, r, c), src + int64_t(gr) * ld + gc, src, gr < row_lim, col_lim - gc, vec);
   }
 }
 
@@ -255,17 +245,9 @@ __device__ __forceinline__ void gemm_body(const GemmLowrankArgs& p, const VecFla
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc.v[i][j][e] = 0.f;
 
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < kt_total) load_stage(s, s);
-    cp_async_commit();  // empty groups keep the wait count uniform
-  }
+  pipeline_prologue<STAGES>(kt_total, load_stage);
   auto step = [&](int kt) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();  // tile kt visible to all; every warp is done with the stage about to be refilled
-    const int next = kt + STAGES - 1;
-    if (next < kt_total) load_stage(next % STAGES, next);
-    cp_async_commit();
+    pipeline_advance<STAGES>(kt, kt_total, load_stage);
     const unsigned char* sa = smem + (kt % STAGES) * G::STAGE_BYTES;
     mma_tile<T, MATH, Cfg, B_KMAJOR>(acc, sa, sa + G::A_BYTES, wm0, wn0, lane);
   };

@@ -177,6 +177,44 @@ __device__ __forceinline__ uint32_t tf32_bits(float v) {
 }
 // ---- end of PTX wrappers ------------------------------------------------------------------------------------------
 
+// One 16-byte chunk of a row-major matrix into shared memory at dst: `left` of its elements exist (<= 0: none), and
+// none does when row_ok is false (a row past the matrix); the rest are zero. vec (the row is 16-byte aligned):
+// cp.async, zero-filling by src-size; base is any 16-byte aligned address of the matrix, named when nothing is read.
+// Otherwise element loads with zero fill (odd strides).
+template <typename T>
+__device__ __forceinline__ void copy_chunk(void* dst, const T* src, const void* base, bool row_ok, int left, bool vec) {
+  constexpr int EPC = 16 / int(sizeof(T));
+  if (vec) {
+    const int bytes = row_ok && left > 0 ? (left >= EPC ? 16 : left * int(sizeof(T))) : 0;
+    cp_async_16_zfill(dst, bytes > 0 ? static_cast<const void*>(src) : base, bytes);
+  } else {
+    T* e = static_cast<T*>(dst);
+#pragma unroll
+    for (int v = 0; v < EPC; ++v) e[v] = (row_ok && v < left) ? src[v] : zero_value<T>();
+  }
+}
+
+// A ring of STAGES cp.async buffers over `steps` tiles; load(stage, step) issues the copies of tile `step` into buffer
+// `stage`. The prologue issues tiles 0 .. STAGES - 2, one commit group each (empty groups keep the wait counts
+// uniform near the end).
+template <int STAGES, class Load>
+__device__ __forceinline__ void pipeline_prologue(int steps, Load&& load) {
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < steps) load(s, s);
+    cp_async_commit();
+  }
+}
+// Before computing on tile s (in buffer s % STAGES): waits until it has landed, makes it visible to the whole block
+// (which also means every warp is done with the buffer about to be refilled), and issues tile s + STAGES - 1.
+template <int STAGES, class Load>
+__device__ __forceinline__ void pipeline_advance(int s, int steps, Load&& load) {
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();
+  if (s + STAGES - 1 < steps) load((s + STAGES - 1) % STAGES, s + STAGES - 1);
+  cp_async_commit();
+}
+
 // 16-byte vector access is legal when the base is 16-byte aligned and every row starts on a 16-byte boundary.
 inline bool rows_are_16b_aligned(const void* p, int64_t ld, int elem_size) {
   return p != nullptr && (reinterpret_cast<uintptr_t>(p) % 16 == 0) && ((ld * elem_size) % 16 == 0);
@@ -281,6 +319,29 @@ template <int N> __device__ __forceinline__ void load_floats(float (&v)[N], cons
   } else {
     const float2 t = *reinterpret_cast<const float2*>(p);
     v[0] = t.x, v[1] = t.y;
+  }
+}
+
+// The FFMA core of the rank-r backward's reductions over rows (dY pass's dB, dA): for rows r = r_first, r_first + 4,
+// ... < rows, acc[c * RPL + q] += X[r][col + c] * Y[r][q], X a tile of 64-byte swizzled rows of T (NCW elements = 8
+// bytes at column col), Y fp32 rows of ld floats (RPL consecutive from y).
+template <typename T, int NCW, int RPL>
+__device__ __forceinline__ void accumulate_rows(float (&acc)[NCW * RPL], const unsigned char* xt, int col,
+                                                const float* y, int ld, int r_first, int rows) {
+  constexpr int EPC = 16 / int(sizeof(T));
+  static_assert(NCW * int(sizeof(T)) == 8, "8 bytes of X per row");
+#pragma unroll 4
+  for (int r = r_first; r < rows; r += 4) {
+    const uint2 x2 = *reinterpret_cast<const uint2*>(xt + swz64(r, col / EPC) + (col % EPC) * int(sizeof(T)));
+    const uint32_t xw[2] = {x2.x, x2.y};
+    float yv[RPL];
+    load_floats(yv, y + r * ld);
+#pragma unroll
+    for (int c = 0; c < NCW; ++c) {
+      const float xf = unpack_elem<T>(xw, c);
+#pragma unroll
+      for (int q = 0; q < RPL; ++q) acc[c * RPL + q] = fmaf(xf, yv[q], acc[c * RPL + q]);
+    }
   }
 }
 

@@ -70,30 +70,13 @@ __global__ void __launch_bounds__(kThreads, 2) lowrank_da_kernel(const LowrankDa
     unsigned char* xsm = smem + stage * C::STAGE_BYTES;
     float* gsm = reinterpret_cast<float*>(xsm + C::X_BYTES);
     const int m0 = tile * kRows, rows = min(kRows, p.M - m0);
-    const int gk = k0 + xc * EPC, left = p.K - gk;
-    unsigned char* d = xsm + swz64(xr, xc);
-    const T* src = x + int64_t(m0 + xr) * p.ldx + gk;
-    if (vec.x) {
-      const int bytes = xr < rows && left > 0 ? (left >= EPC ? 16 : left * C::ES) : 0;
-      cp_async_16_zfill(d, bytes > 0 ? src : p.x, bytes);
-    } else {
-      T* e = reinterpret_cast<T*>(d);
-#pragma unroll
-      for (int v = 0; v < EPC; ++v) e[v] = (xr < rows && v < left) ? src[v] : zero_value<T>();
-    }
+    const int gk = k0 + xc * EPC;
+    copy_chunk(xsm + swz64(xr, xc), x + int64_t(m0 + xr) * p.ldx + gk, p.x, xr < rows, p.K - gk, vec.x);
     constexpr int G_CPR = RC / 4;
     for (int idx = int(threadIdx.x); idx < kRows * G_CPR; idx += kThreads) {
       const int r = idx / G_CPR, c = idx % G_CPR;
-      const int gr = r0 + c * 4, gleft = p.R - gr;
-      float* gd = gsm + r * GLD + c * 4;
-      const float* gs = p.gh + int64_t(m0 + r) * p.R + gr;
-      if (vec.gh) {
-        const int bytes = r < rows && gleft > 0 ? (gleft >= 4 ? 16 : gleft * 4) : 0;
-        cp_async_16_zfill(gd, bytes > 0 ? gs : p.gh, bytes);
-      } else {
-#pragma unroll
-        for (int v = 0; v < 4; ++v) gd[v] = (r < rows && v < gleft) ? gs[v] : 0.f;
-      }
+      const int gr = r0 + c * 4;
+      copy_chunk(gsm + r * GLD + c * 4, p.gh + int64_t(m0 + r) * p.R + gr, p.gh, r < rows, p.R - gr, vec.gh);
     }
   };
 
@@ -104,17 +87,11 @@ __global__ void __launch_bounds__(kThreads, 2) lowrank_da_kernel(const LowrankDa
 #pragma unroll
   for (int k = 0; k < ACC; ++k) acc[k] = 0.f;
   const int steps = t1 - t0;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load_stage(s, t0 + s);
-    cp_async_commit();  // empty groups keep the wait count uniform
-  }
+  auto load_step = [&](int stage, int s) { load_stage(stage, t0 + s); };
+  pipeline_prologue<kStages>(steps, load_step);
   const int col = warp * NCW;  // NCW elements = 8 bytes, inside one chunk
   for (int s = 0; s < steps; ++s) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile s visible to all; its stage's previous reader is done
-    if (s + kStages - 1 < steps) load_stage((s + kStages - 1) % kStages, t0 + s + kStages - 1);
-    cp_async_commit();
+    pipeline_advance<kStages>(s, steps, load_step);
     unsigned char* xsm = smem + (s % kStages) * C::STAGE_BYTES;
     const float* gsm = reinterpret_cast<const float*>(xsm + C::X_BYTES);
     const int m0 = (t0 + s) * kRows, rows = min(kRows, p.M - m0);
@@ -153,19 +130,7 @@ __global__ void __launch_bounds__(kThreads, 2) lowrank_da_kernel(const LowrankDa
         }
       }
     } else {
-#pragma unroll 4
-      for (int r = q4; r < rows; r += 4) {
-        const uint2 x2 = *reinterpret_cast<const uint2*>(xsm + swz64(r, col / EPC) + (col % EPC) * C::ES);
-        const uint32_t xw[2] = {x2.x, x2.y};
-        float gv[RPL];
-        load_floats(gv, gsm + r * GLD + cq * RPL);
-#pragma unroll
-        for (int c = 0; c < NCW; ++c) {
-          const float xf = unpack_elem<T>(xw, c);
-#pragma unroll
-          for (int q = 0; q < RPL; ++q) acc[c * RPL + q] = fmaf(gv[q], xf, acc[c * RPL + q]);
-        }
-      }
+      accumulate_rows<T, NCW, RPL>(acc, xsm, col, gsm + cq * RPL, GLD, q4, rows);
     }
   }
   cp_async_wait<0>();

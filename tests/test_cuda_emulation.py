@@ -44,8 +44,10 @@ def emu(tmp_path_factory):
         pytest.skip(f"{cxx} is not on PATH: the CUDA emulation needs a C++20 g++")
     # KASA_EMU_SANITIZE=0 builds without ASan/UBSan, for a toolchain that lacks their runtimes (CI keeps them).
     sanitize = os.environ.get("KASA_EMU_SANITIZE", "1") != "0"
-    return emu_build.build(tmp_path_factory.mktemp("cuda_emu"), jobs=max(2, os.cpu_count() or 2), sanitize=sanitize,
-                           cxx=cxx)
+    # KASA_EMU_BUILD_DIR: build there, recompiling only the units whose inputs changed (mutation runs by hand).
+    keep = os.environ.get("KASA_EMU_BUILD_DIR")
+    return emu_build.build(keep or tmp_path_factory.mktemp("cuda_emu"), jobs=max(2, os.cpu_count() or 2),
+                           sanitize=sanitize, cxx=cxx, incremental=bool(keep))
 
 
 def _raw(t):

@@ -50,7 +50,9 @@ def prepare(text, name):
     return text
 
 
-def build(out_dir, jobs=2, sanitize=True, cxx="g++"):
+def build(out_dir, jobs=2, sanitize=True, cxx="g++", incremental=False):
+    """Builds OUT_DIR/kasa_emu. incremental: keep objects whose inputs (every prepared source and header, the
+    emulator's headers, the flags) are unchanged since the last build in OUT_DIR (for mutation runs by hand)."""
     out = Path(out_dir)
     src = out / "src"
     src.mkdir(parents=True, exist_ok=True)
@@ -60,10 +62,19 @@ def build(out_dir, jobs=2, sanitize=True, cxx="g++"):
              + ["-I", str(src), "-I", str(HERE), "-I", str(HERE / "include")])
     jobs_list = ([(src / u, out / (u + ".o"), ["-x", "c++"]) for u in UNITS]
                  + [(HERE / f, out / (f + ".o"), []) for f in ("driver.cpp", "kat.cpp")])
+    # A unit's inputs: itself, every shared header (prepared or emulator) and the flags.
+    shared = "".join((src / h).read_text() for h in HEADERS) + "".join(
+        p.read_text() for p in sorted(HERE.glob("*.h")) + sorted((HERE / "include").glob("*.h"))) + " ".join(flags)
 
     def compile_one(job):
         s, o, lang = job
+        stamp = o.with_suffix(".inputs")
+        inputs = s.read_text() + shared + " ".join(lang) + cxx
+        if incremental and o.exists() and stamp.exists() and stamp.read_text() == inputs:
+            return s, subprocess.CompletedProcess([], 0, "", "")
         r = subprocess.run([cxx, *flags, *lang, "-c", str(s), "-o", str(o)], capture_output=True, text=True)
+        if r.returncode == 0:
+            stamp.write_text(inputs)
         return s, r
 
     with ThreadPoolExecutor(max_workers=jobs) as ex:
