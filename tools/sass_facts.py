@@ -283,7 +283,10 @@ def main(argv=None) -> int:
               "Counts are static instructions in the main loop (the backward branch whose body holds the most HMMA, "
               "or FFMA), read from `cuobjdump -sass`; registers and spills from `ptxas -v`. Kernel names: dtype, math "
               "(TC16 = mma.sync m16n8k16, TF32 = m16n8k8, FFMA = exact fp32), tile, B k-major (forward), masked "
-              "rank-r prologue (backward with dropout).")
+              "rank-r prologue (backward with dropout); dY pass: dtype, rank tile, TF32 tensor cores; dA: dtype, "
+              "rank tile, dropout, TF32 tensor cores. Counts are static, so a loop's branches all count: the narrower "
+              "global loads (LDG.E.U16, LDG.E) in the dY pass's and dA's main loops are the element-load path that "
+              "rows which are not 16-byte aligned take instead of LDGSTS (one branch per tile).")
     text, n_bad = report(results, header)
     print(text)
     if args.out:

@@ -22,8 +22,9 @@ HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
 # the dropout hash's constants, defined once in Python (the file imports nothing)
 RNG_DEFINES = runpy.run_path(str(HERE.parents[1] / "kasa_kernels" / "ops" / "rng_constants.py"))["cxx_defines"]()
-UNITS = ["gemm_lowrank_f16.cu", "gemm_lowrank_bf16.cu", "gemm_lowrank_f32.cu", "lowrank_shrink.cu", "dy_pass.cu",
-         "lowrank_da.cu", "regularizer.cu", "kasa_device.cu"]
+# Longest compile first (the fp32 GEMM has both TF32 and FFMA kernels), so that two workers finish together.
+UNITS = ["gemm_lowrank_f32.cu", "gemm_lowrank_bf16.cu", "gemm_lowrank_f16.cu", "dy_pass.cu", "lowrank_da.cu",
+         "lowrank_shrink.cu", "regularizer.cu", "kasa_device.cu"]
 HEADERS = ["kasa_common.cuh", "kasa_launch.h", "gemm_lowrank.cuh"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 CXXFLAGS = ["-std=c++20", "-O1", "-g0", "-pthread", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas",
