@@ -8,7 +8,7 @@
 from ._backend import BackendInfo, BackendUnavailableError, backends
 from .autograd import FoldedRegularizer
 from .functional import kasa_linear, kasa_regularizer, svd_truncate
-from .modules import KasaLinear, fold_regularizer, inject
+from .modules import KasaLinear, fold_regularizer, inject, merge_and_unload
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "svd_truncate",
     "inject",
     "fold_regularizer",
+    "merge_and_unload",
     "FoldedRegularizer",
     "backends",
     "BackendInfo",

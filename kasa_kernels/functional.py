@@ -1,18 +1,18 @@
 """Functional entry points: validate once at the boundary, pick a backend, call the autograd layer.
 
 kasa_linear(x, W, b, A, d, B, s) = x W^T + b + s ((dropout(x) A^T) * d) B^T     (docs/math.md, "Forward")
-kasa_regularizer(model)          = sum_l beta ||d||^2 + gamma (||B^T B - I|| + ||A A^T - I||)   ("Regularizer")
+kasa_regularizer(model)          = sum_l beta_l ||d||^2 + gamma_l (||B^T B - I|| + ||A A^T - I||) ("Regularizer")
 svd_truncate(W, r)               = W without its r smallest singular triplets   ("Initialization")
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from . import _backend
-from ._layers import adapter_triples
+from ._layers import adapter_entries, check_adapter_names, group_by, module_roots, regularizer_weights
 from .autograd import FoldedRegularizer, autocast_inputs, kasa_linear_autograd, kasa_regularizer_autograd
 from .ops.rng import make_seed
 
@@ -167,29 +167,43 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _check_weight(name: str, v) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        raise TypeError(f"{name}: expected None or a finite float, got {v!r}")
+
+
 def kasa_regularizer(
     model_or_modules,
-    beta: float = 1e-4,
-    gamma: float = 1e-3,
+    beta: Optional[float] = None,
+    gamma: Optional[float] = None,
     form: str = "paper",
     backend: str = "auto",
+    *,
+    adapter_names: Union[None, str, Sequence[str]] = None,
 ) -> torch.Tensor:
     """The KaSA regularizer over every adapted layer, as a 0-dim fp32 tensor with closed-form gradients.
 
-    form "paper" (PEFT's _get_kasa_loss): sum_l beta ||d||^2 + gamma (||B^T B - I_r||_F + ||A A^T - I_r||_F).
+    form "paper" (PEFT's _get_kasa_loss): sum_l beta_l ||d||^2 + gamma_l (||B^T B - I_r||_F + ||A A^T - I_r||_F).
     form "official" (the official trainer): the K x K / N x N Gram norms, averaged over the L layers, computed
     through the exact r x r identity of docs/math.md.
+
+    beta / gamma None: each PEFT adapter's own KasaConfig values (as _get_kasa_loss), a KasaLinear's
+    `kasa_regularizer_weights` (set when loaded from a PEFT adapter), else KasaConfig's defaults 1e-4 / 1e-3.
+    adapter_names: the PEFT adapters to include (None: each layer's active adapters), as _get_kasa_loss.
+    A model without KaSA layers (or adapters) gives 0, as PEFT does.
     """
     if form not in REGULARIZER_FORMS:
         raise ValueError(f"form: expected one of {REGULARIZER_FORMS}, got {form!r}")
-    for name, v in (("beta", beta), ("gamma", gamma)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise TypeError(f"{name}: expected a finite float, got {v!r}")
-    layers = [tuple(_full_tensor(t) for t in layer) for layer in adapter_triples(model_or_modules)]
-    if not layers:
-        raise ValueError(
-            "model_or_modules: found no KaSA layers (KasaLinear modules, or PEFT LoRA layers with lora_diag)"
-        )
+    _check_weight("beta", beta)
+    _check_weight("gamma", gamma)
+    adapter_names = check_adapter_names(adapter_names)
+    roots = module_roots(model_or_modules)  # a one-shot iterable is read once
+    entries = adapter_entries(roots, adapter_names)
+    if not entries:
+        _backend.check_name(backend)
+        first = next((p for m in roots for p in m.parameters()), None)
+        return torch.zeros((), dtype=torch.float32, device=None if first is None else first.device)
+    layers = [tuple(_full_tensor(t) for t in (e.lora_A, e.lora_B, e.lora_diag)) for e in entries]
     device = layers[0][0].device
     for i, (a, b, d) in enumerate(layers):
         r, k = a.shape
@@ -208,12 +222,27 @@ def kasa_regularizer(
             if t.dtype not in allowed:
                 raise TypeError(f"layer {i}: {pname}: expected dtype in {[str(d) for d in allowed]} for backend "
                                 f"{name!r}, got {_describe(t)}")
-    a_s, b_s, d_s = (list(t) for t in zip(*layers))
-    return kasa_regularizer_autograd(a_s, b_s, d_s, float(beta), float(gamma), form, name)
+    weights = regularizer_weights(entries, roots, beta, gamma)
+    groups = group_by(layers, [(float(b), float(g)) for b, g in weights])
+    total = None
+    for (b, g), group in groups.items():
+        a_s, b_s, d_s = (list(t) for t in zip(*group))
+        loss = kasa_regularizer_autograd(a_s, b_s, d_s, b, g, form, name)
+        if form == "official" and len(groups) > 1:
+            loss = loss * (len(group) / len(layers))  # each group's op averages over its own layers, not all L
+        total = loss if total is None else total + loss
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # SVD truncation
+
+
+def kept_singular_triplets(out_features: int, in_features: int, r: int, mode: str) -> int:
+    """How many singular triplets of an (out_features, in_features) weight svd_truncate keeps: min(N, K) - r for
+    "peft", min(min(N, K), K - r) for "official", all min(N, K) for "none"."""
+    k = min(out_features, in_features)
+    return {"peft": k - r, "official": min(k, in_features - r), "none": k}[mode]
 
 
 def svd_truncate(weight: torch.Tensor, r: int, mode: str = "peft") -> torch.Tensor:
@@ -234,8 +263,7 @@ def svd_truncate(weight: torch.Tensor, r: int, mode: str = "peft") -> torch.Tens
     with torch.no_grad():
         if mode == "none":
             return weight.detach().clone()
-        k = min(n, k_in)
-        keep = k - r if mode == "peft" else min(k, k_in - r)
+        keep = kept_singular_triplets(n, k_in, r, mode)
         w32 = weight.detach().to(torch.float32)
         u, s, vh = torch.linalg.svd(w32, full_matrices=False)
         out = (u[:, :keep] * s[:keep]) @ vh[:keep, :]

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _backend
-from ._layers import kasa_layers
+from ._layers import adapter_entries, group_by, kasa_layers, regularizer_weights
 from .autograd import FoldedRegularizer
 from .functional import (
     REGULARIZER_FORMS,
@@ -83,6 +83,9 @@ class KasaLinear(nn.Module):
         self.merged = False
         # the FoldedRegularizer handle when fold_regularizer() folded the regularizer into this layer's backward
         self.folded_regularizer = None
+        # (beta, gamma) for kasa_regularizer(beta=None, gamma=None): set from a PEFT adapter's kasa_config when
+        # loaded by load_peft_adapter; None means KasaConfig's defaults
+        self.kasa_regularizer_weights = None
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected a floating-point torch.dtype or None, got {dtype!r}")
         if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
@@ -299,15 +302,19 @@ def inject(
 
 def fold_regularizer(
     model: nn.Module,
-    beta: float = 1e-4,
-    gamma: float = 1e-3,
+    beta: Optional[float] = None,
+    gamma: Optional[float] = None,
     form: str = "paper",
     enable: bool = True,
     grad_scale: float = 1.0,
 ) -> Optional[FoldedRegularizer]:
-    """Fold the KaSA regularizer's gradient into every KasaLinear's own backward: each layer's backward adds its
+    """Fold the KaSA regularizer's gradient into every KaSA layer's own backward: each layer's backward adds its
     closed-form dR/dA, dR/dd, dR/dB where it writes the adapter gradients, so training needs no separate regularizer
     graph (do NOT also add kasa_regularizer(model) to the loss: that would count it twice).
+
+    Layers: every KasaLinear, and every PEFT KaSA layer patched by kasa_kernels.integrations.peft.patch_peft_model
+    (its active adapter; a layer with several active adapters cannot fold each one's term and is refused). beta /
+    gamma None take each adapter's weights as kasa_regularizer does (PEFT KasaConfig, else 1e-4 / 1e-3).
 
     The gradient is added once per backward through a layer, times the handle's grad_scale: set it to the factor the
     loss carries into backward, i.e. a GradScaler's current scale (`handle.set_grad_scale(scaler.get_scale())` before
@@ -315,29 +322,83 @@ def fold_regularizer(
     layer called twice in one step gets the term twice. For logging, kasa_regularizer(model, ...) under
     torch.no_grad() gives the value. Fold after moving the model to its device (grad_scale lives there).
 
-    Returns the FoldedRegularizer handle shared by every layer; enable=False removes the folding and returns None.
+    Returns a FoldedRegularizer handle; adapters with different (beta, gamma) get one handle each, all sharing one
+    grad_scale tensor, so set_grad_scale on the returned handle scales them all. enable=False removes the folding
+    and returns None.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if form not in REGULARIZER_FORMS:
         raise ValueError(f"form: expected one of {REGULARIZER_FORMS}, got {form!r}")
-    layers = [m for m in kasa_layers(model).values() if isinstance(m, KasaLinear)]
-    if not layers:
-        raise ValueError("model: found no KasaLinear layers to fold the regularizer into")
+    entries = adapter_entries(model)
+    if not entries:
+        raise ValueError("model: found no KaSA layers to fold the regularizer into (KasaLinear, or PEFT KaSA layers)")
     if not enable:
-        for m in layers:
-            m.folded_regularizer = None
+        for m in model.modules():
+            if isinstance(m, KasaLinear):
+                m.folded_regularizer = None
+            elif hasattr(m, "kasa_folded"):
+                m.kasa_folded = {}
         return None
-    kasa_regularizer(layers, beta=beta, gamma=gamma, form=form)  # validates beta, gamma and the adapters
+    for e in entries:
+        if e.adapter is None and not isinstance(e.module, KasaLinear):
+            raise ValueError(f"model: cannot fold the regularizer into a {type(e.module).__name__}; only KasaLinear "
+                             "and patched PEFT KaSA layers fold it")
+        if e.adapter is not None and not getattr(e.module, "kasa_fused_forward", False):
+            raise ValueError("model: has PEFT KaSA layers that run PEFT's own forward, which cannot fold the "
+                             "regularizer; call kasa_kernels.integrations.peft.patch_peft_model(model) first")
+    per_layer = group_by(entries, [id(e.module) for e in entries])
+    several = [type(es[0].module).__name__ + f" with adapters {[e.adapter for e in es]}" for es in per_layer.values()
+               if len(es) > 1]
+    if several:
+        raise ValueError(f"model: a layer has several active KaSA adapters ({several[0]}); fused, they form one layer "
+                         "whose regularizer is not the sum of theirs, so it cannot be folded; activate one adapter "
+                         "per layer, or add kasa_regularizer(model) to the loss instead")
+    kasa_regularizer(model, beta=beta, gamma=gamma, form=form)  # validates beta, gamma and the adapters
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or not math.isfinite(grad_scale):
         raise TypeError(f"grad_scale: expected a finite float, got {grad_scale!r}")
-    handle = FoldedRegularizer(
-        float(beta),
-        float(gamma),
-        form,
-        1.0 / len(layers) if form == "official" else 1.0,
-        torch.tensor(float(grad_scale), dtype=torch.float32, device=layers[0].lora_A.device),
-    )
-    for m in layers:
-        m.folded_regularizer = handle
-    return handle
+    shared_scale = torch.tensor(float(grad_scale), dtype=torch.float32, device=entries[0].lora_A.device)
+    layer_scale = 1.0 / len(entries) if form == "official" else 1.0
+    handles = {}
+    for e, (b, g) in zip(entries, regularizer_weights(entries, model, beta, gamma)):
+        key = (float(b), float(g))
+        if key not in handles:
+            handles[key] = FoldedRegularizer(key[0], key[1], form, layer_scale, shared_scale)
+        if e.adapter is None:
+            e.module.folded_regularizer = handles[key]
+        else:
+            e.module.kasa_folded = {e.adapter: handles[key]}
+    return next(iter(handles.values()))
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every KasaLinear of `model` by a plain layer holding its merged weight W_truncated + s (B * d) A
+    (computed in fp32, cast once to the weight's dtype, as merge()): nn.Linear, or transformers' Conv1D for a layer
+    built from one. In place; returns the model, which no longer needs kasa_kernels (save_pretrained writes a plain
+    transformers checkpoint)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    replacements = []
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, KasaLinear):
+            continue
+        with torch.no_grad():
+            merged = m.weight if m.merged else (m.weight.float() + m.delta_weight()).to(m.weight.dtype)
+            if m.from_conv1d:
+                from transformers.pytorch_utils import Conv1D
+
+                plain = Conv1D(m.out_features, m.in_features)
+                plain.weight = nn.Parameter(merged.t().contiguous(), requires_grad=False)
+            else:
+                plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+                plain.weight = nn.Parameter(merged.detach().clone(), requires_grad=False)
+            if m.bias is not None:
+                plain.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        plain.train(m.training)
+        replacements.append((name, plain))
+    if not replacements:
+        raise ValueError("model: found no KasaLinear layer to merge")
+    for name, plain in replacements:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return model

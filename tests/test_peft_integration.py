@@ -77,15 +77,15 @@ def count_fused(monkeypatch):
     return calls
 
 
-def run_layer(layer, x, grad_out):
-    """Output and gradients (x, A, d, B) of one PEFT layer for the active adapter 'default'."""
+def run_layer(layer, x, grad_out, adapters=("default",)):
+    """Output and gradients of one PEFT layer: y, dx, then dA, dd, dB of each of `adapters`."""
     for p in layer.parameters():
         p.grad = None
     x = x.detach().requires_grad_(True)
     y = layer(x)
     y.backward(grad_out)
-    _, _, a, d, b, _ = layer_params(layer)
-    return y.detach(), x.grad, a.grad.clone(), d.grad.clone(), b.grad.clone()
+    grads = [t.grad.clone() for a in adapters for t in layer_params(layer, a)[2:5]]
+    return (y.detach(), x.grad, *grads)
 
 
 def ref_layer(layer, x, grad_out, dtype=None, mask=None, p=0.0):
@@ -245,9 +245,10 @@ def _peft_and_patched(pm, fn):
     return want, got
 
 
-@pytest.mark.parametrize("case", ["merged", "disabled", "adapter_names", "two_active", "custom_dropout", "no_active"])
+@pytest.mark.parametrize("case", ["merged", "disabled", "adapter_names", "two_active_dropout_training",
+                                  "custom_dropout", "no_active"])
 def test_fallback_to_peft_forward(case, count_fused):
-    pm = make_peft_tiny()
+    pm = make_peft_tiny(dropout=0.3 if case == "two_active_dropout_training" else 0.0)
     pm.eval()
     layer = pm.base_model.model.q
     x = torch.randn(2, 5, 48)
@@ -256,10 +257,14 @@ def test_fallback_to_peft_forward(case, count_fused):
         pm.merge_adapter()
     elif case == "adapter_names":
         kwargs = {"adapter_names": ["default", "__base__"]}
-    elif case == "two_active":
-        pm.add_adapter("other", LoraConfig(r=3, lora_alpha=6, target_modules=["q", "v"], kasa_config=KasaConfig()))
+    elif case == "two_active_dropout_training":
+        # PEFT draws one dropout mask per adapter; one fused call would share one (tests/test_peft_parity.py fuses
+        # several adapters where no dropout applies)
+        pm.add_adapter("other", LoraConfig(r=3, lora_alpha=6, lora_dropout=0.3, target_modules=["q", "v"],
+                                           kasa_config=KasaConfig()))
         randomize_peft_adapters(pm, seed=7)
         pm.base_model.set_adapter(["default", "other"])
+        pm.train()
     elif case == "custom_dropout":
 
         class MyDropout(nn.Dropout):
@@ -271,6 +276,7 @@ def test_fallback_to_peft_forward(case, count_fused):
         pm.set_adapter("other")  # layer q has no adapter "other": it runs only its base layer
 
     def fwd():
+        torch.manual_seed(5)  # the same dropout masks in both runs
         with torch.no_grad():
             if case == "disabled":
                 with pm.disable_adapter():
@@ -426,3 +432,51 @@ def test_save_refuses_non_peft_truncation(tmp_path):
     ours = kk.inject(copy.deepcopy(original), ["q_proj"], r=4, truncation="none")
     with pytest.raises(ValueError, match="truncation"):
         kk_peft.save_peft_adapter(ours, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The regularizer folded into patched PEFT layers (what KasaCallback uses)
+
+
+def test_fold_into_patched_peft_layers_with_each_adapters_config():
+    pm = get_peft_model(Tiny(), LoraConfig(r=5, lora_alpha=10, target_modules=["q"],
+                                           kasa_config=KasaConfig(beta=0.05, gamma=0.02)))
+    pm.add_adapter("other", LoraConfig(r=3, lora_alpha=6, target_modules=["v"], kasa_config=KasaConfig(beta=0.3,
+                                                                                                        gamma=0.1)))
+    randomize_peft_adapters(pm)
+    pm.base_model.set_adapter(["default", "other"])  # one active adapter per layer, each with its own weights
+    x = torch.randn(4, 48, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="call kasa_kernels.integrations.peft.patch_peft_model"):
+        kk.fold_regularizer(pm)
+    kk_peft.patch_peft_model(pm, backend="torch")
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    assert len(trainable) == 6
+
+    pm(x).square().mean().add(kk.kasa_regularizer(pm)).backward()
+    want = [p.grad.clone() for p in trainable]
+    pm.zero_grad()
+    handle = kk.fold_regularizer(pm)
+    pm(x).square().mean().backward()
+    for g, w in zip((p.grad for p in trainable), want):
+        assert torch.equal(g, w)  # the same fp32 terms added in the same place
+    # two handles (two configs) share one grad_scale: scaling the loss scales both folded terms
+    pm.zero_grad()
+    handle.set_grad_scale(4.0)
+    (4.0 * pm(x).square().mean()).backward()
+    for p, w in zip(trainable, want):
+        torch.testing.assert_close(p.grad / 4.0, w, rtol=1e-6, atol=0)
+    handle.set_grad_scale(1.0)
+
+    # where the folded term would silently go missing, the layer refuses
+    pm.add_adapter("third", LoraConfig(r=2, target_modules=["q"], kasa_config=KasaConfig()))
+    pm.base_model.set_adapter(["third", "other"])  # q now runs "third", which was not folded
+    with pytest.raises(RuntimeError, match="fold_regularizer\\(model\\) again after set_adapter"):
+        pm(torch.randn(2, 48))
+    pm.base_model.set_adapter(["default", "other"])
+    pm.base_model.model.q.lora_dropout["default"] = type("MyDropout", (nn.Dropout,), {})(0.0)
+    with pytest.raises(RuntimeError, match="runs PEFT's own forward \\(a dropout module other than"):
+        pm(torch.randn(2, 48))
+    with torch.no_grad():
+        pm(torch.randn(2, 48))  # no gradient, nothing to miss
+    kk.fold_regularizer(pm, enable=False)
+    pm(torch.randn(2, 48)).sum().backward()

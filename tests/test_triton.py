@@ -34,8 +34,10 @@ try:
     from helpers import assert_close_to_reference, regularizer_magnitudes
     from kasa_kernels import _backend
     from kasa_kernels.ops import defs, triton_gemm, triton_linear, triton_lowrank
-    from kasa_kernels.ops.rng import keep_mask, make_seed
-    from kasa_kernels.ops.triton_common import Dropout, arch_key, dot_precision
+    from kasa_kernels.ops.rng import dropout_threshold, keep_mask, make_seed
+    from kasa_kernels.ops.rng_constants import MASK32, MIX_MUL1, MIX_MUL2
+    from kasa_kernels.ops.triton_common import Dropout, Target, aot_target, dot_precision, target_of
+    from kasa_kernels.ops.triton_common import keep_mask as triton_keep_mask
     from kasa_kernels.ops.triton_gemm import KNView, LowRank
 finally:
     if not HAS_CUDA and _FIRST_TRITON_IMPORT:
@@ -287,7 +289,7 @@ def test_gemm_variant_matches_reference(variant, case, dtype, p, monkeypatch):
     _check_variant_launches(spy, tensors[1], x2d, gy2d, persistent, tma)
 
 
-def test_unaligned_operands_never_choose_tma(monkeypatch):
+def test_unaligned_operands_never_choose_tma():
     f16 = dict(dtype=torch.float16, device=DEVICE)
     w = torch.randn(24, 40, **f16)
 
@@ -317,10 +319,8 @@ def test_unaligned_operands_never_choose_tma(monkeypatch):
     for what, descs in unreadable.items():
         assert descs == (None, None), what
 
-    # the autotuner's prune drops every TMA config when the launcher built no descriptors (sm90 faked on this host)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(triton_gemm, "_smem_limit", lambda index: 227 * 1024)
-    monkeypatch.setattr(triton_gemm, "sm_count", lambda device: 132)
+    # the autotuner's prune drops every TMA config when the launcher built no descriptors (planned for an H100)
+    h100 = Target((9, 0), 132, 227 * 1024)
 
     class _A:  # what the prune reads of a
         device = torch.device("cuda", 0)
@@ -333,8 +333,9 @@ def test_unaligned_operands_never_choose_tma(monkeypatch):
     assert {(c.kwargs["PERSISTENT"], c.kwargs["USE_TMA"]) for c in configs} == set(VARIANTS.values()) | {(False, False)}
 
     def prune(tma_ok, m):
-        return triton_gemm.prune_configs(configs, dict(a_ptr=_A, M=m, N=4096), TMA_OK=tma_ok, LOWRANK=True,
-                                         R_CHUNK=32)
+        with aot_target(h100):
+            return triton_gemm.prune_configs(configs, dict(a_ptr=_A, M=m, N=4096), TMA_OK=tma_ok, LOWRANK=True,
+                                             R_CHUNK=32)
 
     assert not any(c.kwargs["USE_TMA"] for c in prune(False, 8192))
     assert any(c.kwargs["USE_TMA"] for c in prune(True, 8192))
@@ -348,6 +349,44 @@ def test_unaligned_operands_never_choose_tma(monkeypatch):
         assert not any(c.kwargs["PERSISTENT"] or c.kwargs["USE_TMA"] for c in triton_gemm.autotune_configs(arch))
 
 
+GPUS = {(9, 0): Target((9, 0), 132, 227 * 1024), (8, 0): Target((8, 0), 108, 163 * 1024),
+        (8, 6): Target((8, 6), 82, 99 * 1024)}
+
+
+class _Bf16:  # what the prune reads of a (bf16 operands on a CUDA device)
+    device = torch.device("cuda", 0)
+
+    @staticmethod
+    def element_size():
+        return 2
+
+
+@pytest.mark.parametrize("arch", list(GPUS), ids=lambda a: f"sm{a[0]}{a[1]}")
+def test_autotune_shortlist_serves_every_launch(arch, monkeypatch):
+    # A first GPU session tunes over SHORTLIST only: it must be part of the full space, and leave every launch the
+    # prune sees (P and decode; forward, dX, masked dX; TMA-readable operands or not) a config of its own choosing,
+    # never the prune's keep-the-smallest fallback, and the masked dX only tiles that fit (masked_dx_fits).
+    full = triton_gemm.autotune_configs(arch, "full")
+    short = triton_gemm.autotune_configs(arch, "shortlist")
+    monkeypatch.setenv(triton_gemm.AUTOTUNE_ENV, "shortlist")
+    assert [c.all_kwargs() for c in triton_gemm.autotune_configs(arch)] == [c.all_kwargs() for c in short]
+    assert {str(c.all_kwargs()) for c in short} < {str(c.all_kwargs()) for c in full} and len(short) == 3
+    for m in (8192, 64, 16):
+        for tma_ok in (True, False):
+            for masked in (False, True):
+                with aot_target(GPUS[arch]):
+                    kept = triton_gemm.prune_configs(short, dict(a_ptr=_Bf16, M=m, N=4096), TMA_OK=tma_ok,
+                                                     LOWRANK=True, LOWRANK_DROPOUT=masked, R_CHUNK=16)
+                what = (m, tma_ok, masked)
+                assert kept and all(tma_ok or not c.kwargs["USE_TMA"] for c in kept), what
+                decode = {c.kwargs["BLOCK_M"] <= triton_gemm.DECODE_BLOCK_M for c in kept}
+                assert decode == ({True} if m <= 32 else {True, False} if m <= 64 else {False}), what
+                assert not masked or all(triton_gemm.masked_dx_fits(c) for c in kept), what
+    monkeypatch.setenv(triton_gemm.AUTOTUNE_ENV, "short")
+    with pytest.raises(ValueError, match="KASA_KERNELS_TRITON_AUTOTUNE: expected 'full' or 'shortlist', got 'short'"):
+        triton_gemm.autotune_configs(arch)
+
+
 def _identity_adapter(m, k, p, seed, dtype=torch.float32, x=None):
     """r = K, A = I, d = 1, s = 1: H = dropout(x) exactly, so H exposes the kernel's mask."""
     x = torch.randn(m, k, dtype=dtype, device=DEVICE) if x is None else x
@@ -357,6 +396,40 @@ def _identity_adapter(m, k, p, seed, dtype=torch.float32, x=None):
     bb = torch.randn(8, k, device=DEVICE)
     y, h = triton_linear.linear_forward(x, w, None, a, d, bb, 1.0, p, seed)
     return x, w, a, d, bb, y, h
+
+
+def _spec_keep(seed, idx, threshold):
+    """ops/rng.py's mask spec for one element index, in Python integers (restated here, independently)."""
+    def mix32(h):
+        h ^= h >> 16
+        h = (h * MIX_MUL1) & MASK32
+        h ^= h >> 15
+        h = (h * MIX_MUL2) & MASK32
+        return h ^ (h >> 15)
+
+    s0, s1 = (int(v) for v in seed.tolist())
+    return mix32(mix32((idx & MASK32) ^ s0) ^ (idx >> 32) ^ s1) >= threshold
+
+
+@pytest.mark.parametrize("p", [0.3, 0.9])  # 0.9: threshold above 2**31
+def test_mask_index_carries_into_its_high_word(p):
+    # The kernels form the element index row * n_cols + col as two 32-bit words. With n_cols = 2**31 - 1 the index
+    # crosses 2**32 inside row 2 (at column 2) and 2**33 inside row 4 (at column 4), which no test shape reaches.
+    n_cols, rows, cols = 2**31 - 1, 8, 32
+    seed = make_seed(2**40 + 12345, DEVICE)
+
+    @triton.jit
+    def probe(seed_ptr, out_ptr, n_cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
+        offs_r = tl.arange(0, ROWS)
+        offs_c = tl.arange(0, COLS)
+        keep = triton_keep_mask(seed_ptr, offs_r, offs_c, n_cols, threshold)
+        tl.store(out_ptr + offs_r[:, None] * COLS + offs_c[None, :], keep.to(tl.int8))
+
+    out = torch.full((rows, cols), -1, dtype=torch.int8, device=DEVICE)
+    threshold = dropout_threshold(p)
+    probe[(1,)](seed, out, n_cols, threshold, ROWS=rows, COLS=cols)
+    want = torch.tensor([[_spec_keep(seed, r * n_cols + c, threshold) for c in range(cols)] for r in range(rows)])
+    assert torch.equal(out.cpu().bool(), want)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])  # 0.9: threshold above 2**31
@@ -601,7 +674,7 @@ def test_gpu_gemm_variant_bf16(variant, shape, p, monkeypatch):
 def test_gpu_autotuner_times_every_variant_and_keeps_tma_off_unaligned_operands():
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the variants are sm90's")
-    tuner = triton_gemm.autotuned_kernel(arch_key(torch.device("cuda")))
+    tuner = triton_gemm.autotuned_kernel(target_of(torch.device("cuda")).arch)
     # 4096 x 1024: 256 tiles of 128 x 128, more than the SMs, so the persistent configs are not pruned either
     check_against_reference(make_case((4096,), 1024, 1024, 16, torch.bfloat16, torch.float32), p=0.1)
     timed = list(tuner.configs_timings)  # the dX launch's autotuning

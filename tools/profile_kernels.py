@@ -8,7 +8,7 @@ kernel's total time is divided by the iteration count. The providers and their t
 
     python tools/profile_kernels.py                                   # P, bf16, forward + full, the GPU providers
     python tools/profile_kernels.py --shape 64,4096,4096,16 --modes forward --providers cublas_linear,triton
-    python tools/profile_kernels.py --out $OUT/profile_p.md           # also write the markdown
+    python tools/profile_kernels.py --dropout 0,0.1 --out $OUT/profile.md   # P with and without dropout, to a file
 
 On CPU (no GPU) it profiles CPU operators instead, which only shows that the tool runs.
 """
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default=None, help="M,K,N,r (default: docs/design.md's P, 8192,4096,4096,16)")
     ap.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default bf16 on GPU, fp32 on CPU)")
-    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--dropout", default="0", help="comma list: one profile per dropout (default 0)")
     ap.add_argument("--modes", default="forward,full")
     ap.add_argument("--providers", default=None)
     ap.add_argument("--warmup", type=int, default=5)
@@ -94,25 +94,27 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     shape = args.shape or ",".join(str(P[k]) for k in ("M", "K", "N", "r"))
-    case = parse_shape(shape, [args.dropout], [dtype])[0]
+    cases = parse_shape(shape, [float(p) for p in args.dropout.split(",")], [dtype])
     names = (args.providers or (GPU_DEFAULT if device.type == "cuda" else CPU_DEFAULT)).split(",")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"# Per-kernel time, {case} on {where}", "",
+    lines = [f"# Per-kernel time on {where}", "",
              f"`python tools/profile_kernels.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
              f"(torch {torch.__version__}; {args.iters} profiled iterations after {args.warmup} warm-up calls; "
              "no L2 flush, so totals run a little under kasa-bench's medians)", ""]
-    for mode in args.modes.split(","):
-        for name in names:
-            ok, why = prov.usable(name, device)
-            if not ok or not _supports(name, mode):
-                lines.append(f"- {name} / {mode}: skipped ({why or 'forward-only provider'})")
-                continue
-            rows = profile_one(name, mode, case, device, args.warmup, args.iters)
-            total = sum(r[2] for r in rows)
-            lines += ["", f"## {name}, {mode}: {total:.1f} us per iteration", "",
-                      "| kernel | calls | us | share |", "|---|---:|---:|---:|"]
-            lines += [f"| {_short(k)} | {c} | {us:.1f} | {us / total:.1%} |" for k, c, us in rows if total > 0]
-            print("\n".join(lines[-(len(rows) + 4):]), flush=True)
+    for case in cases:
+        lines += ["", f"# {case}"]
+        for mode in args.modes.split(","):
+            for name in names:
+                ok, why = prov.usable(name, device)
+                if not ok or not _supports(name, mode):
+                    lines.append(f"- {name} / {mode}: skipped ({why or 'forward-only provider'})")
+                    continue
+                rows = profile_one(name, mode, case, device, args.warmup, args.iters)
+                total = sum(r[2] for r in rows)
+                lines += ["", f"## {name}, {mode}: {total:.1f} us per iteration", "",
+                          "| kernel | calls | us | share |", "|---|---:|---:|---:|"]
+                lines += [f"| {_short(k)} | {c} | {us:.1f} | {us / total:.1%} |" for k, c, us in rows if total > 0]
+                print("\n".join(lines[-(len(rows) + 4):]), flush=True)
     text = "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "w") as f:

@@ -238,12 +238,13 @@ def _cublas_linear(spec, t: Tensors, c: Case, device, compile_mode) -> State:
 
 
 def _our_gemm(spec, t: Tensors, c: Case, device, compile_mode) -> State:
-    import importlib
+    from .. import _backend
+    from ..ops import defs
 
-    ops = importlib.import_module(f"kasa_kernels.ops.{spec.backend}_linear")
+    _backend.load(spec.backend)
     x, w = t.x, t.weight
-    return State(lambda: ops.base_gemm(x, w), [], None, "linear",
-                 f"kasa_kernels.ops.{spec.backend}_linear.base_gemm (the fused GEMM, adapter off)")
+    return State(lambda: defs.base_gemm(spec.backend, x, w, None), [], None, "linear",
+                 f"kasa_kernels::base_gemm on the {spec.backend} backend (its fused GEMM, adapter off)")
 
 
 def _frozen_linear(spec, t: Tensors, c: Case, device, compile_mode) -> State:

@@ -1,6 +1,9 @@
 """transformers helpers: KaSA on a transformers model through kasa_kernels, ready for training and torch.compile.
 
-    from kasa_kernels.integrations.transformers import inject_kasa, enable_gradient_checkpointing, mark_dynamic
+    from kasa_kernels.integrations.transformers import KasaCallback, inject_kasa, enable_gradient_checkpointing, \
+        mark_dynamic
+
+    trainer = transformers.Trainer(model, args, ..., callbacks=[KasaCallback()])   # or trl.SFTTrainer
 
     model = inject_kasa(model, r=8, alpha=16)               # default targets from model.config.model_type
     enable_gradient_checkpointing(model)                    # optional
@@ -21,7 +24,7 @@ from .. import _layers
 from ..modules import KasaLinear, inject
 
 __all__ = ["DEFAULT_TARGET_MODULES", "default_target_modules", "inject_kasa", "enable_gradient_checkpointing",
-           "mark_dynamic"]
+           "mark_dynamic", "KasaCallback"]  # noqa: F822  (KasaCallback loads lazily: __getattr__ below)
 
 # The attention projections the KaSA paper and PEFT's examples adapt by default, per model_type.
 DEFAULT_TARGET_MODULES: Dict[str, Sequence[str]] = {
@@ -117,3 +120,13 @@ def mark_dynamic(batch: Union[torch.Tensor, Mapping[str, torch.Tensor]], dims: S
 def kasa_layers(model: nn.Module) -> Dict[str, KasaLinear]:
     """The KasaLinear layers of a model by qualified name."""
     return {n: m for n, m in _layers.kasa_layers(model).items() if isinstance(m, KasaLinear)}
+
+
+
+def __getattr__(name: str):
+    # KasaCallback subclasses transformers.TrainerCallback, whose import costs seconds: it loads on first use
+    if name == "KasaCallback":
+        from .trainer_callback import KasaCallback
+
+        return KasaCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

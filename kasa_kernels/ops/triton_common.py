@@ -2,6 +2,8 @@
 in as Triton constexpr globals), tile-size helpers, the architecture key and the tl.dot precision rule."""
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -28,14 +30,21 @@ def mix32(h):
 
 @triton.jit
 def keep_mask(seed_ptr, offs_row, offs_col, n_cols, threshold):
-    """keep[i, j] for element (offs_row[i], offs_col[j]) of the logical row-major (rows, n_cols) input."""
+    """keep[i, j] for element (offs_row[i], offs_col[j]) of the logical row-major (rows, n_cols) input.
+
+    The 64-bit index row * n_cols + col is formed as two 32-bit words: its per-row part in int64 once per row,
+    then per element one 32-bit add, its carry into the high word, and 32-bit compares. The int64-per-element form
+    cost a 128 x 256 dX tile 1.86 KB/thread of spills (AOT sm90, triton 3.8, tools/aot_compile_triton.py)."""
     s0 = tl.load(seed_ptr).to(tl.uint32)
     s1 = tl.load(seed_ptr + 1).to(tl.uint32)
-    idx = offs_row[:, None].to(tl.int64) * n_cols + offs_col[None, :]
-    h = mix32(idx.to(tl.uint32) ^ s0)
-    h = mix32(h ^ (idx >> 32).to(tl.uint32) ^ s1)
-    # threshold can be 2**32 - 1: compare in int64 so no signedness promotion rule is involved.
-    return h.to(tl.int64) >= threshold
+    row_start = offs_row.to(tl.int64) * n_cols
+    lo_row = row_start.to(tl.uint32)[:, None]
+    lo = lo_row + offs_col.to(tl.uint32)[None, :]  # wraps mod 2**32
+    hi = (row_start >> 32).to(tl.uint32)[:, None] + (lo < lo_row).to(tl.uint32)  # unsigned compare: the carry
+    h = mix32(lo ^ s0)
+    h = mix32(h ^ hi ^ s1)
+    # threshold <= 2**32 - 1 (ops/rng.py): exact as uint32, and a uint32 compare is unsigned
+    return h >= tl.cast(threshold, tl.uint32)
 
 
 class Dropout(NamedTuple):
@@ -60,25 +69,66 @@ def r_pad(r: int) -> int:
     return max(16, next_pow2(r))
 
 
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # Architectures with their own GEMM tile table (ops/triton_gemm.py); others map to the nearest.
 ARCHS = ((8, 0), (8, 6), (9, 0))
 
 
-def arch_key(device: torch.device) -> Tuple[int, int]:
-    cap = torch.cuda.get_device_capability(device)
-    if cap in ARCHS:
-        return cap
-    if cap[0] >= 9:
+def arch_key(capability: Tuple[int, int]) -> Tuple[int, int]:
+    if capability in ARCHS:
+        return capability
+    if capability[0] >= 9:
         return (9, 0)
-    if cap == (8, 9) or cap == (8, 7):
+    if capability in ((8, 9), (8, 7)):
         return (8, 6)  # Ada/Orin: sm86-sized shared memory
     return (8, 0)
+
+
+class Target(NamedTuple):
+    """What the launchers plan a launch for: the tile table's architecture key, the SM count (grid sizes and
+    splits) and the opt-in shared memory per block (the GEMM's prune)."""
+
+    arch: Tuple[int, int]
+    n_sms: int
+    smem_limit: int
+
+
+_AOT_TARGET: Optional[Target] = None
+
+
+@contextlib.contextmanager
+def aot_target(target: Target):
+    """Inside this block every launcher plans for `target`, whatever device its tensors are on. This is how
+    tools/aot_compile_triton.py runs the real launchers on CPU tensors to compile exactly what they would launch on
+    that GPU; nothing else sets it."""
+    global _AOT_TARGET
+    prev, _AOT_TARGET = _AOT_TARGET, target
+    try:
+        yield target
+    finally:
+        _AOT_TARGET = prev
+
+
+def target_of(device: torch.device) -> Optional[Target]:
+    """The GPU a launch on `device` plans for; None off CUDA (the CPU interpreter)."""
+    if _AOT_TARGET is not None:
+        return _AOT_TARGET
+    if device.type != "cuda":
+        return None
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if not limit:
+        limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return Target(arch_key((props.major, props.minor)), props.multi_processor_count, int(limit))
+
+
+def sm_count(target: Optional[Target]) -> int:
+    """SMs to fill; 2 under the interpreter, so the tests' small shapes still take the split paths."""
+    return target.n_sms if target is not None else 2
 
 
 def dot_precision(x_dtype: torch.dtype, rank_r: bool) -> str:

@@ -8,6 +8,7 @@ Read top to bottom: the tile table per architecture, the autotuner with its prun
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .triton_common import Dropout, arch_key, keep_mask, next_pow2, r_pad, sm_count
+from .triton_common import Dropout, keep_mask, next_pow2, r_pad, sm_count, target_of
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tiles per architecture: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
@@ -24,13 +25,13 @@ from .triton_common import Dropout, arch_key, keep_mask, next_pow2, r_pad, sm_co
 # pipelines there. Untuned starting points: a GPU session measures and prunes. Tiles with BLOCK_M = 32 serve decode
 # sizes (M <= 64, docs/design.md's "fused forward / T_mm <= 1.30"): at N = 4096 a 64-wide BLOCK_N gives 64 programs
 # per 32 rows, where 128 x 128 tiles would give 32 in all. prune_configs keeps them for small M only, and the others
-# for M > 32 only, so neither side pays the other's autotuning.
+# for M > 32 only, so neither side pays the other's autotuning. sm90 had a 64 x 256 tile with 4 warps: its persistent
+# dX spilled 24 B/thread (AOT, triton 3.8), and 128 x 256 with 8 warps does the same work per warpgroup.
 GEMM_CONFIGS = {
     (9, 0): [
         (128, 256, 64, 3, 8),
         (128, 128, 64, 4, 8),
         (128, 128, 64, 4, 4),
-        (64, 256, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 5, 4),
@@ -40,6 +41,7 @@ GEMM_CONFIGS = {
     (8, 0): [
         (128, 256, 32, 3, 8),
         (128, 128, 32, 4, 4),
+        (128, 128, 32, 4, 8),
         (256, 128, 32, 3, 8),
         (64, 128, 32, 4, 4),
         (128, 64, 32, 4, 4),
@@ -49,6 +51,7 @@ GEMM_CONFIGS = {
     ],
     (8, 6): [
         (128, 128, 32, 3, 4),
+        (128, 128, 32, 3, 8),
         (128, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
         (64, 64, 32, 4, 4),
@@ -58,6 +61,12 @@ GEMM_CONFIGS = {
     ],
 }
 DECODE_BLOCK_M = 32  # configs with BLOCK_M <= this are the decode tiles
+# The masked dX (p > 0) adds the rank-r term in its epilogue from a second accumulator, beside the main one: most
+# register-heavy tiles spilled there, so the prune keeps it to these accumulator registers per thread, by num_warps,
+# and off the persistent pointer-load variant (AOT compiles, tools/aot_compile_triton.py, triton 3.6 and 3.8: 128 x 256
+# with 8 warps spilled about 1.2 KB/thread; 64 registers with 4 warps spilled 8-16 B on sm86/sm90 (3.8); the
+# persistent pointer-load variant 32-104 B at 64 registers on sm90, in both versions).
+MASKED_MAX_ACC_REGS = {4: 32, 8: 64}
 # Columns of r per k-step of the rank-r term (its fp32 operand tiles sit in shared memory beside the pipeline).
 LOWRANK_CHUNK = 32
 # The CPU interpreter costs per numpy op, not per flop: few, large-ish tiles keep the tests fast.
@@ -68,6 +77,22 @@ INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, PERSISTEN
 # so all four combinations go to its autotuner. TMA needs sm90; sm8x keeps the plain kernel.
 GEMM_VARIANTS = {
     (9, 0): [(False, False), (True, False), (False, True), (True, True)],
+}
+
+# The autotune space of a first GPU contact, chosen from the ahead-of-time SASS report
+# (benchmarks/results/sass/): (tile, PERSISTENT, USE_TMA) per architecture, selected with
+# KASA_KERNELS_TRITON_AUTOTUNE=shortlist (tools/gpu_session.sh sets it), so that autotuning every shape and dtype of a
+# GPU session fits in its time. Each architecture keeps a large tile without spills for P, a tile the masked dX keeps
+# (masked_dx_fits), and a decode tile; sm90's large tile reads through TMA (its k-step is the shortest loop body in
+# the report), and its 128 x 128 pointer-load tile is what remains where TMA cannot read the operands.
+AUTOTUNE_ENV = "KASA_KERNELS_TRITON_AUTOTUNE"
+SHORTLIST = {
+    (9, 0): [((128, 256, 64, 3, 8), False, True), ((128, 128, 64, 4, 8), False, False),
+             ((32, 64, 128, 4, 4), False, False)],
+    (8, 0): [((128, 256, 32, 3, 8), False, False), ((128, 128, 32, 4, 8), False, False),
+             ((32, 64, 64, 4, 4), False, False)],
+    (8, 6): [((128, 128, 32, 3, 8), False, False), ((64, 64, 32, 4, 4), False, False),
+             ((32, 64, 64, 3, 4), False, False)],
 }
 
 # TMA_OK and B_K_CONTIG key the cache too: a config that reads through TMA must never be reused for operands that TMA
@@ -85,24 +110,26 @@ def smem_bytes(major: int, bm: int, bn: int, bk: int, stages: int, elem: int, r_
     return buffers * (bm * bk + bk * bn) * elem + (bm + bn) * r_chunk * 4 + (8 * stages if tma else 0)
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_limit(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    limit = getattr(props, "shared_memory_per_block_optin", None)
-    if not limit:
-        limit = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-    return int(limit)
+def masked_dx_fits(config) -> bool:
+    """Whether the masked dX's epilogue, with its two fp32 accumulators, fits this config's registers (see
+    MASKED_MAX_ACC_REGS)."""
+    k = config.kwargs
+    acc_registers = k["BLOCK_M"] * k["BLOCK_N"] // (32 * config.num_warps)
+    return (acc_registers <= MASKED_MAX_ACC_REGS.get(config.num_warps, 0)
+            and not (k.get("PERSISTENT", False) and not k.get("USE_TMA", False)))
 
 
 def prune_configs(configs, named_args, **kwargs):
     """Drop decode tiles (BLOCK_M <= 32) unless M <= 64 and the others unless M > 32, TMA configs where the
     launcher could not build descriptors (TMA_OK false), persistent configs where the tiles do not outnumber the SMs
-    (they would launch the same programs as the plain config), and configs whose shared memory exceeds this GPU's
+    (they would launch the same programs as the plain config), masked dX configs whose epilogue would spill
+    (masked_dx_fits), and configs whose shared memory exceeds this GPU's
     (sm86/sm89: 99 KB; fp32 inputs double the tiles), so the autotuner does not compile them only to fail with
     OutOfResources; keep the smallest if none fits."""
     a = named_args["a_ptr"]
     M, N = named_args["M"], named_args["N"]
-    n_sms = sm_count(a.device)
+    target = target_of(a.device)
+    n_sms = target.n_sms
 
     def fits_m(c):  # constant over an autotune key: its m_bucket (next power of two) splits at 32 and 64 too
         decode_tile = c.kwargs["BLOCK_M"] <= DECODE_BLOCK_M
@@ -115,8 +142,9 @@ def prune_configs(configs, named_args, **kwargs):
         and (not c.kwargs.get("PERSISTENT", False)
              or triton.cdiv(M, c.kwargs["BLOCK_M"]) * triton.cdiv(N, c.kwargs["BLOCK_N"]) > n_sms)
     ]
-    major = torch.cuda.get_device_capability(a.device)[0]
-    limit = _smem_limit(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    if kwargs.get("LOWRANK_DROPOUT", False):
+        configs = [c for c in configs if masked_dx_fits(c)] or configs
+    major, limit = target.arch[0], target.smem_limit
     r_chunk = kwargs.get("R_CHUNK", 0) if kwargs.get("LOWRANK", False) else 0
 
     def need(c):
@@ -140,19 +168,25 @@ def set_tma_block_shapes(nargs):
     b_desc.block_shape = [bn, bk] if nargs["B_K_CONTIG"] else [bk, bn]
 
 
-def autotune_configs(arch: Tuple[int, int]):
+def autotune_configs(arch: Tuple[int, int], space: Optional[str] = None):
+    """The autotuner's configs for `arch`: every tile x variant ("full"), or SHORTLIST[arch] ("shortlist").
+    space defaults to the environment variable AUTOTUNE_ENV, else "full"."""
+    space = space or os.environ.get(AUTOTUNE_ENV) or "full"
+    if space not in ("full", "shortlist"):
+        raise ValueError(f"{AUTOTUNE_ENV}: expected 'full' or 'shortlist', got {space!r}")
     variants = GEMM_VARIANTS.get(arch, [(False, False)])
+    entries = SHORTLIST[arch] if space == "shortlist" else [
+        (tile, persistent, tma) for tile in GEMM_CONFIGS[arch] for persistent, tma in variants]
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=persistent, USE_TMA=tma),
                       num_stages=st, num_warps=w, pre_hook=set_tma_block_shapes if len(variants) > 1 else None)
-        for bm, bn, bk, st, w in GEMM_CONFIGS[arch]
-        for persistent, tma in variants
+        for (bm, bn, bk, st, w), persistent, tma in entries
     ]
 
 
 @functools.lru_cache(maxsize=None)
 def autotuned_kernel(arch: Tuple[int, int]):
-    """One Autotuner per architecture, built on first use."""
+    """One Autotuner per architecture, built on first use (which reads AUTOTUNE_ENV)."""
     return triton.autotune(configs=autotune_configs(arch), key=_AUTOTUNE_KEY,
                            prune_configs_by={"early_config_prune": prune_configs})(gemm_lowrank_kernel)
 
@@ -192,19 +226,6 @@ def _gemm_lowrank_tile(
     offs_n_ld = (offs_n % N).to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if LOWRANK:
-        for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
-            offs_r = r0 + tl.arange(0, R_CHUNK)
-            r_ok = offs_r < R
-            l_tile = tl.load(l_ptr + offs_m_ld[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                             mask=r_ok[None, :], other=0.0).to(tl.float32)
-            lb_tile = tl.load(lb_ptr + offs_r[:, None] * stride_lbr + offs_n_ld[None, :] * stride_lbn,
-                              mask=r_ok[:, None], other=0.0).to(tl.float32)
-            acc = tl.dot(l_tile, lb_tile, acc, input_precision=LOWRANK_PRECISION)
-        if LOWRANK_DROPOUT:
-            keep = keep_mask(seed_ptr, offs_m, offs_n, N, threshold)
-            acc = tl.where(keep, acc * keep_scale, 0.0)
-
     if USE_TMA:
         # The copy engine zero-fills whatever lies past M, N or K, so no masks and no wrapped offsets here.
         off_m = pid_m * BLOCK_M
@@ -227,6 +248,27 @@ def _gemm_lowrank_tile(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
+
+    if LOWRANK:
+        # Without dropout the rank-r k-steps add into the main accumulator; with it the term is masked per element,
+        # so it gets its own (prune_configs keeps this to tiles whose two accumulators fit: masked_dx_fits).
+        if LOWRANK_DROPOUT:
+            lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            lr = acc
+        for r0 in tl.range(0, R, R_CHUNK, num_stages=1):
+            offs_r = r0 + tl.arange(0, R_CHUNK)
+            r_ok = offs_r < R
+            l_tile = tl.load(l_ptr + offs_m_ld[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                             mask=r_ok[None, :], other=0.0).to(tl.float32)
+            lb_tile = tl.load(lb_ptr + offs_r[:, None] * stride_lbr + offs_n_ld[None, :] * stride_lbn,
+                              mask=r_ok[:, None], other=0.0).to(tl.float32)
+            lr = tl.dot(l_tile, lb_tile, lr, input_precision=LOWRANK_PRECISION)
+        if LOWRANK_DROPOUT:
+            keep = keep_mask(seed_ptr, offs_m, offs_n, N, threshold)
+            acc += tl.where(keep, lr * keep_scale, 0.0)
+        else:
+            acc = lr
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n_ld).to(tl.float32)[None, :]
@@ -252,12 +294,16 @@ def gemm_lowrank_kernel(
 ):
     """out (M, N) = a (M, K) @ b (K, N) + [l (M, R) @ lb (R, N)] + [bias (N,)], every operand through its strides.
 
+    The rank-r term enters as k-steps after the main loop, so the pipeline's first copies are a tile's first memory
+    operations. As k-steps before the loop, its synchronous loads, a wgmma waited on to completion and, with dropout,
+    about 3,200 mask instructions per thread delayed the first copy on every tile; inside the loop's first iteration
+    they made every main-loop wgmma wait for completion (AOT sm90, 128 x 256, triton 3.8).
+
     With dropout (LOWRANK_DROPOUT) the rank-r term is masked per output element (m, n), which in dX is exactly
-    element (m, k) of x: the mask is applied to the accumulator right after the rank-r k-steps, before the main loop
-    adds G W, so no second M x N accumulator is held across the loop (AOT sm90, 128x256 tile, bf16: the epilogue form
-    spilled ~800 B/thread). The rank-r operands stay fp32 (l is H-sized: it can exceed fp16's 65504 while the output
-    does not) and run at LOWRANK_PRECISION (tf32 for fp16/bf16 x: fp16's mantissa with fp32's range), R_CHUNK columns
-    of r at a time: whole fp32 (BLOCK_M + BLOCK_N) x R_PAD tiles added 196 KB of shared memory at r = 128 (AOT, sm90).
+    element (m, k) of x, so it is accumulated apart and masked before it is added. The rank-r operands stay fp32 (l is
+    H-sized: it can exceed fp16's 65504 while the output does not) and run at LOWRANK_PRECISION (tf32 for fp16/bf16 x:
+    fp16's mantissa with fp32's range), R_CHUNK columns of r at a time: whole fp32 (BLOCK_M + BLOCK_N) x R_PAD tiles
+    added 196 KB of shared memory at r = 128 (AOT, sm90).
 
     Variants (sm90 autotunes over them): PERSISTENT launches min(tiles, SMs) programs that stride over the tiles;
     USE_TMA reads a and b through host tensor descriptors a_desc (BLOCK_M, BLOCK_K) and b_desc, which is
@@ -340,7 +386,8 @@ def gemm_lowrank(a: torch.Tensor, b: KNView, out: torch.Tensor, *, bias: Optiona
     R = lowrank.l.shape[1] if lowrank is not None else 0
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # the kernel reads b with unit stride (N elements, cheap)
-    arch = None if a.device.type != "cuda" else arch_key(a.device)
+    target = target_of(a.device)
+    arch = target.arch if target is not None else None
     if config is not None:
         kernel, meta = gemm_lowrank_kernel, dict(config)
         want_tma = bool(meta.get("USE_TMA")) and arch in (None, (9, 0))
@@ -355,7 +402,7 @@ def gemm_lowrank(a: torch.Tensor, b: KNView, out: torch.Tensor, *, bias: Optiona
     if config is not None:
         meta["USE_TMA"] = tma_ok
         set_tma_block_shapes(dict(meta, a_desc=a_desc, b_desc=b_desc, B_K_CONTIG=b_k_contig))
-    n_sms = sm_count(a.device)
+    n_sms = sm_count(target)
 
     def grid(m):
         tiles = triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])

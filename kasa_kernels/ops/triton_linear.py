@@ -39,7 +39,7 @@ def linear_forward(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropou
 
 
 @register_kernel("base_gemm", "triton")
-def base_gemm(x2d, weight, bias):
+def base_gemm(x2d, weight, bias=None):
     """The forward GEMM with the rank-r term switched off (benchmarks compare it with cuBLAS)."""
     y = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
     if x2d.shape[0] == 0:

@@ -6,7 +6,9 @@
 
 Each streams its big operand (x or G) once and keeps the r-wide tile in registers; tiles are upcast to fp32 (see
 triton_common.dot_precision). Reductions over M accumulate in fp32; with torch.use_deterministic_algorithms(True)
-they go through per-block partials summed in a fixed order (no atomics), so reruns are bit-identical. Each launcher
+they go through per-block partials summed in a fixed order (no atomics), so reruns are bit-identical. Otherwise they
+are relaxed atomic adds: their order does not matter and nothing reads them before the kernel ends, while the
+default (acq_rel) wrapped each in MEMBAR.ALL.GPU + ERRBAR + CCTL.IVALL (AOT sm80/sm90, triton 3.8). Each launcher
 takes keyword arguments; `splits` overrides the split heuristic (tests force uneven splits with it).
 """
 from __future__ import annotations
@@ -17,45 +19,45 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import Dropout, arch_key, dot_precision, keep_mask, r_pad, sm_count
+from .triton_common import Dropout, Target, dot_precision, keep_mask, r_pad, sm_count, target_of
 
 
-def small_config(device: torch.device, rp: int) -> Tuple[int, int, int, int]:
+def small_config(target: Optional[Target], rp: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps, num_stages) for the rank-r kernels (fp32 tiles)."""
-    if device.type != "cuda":
+    if target is None:
         return 32, 64, 4, 1
-    big_smem = arch_key(device) != (8, 6)
+    big_smem = target.arch != (8, 6)
     block_k = 64 if rp <= 32 else 32
     stages = 3 if (big_smem or rp <= 32) else 2
     return 64, block_k, 4, stages
 
 
-def shrink_splits(device: torch.device, M: int, K: int, block_m: int, block_k: int) -> Tuple[int, int]:
+def shrink_splits(target: Optional[Target], M: int, K: int, block_m: int, block_k: int) -> Tuple[int, int]:
     """(splits of K, columns per split) for the shrink: about two programs per SM when the row blocks alone are
     fewer, each split at least two k-steps, at most 64 splits (the partials are splits x M x r fp32)."""
     n_mblocks = triton.cdiv(M, block_m)
     k_blocks = triton.cdiv(K, block_k)
-    want = triton.cdiv(2 * sm_count(device), n_mblocks)
+    want = triton.cdiv(2 * sm_count(target), n_mblocks)
     n_split = max(1, min(want, k_blocks // 2, 64))
     cols = triton.cdiv(k_blocks, n_split) * block_k
     return triton.cdiv(K, cols), cols
 
 
-def dy_pass_splits(device: torch.device, n_mblocks: int, N: int, block_n: int) -> Tuple[int, int]:
+def dy_pass_splits(target: Optional[Target], n_mblocks: int, N: int, block_n: int) -> Tuple[int, int]:
     """(slices of N's columns, columns per slice) for the dy pass: about two programs per SM, each slice at least
     two column blocks (each slice costs one M x r atomic add of its partial G B)."""
     n_nblocks = triton.cdiv(N, block_n)
-    want = triton.cdiv(2 * sm_count(device), n_mblocks)
+    want = triton.cdiv(2 * sm_count(target), n_mblocks)
     n_split = max(1, min(want, n_nblocks // 2))
     cols = triton.cdiv(n_nblocks, n_split) * block_n
     return triton.cdiv(N, cols), cols
 
 
-def da_splits(device: torch.device, M: int, K: int, block_m: int, block_k: int) -> int:
+def da_splits(target: Optional[Target], M: int, K: int, block_m: int, block_k: int) -> int:
     """Rows per slice of dA's reduction over M: enough (k-block, row-slice) programs to fill the GPU, each slice a
     whole number of row blocks."""
     n_mblocks = triton.cdiv(M, block_m)
-    want = max(1, (4 * sm_count(device)) // triton.cdiv(K, block_k))
+    want = max(1, (4 * sm_count(target)) // triton.cdiv(K, block_k))
     n_split = max(1, min(n_mblocks, want))
     return triton.cdiv(n_mblocks, n_split) * block_m
 
@@ -101,7 +103,10 @@ def shrink_kernel(
     offs_r = tl.arange(0, R_PAD)
     m_ok = offs_m < M
     r_ok = offs_r < R
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    # H^T = A x^T accumulates (R_PAD, BLOCK_M): x then enters as the dot's B operand, read along its rows (K-major),
+    # which the sm90 pipeline copies 16 bytes at a time; as the A operand of H = x A^T its copies were 8 bytes wide
+    # (AOT sm90, triton 3.8, tools/aot_compile_triton.py).
+    acc_t = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = min(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -113,11 +118,12 @@ def shrink_kernel(
         ).to(tl.float32)
         if DROPOUT:
             x = tl.where(keep_mask(seed_ptr, offs_m, offs_k, K, threshold), x, 0.0)
-        a_t = tl.load(
-            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak,
-            mask=k_ok[:, None] & r_ok[None, :], other=0.0,
+        a = tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :].to(tl.int64) * stride_ak,
+            mask=r_ok[:, None] & k_ok[None, :], other=0.0,
         ).to(tl.float32)
-        acc = tl.dot(x, a_t, acc, input_precision=INPUT_PRECISION)
+        acc_t = tl.dot(a, tl.trans(x), acc_t, input_precision=INPUT_PRECISION)
+    acc = tl.trans(acc_t)
     if SPLIT_K:
         part_off = (pid_k.to(tl.int64) * M + offs_m[:, None].to(tl.int64)) * R + offs_r[None, :]
         tl.store(part_ptr + part_off, acc, mask=m_ok[:, None] & r_ok[None, :])
@@ -155,8 +161,9 @@ def shrink(x2d: torch.Tensor, lora_A: torch.Tensor, lora_diag: torch.Tensor, *, 
     if M == 0:
         return h, s
     rp = r_pad(R)
-    bm, bk, warps, stages = small_config(dev, rp)
-    n_split, k_per_split = splits or shrink_splits(dev, M, K, bm, bk)
+    target = target_of(dev)
+    bm, bk, warps, stages = small_config(target, rp)
+    n_split, k_per_split = splits or shrink_splits(target, M, K, bm, bk)
     seed, keep_scale, threshold = _mask_args(dropout, x2d)
     part = torch.empty((n_split, M, R), dtype=torch.float32, device=dev) if n_split > 1 else h
     shrink_kernel[(triton.cdiv(M, bm), n_split)](
@@ -204,28 +211,36 @@ def dy_pass_kernel(
     h = tl.load(h_ptr + offs_m[:, None].to(tl.int64) * R + offs_r[None, :], mask=mr_ok, other=0.0)
     d = tl.load(d_ptr + offs_r * stride_d, mask=r_ok, other=0.0).to(tl.float32)
     z_scaled = h * (d * scaling)[None, :]
-    gz = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    # G is read as two tiles that each feed one dot: g (BLOCK_M, BLOCK_N) as the B operand of gZ^T = B^T G^T, read
+    # along its rows (K-major), and g_t (BLOCK_N, BLOCK_M) as the A operand of dB's slice G^T Z. The second read of
+    # the same bytes hits L2, so G crosses DRAM once. One load feeding both dots in two layouts stayed a synchronous
+    # load into registers, with 10 BAR.SYNC per step; this way both are 16-byte cp.async, pipelined, with 2 BAR.SYNC
+    # per step (AOT sm80 and sm90, triton 3.8, tools/aot_compile_triton.py).
+    gz_t = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
     n_start = pid_s * cols_per_split
     n_end = min(n_start + cols_per_split, N)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < n_end
-        g = tl.load(g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_n[None, :].to(tl.int64) * stride_gn,
-                    mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        g_m = offs_m.to(tl.int64) * stride_gm
+        g_n = offs_n.to(tl.int64) * stride_gn
+        g = tl.load(g_ptr + g_m[:, None] + g_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         nr_ok = n_ok[:, None] & r_ok[None, :]
         b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br,
                     mask=nr_ok, other=0.0).to(tl.float32)
-        gz = tl.dot(g, b, gz, input_precision=INPUT_PRECISION)
+        gz_t = tl.dot(tl.trans(b), tl.trans(g).to(tl.float32), gz_t, input_precision=INPUT_PRECISION)
         if NEED_DB:
-            db_part = tl.dot(tl.trans(g), z_scaled, input_precision=INPUT_PRECISION)
+            g_t = tl.load(g_ptr + g_n[:, None] + g_m[None, :], mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+            db_part = tl.dot(g_t.to(tl.float32), z_scaled, input_precision=INPUT_PRECISION)
             db_off = offs_n[:, None].to(tl.int64) * R + offs_r[None, :]
             if DETERMINISTIC:
                 tl.store(db_ptr + pid.to(tl.int64) * N * R + db_off, db_part, mask=nr_ok)
             else:
-                tl.atomic_add(db_ptr + db_off, db_part, mask=nr_ok)
+                tl.atomic_add(db_ptr + db_off, db_part, mask=nr_ok, sem="relaxed")
+    gz = tl.trans(gz_t)
     gh_off = offs_m[:, None].to(tl.int64) * R + offs_r[None, :]
     if SPLIT_N:
-        tl.atomic_add(gh_ptr + gh_off, gz, mask=mr_ok)
+        tl.atomic_add(gh_ptr + gh_off, gz, mask=mr_ok, sem="relaxed")
     else:
         gz = gz * scaling
         tl.store(gh_ptr + gh_off, gz * d[None, :], mask=mr_ok)
@@ -234,7 +249,7 @@ def dy_pass_kernel(
             if DETERMINISTIC:
                 tl.store(dd_ptr + pid * R + offs_r, dd_part, mask=r_ok)
             else:
-                tl.atomic_add(dd_ptr + offs_r, dd_part, mask=r_ok)
+                tl.atomic_add(dd_ptr + offs_r, dd_part, mask=r_ok, sem="relaxed")
 
 
 @triton.jit
@@ -255,7 +270,7 @@ def dy_finish_kernel(
     tl.store(gh_ptr + off, gz * d[None, :], mask=mr_ok)
     if NEED_DD:
         h = tl.load(h_ptr + off, mask=mr_ok, other=0.0)
-        tl.atomic_add(dd_ptr + offs_r, tl.sum(gz * h, axis=0), mask=r_ok)
+        tl.atomic_add(dd_ptr + offs_r, tl.sum(gz * h, axis=0), mask=r_ok, sem="relaxed")
 
 
 def dy_pass(grad_y: torch.Tensor, lora_B: torch.Tensor, h: torch.Tensor, lora_diag: torch.Tensor, *, scaling: float,
@@ -268,9 +283,10 @@ def dy_pass(grad_y: torch.Tensor, lora_B: torch.Tensor, h: torch.Tensor, lora_di
     dev = grad_y.device
     f32 = torch.float32
     rp = r_pad(R)
-    bm, bk, warps, stages = small_config(dev, rp)
+    target = target_of(dev)
+    bm, bk, warps, stages = small_config(target, rp)
     n_mblocks = triton.cdiv(M, bm)
-    n_split, cols_per_split = (1, N) if deterministic else (splits or dy_pass_splits(dev, n_mblocks, N, bk))
+    n_split, cols_per_split = (1, N) if deterministic else (splits or dy_pass_splits(target, n_mblocks, N, bk))
     gh = (torch.zeros if n_split > 1 else torch.empty)((M, R), dtype=f32, device=dev)
     if deterministic:
         db_buf = torch.empty((n_mblocks, N, R), dtype=f32, device=dev) if need_db else None
@@ -342,8 +358,9 @@ def lowrank_da(x2d: torch.Tensor, gh: torch.Tensor, *, dropout: Optional[Dropout
     R = gh.shape[1]
     dev = x2d.device
     rp = r_pad(R)
-    bm, bk, warps, stages = small_config(dev, rp)
-    rows = rows_per_split or da_splits(dev, M, K, bm, bk)
+    target = target_of(dev)
+    bm, bk, warps, stages = small_config(target, rp)
+    rows = rows_per_split or da_splits(target, M, K, bm, bk)
     n_split = triton.cdiv(M, rows)
     da_buf = torch.empty((n_split, R, K), dtype=torch.float32, device=dev)
     seed, keep_scale, threshold = _mask_args(dropout, x2d)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .defs import register_kernel
-from .triton_common import r_pad
+from .triton_common import r_pad, target_of
 
 _KIND_GRAM = 0
 _KIND_DIAG = 1
@@ -98,14 +98,17 @@ def regularizer(lora_As: List[torch.Tensor], lora_Bs: List[torch.Tensor], lora_d
     grads = torch.empty(total, dtype=torch.float32, device=dev)
     partials = torch.empty(len(rows), dtype=torch.float32, device=dev)
     r_max = max(a.shape[0] for a in lora_As)
-    interpret = dev.type != "cuda"
+    target = target_of(dev)
+    interpret = target is None
     regularizer_kernel[(len(rows),)](
         flat, grads, table, partials,
         float(beta), float(gamma), 1.0 / len(lora_As) if official else 1.0,
-        BLOCK_L=64 if interpret else 32, R_PAD=r_pad(r_max), TABLE_COLS=TABLE_COLS,
+        # 64 rows a step up to R_PAD 32: 32 left 8 B/thread of stack on sm80 (AOT, triton 3.6); at R_PAD 128, 64 rows
+        # spilled 1.5-9.8 KB/thread (AOT sm80/sm86/sm90, triton 3.6 and 3.8), so there 32
+        BLOCK_L=64 if interpret or r_pad(r_max) <= 32 else 32, R_PAD=r_pad(r_max), TABLE_COLS=TABLE_COLS,
         num_warps=4 if r_max <= 32 else 8,
         # AOT (triton 3.8), R_PAD 128: 3 stages need 106 KB of shared memory, over sm86's 99 KB; 1 stage needs 80 KB
         # and does not spill on sm86 but spills 1.6 KB/thread on sm90, where 3 stages fit.
-        num_stages=3 if interpret or torch.cuda.get_device_capability(dev)[0] >= 9 else 1,
+        num_stages=3 if interpret or target.arch[0] >= 9 else 1,
     )
     return partials.sum(), grads
