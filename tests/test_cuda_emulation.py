@@ -125,8 +125,9 @@ def lowp_matmul(a, b, dt):
 # (independently of tests/cuda_emu/emu_ptx.h): g = lane // 4 ("groupID"), t = lane % 4 ("threadID_in_group").
 
 def _lanes():
+    """Per lane of a warp: its group g = lane // 4 and its thread in the group t = lane % 4 (the PTX ISA's names)."""
     lane = np.arange(32)
-    return lane, lane // 4, lane % 4
+    return lane // 4, lane % 4
 
 
 def _pack16(lo, hi):
@@ -137,7 +138,7 @@ def ldmatrix_expected(stored, rows, n, trans):
     """ldmatrix.m8n8.x{n}[.trans].b16: lane 8 i + j addresses row j of matrix i; lane l gets, per matrix i, the
     elements (l // 4, 2 (l % 4)) and (l // 4, 2 (l % 4) + 1), or with .trans (2 (l % 4), l // 4) and
     (2 (l % 4) + 1, l // 4)."""
-    lane, g, t = _lanes()
+    g, t = _lanes()
     out = np.zeros((32, n), np.uint32)
     for i in range(n):
         if trans:
@@ -166,7 +167,7 @@ def test_known_answer_ldmatrix(emu, tmp_path, n, trans):
 def frag_positions(kind, operand):
     """(row, col) of each fragment element, per lane and register (and half for 16-bit operands), from the PTX
     ISA's "Matrix Fragments for mma.m16n8k16 with floating point type" / "... mma.m16n8k8" (.tf32)."""
-    lane, g, t = _lanes()
+    g, t = _lanes()
     if operand == "c":  # both shapes: c0, c1 at (g, 2t + i), c2, c3 at (g + 8, 2t + i)
         return [(g + 8 * (e // 2), 2 * t + e % 2) for e in range(4)]
     if kind == "tf32":
@@ -185,7 +186,10 @@ def pack_fragment(kind, operand, mat):
         vals = [torch.from_numpy(mat[r, c].astype(np.float32)) for r, c in pos]
         return np.stack([v.view(torch.int32).numpy().view(np.uint32) for v in vals], axis=1)
     dtype = torch.bfloat16 if kind == "bf16" else torch.float16
-    bits = lambda r, c: torch.from_numpy(mat[r, c].astype(np.float32)).to(dtype).view(torch.int16).numpy()  # noqa
+
+    def bits(r, c):
+        return torch.from_numpy(mat[r, c].astype(np.float32)).to(dtype).view(torch.int16).numpy()
+
     return np.stack([_pack16(bits(*lo), bits(*hi)) for lo, hi in pos], axis=1)
 
 

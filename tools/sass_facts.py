@@ -31,7 +31,6 @@ import sys
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 UNITS = ("gemm_lowrank_bf16.cu", "gemm_lowrank_f16.cu", "gemm_lowrank_f32.cu", "dy_pass.cu", "lowrank_da.cu")
@@ -39,7 +38,7 @@ UNITS = ("gemm_lowrank_bf16.cu", "gemm_lowrank_f16.cu", "gemm_lowrank_f32.cu", "
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
 # address, predicate, opcode, operands. `@!PT` instructions never execute (ptxas's placeholders) and are skipped.
-_INSN = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*?);", re.M)
+_INSN = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*?);", re.MULTILINE)
 
 
 def nvcc_path() -> str:
@@ -69,22 +68,22 @@ def cuobjdump_path(nvcc: str) -> str:
     raise SystemExit("sass_facts: cuobjdump not found (CUDA toolkit, PATH, or the triton wheel)")
 
 
-def compile_unit(nvcc: str, csrc: str, unit: str, arch: str, out_dir: str) -> Tuple[str, str]:
+def compile_unit(nvcc: str, csrc: str, unit: str, arch: str, out_dir: str) -> tuple[str, str]:
     """(cubin path, ptxas -v log) of one translation unit."""
     rng = runpy.run_path(os.path.join(ROOT, "kasa_kernels", "ops", "rng_constants.py"))["cxx_defines"]()
     cubin = os.path.join(out_dir, f"{unit}.sm_{arch}.cubin")
     cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-lineinfo", "-I", csrc, *rng, *TORCH_NVCC_FLAGS,
            "-Xptxas", "-v", os.path.join(csrc, unit), "-o", cubin]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise SystemExit(f"sass_facts: {unit} does not compile for sm_{arch}:\n{r.stderr[-4000:]}")
     return cubin, r.stderr
 
 
-def ptxas_resources(log: str) -> Dict[str, Dict[str, int]]:
+def ptxas_resources(log: str) -> dict[str, dict[str, int]]:
     """mangled kernel -> {regs, spill_st, spill_ld, stack} from ptxas -v."""
-    out: Dict[str, Dict[str, int]] = {}
-    cur: Optional[Dict[str, int]] = None
+    out: dict[str, dict[str, int]] = {}
+    cur: dict[str, int] | None = None
     for line in log.splitlines():
         m = re.search(r"(?:Function properties for |Compiling entry function ')([^'\s]+)", line)
         if m:
@@ -97,19 +96,19 @@ def ptxas_resources(log: str) -> Dict[str, Dict[str, int]]:
     return out
 
 
-def parse_insns(body: str) -> List[Tuple[int, str, str]]:
+def parse_insns(body: str) -> list[tuple[int, str, str]]:
     """[(address, opcode, operands)] of one function's SASS listing, without the never-executed @!PT placeholders."""
     return [(int(a, 16), op, rest.strip()) for a, pred, op, rest in _INSN.findall(body) if pred.strip() != "@!PT"]
 
 
-def sass_functions(cuobjdump: str, cubin: str) -> Dict[str, List[Tuple[int, str, str]]]:
+def sass_functions(cuobjdump: str, cubin: str) -> dict[str, list[tuple[int, str, str]]]:
     """mangled kernel -> its instructions, from cuobjdump -sass."""
     text = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    parts = re.split(r"^\s*Function : (\S+)\s*$", text, flags=re.M)
+    parts = re.split(r"^\s*Function : (\S+)\s*$", text, flags=re.MULTILINE)
     return {name: parse_insns(body) for name, body in zip(parts[1::2], parts[2::2])}
 
 
-def loops(insns: List[Tuple[int, str, str]]) -> List[Tuple[int, int]]:
+def loops(insns: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     """(start, end) address ranges closed by a backward branch."""
     found = []
     for addr, op, rest in insns:
@@ -120,7 +119,7 @@ def loops(insns: List[Tuple[int, str, str]]) -> List[Tuple[int, int]]:
     return found
 
 
-def main_loop(insns, key) -> List[Tuple[int, str, str]]:
+def main_loop(insns, key) -> list[tuple[int, str, str]]:
     """The instructions of the loop with the most instructions matching `key` (the innermost such loop on ties)."""
     best, best_score = [], (0, 0)
     for lo, hi in loops(insns):
@@ -148,7 +147,7 @@ def short_name(mangled: str) -> str:
     return name.replace("(Math)0", "TC16").replace("(Math)1", "TF32").replace("(Math)2", "FFMA")
 
 
-def kind_of(name: str) -> Optional[str]:
+def kind_of(name: str) -> str | None:
     if "gemm_lowrank_kernel" in name:
         return "gemm"
     if "dy_pass_kernel" in name:
@@ -162,12 +161,12 @@ def is_generic_load(op: str) -> bool:
     return op == "LD" or op.startswith("LD.")
 
 
-def facts(insns, res, kind, name) -> Dict[str, object]:
+def facts(insns, res, kind, name) -> dict[str, object]:
     ops = Counter(op for _, op, _ in insns)
     tensor = any(op.startswith("HMMA") for op in ops)
     loop = main_loop(insns, (lambda o: o.startswith("HMMA")) if tensor else (lambda o: o.startswith("FFMA")))
     lops = Counter(op for _, op, _ in loop)
-    f: Dict[str, object] = {
+    f: dict[str, object] = {
         "kernel": name, "kind": kind, "regs": res.get("regs"), "spill": (res.get("spill_st", 0), res.get("spill_ld", 0)),
         "local": sum(n for op, n in ops.items() if op.startswith(("LDL", "STL"))),
         "loop_insns": len(loop),
@@ -190,7 +189,7 @@ def is_stub(f) -> bool:
     return f["kind"] == "gemm" and "TileWide" in f["kernel"] and f["loop_insns"] == 0 and not f["hmma"]
 
 
-def violations(f) -> List[str]:
+def violations(f) -> list[str]:
     if is_stub(f):
         return []
     bad = []
@@ -212,11 +211,15 @@ def violations(f) -> List[str]:
     return bad
 
 
-def analyse(csrc: str, arch: str, nvcc: str, cuobjdump: str, tmp: str, jobs: int) -> List[Dict[str, object]]:
+def compile_units(nvcc: str, csrc: str, arch: str, out_dir: str, jobs: int) -> list[tuple[str, str]]:
+    """compile_unit for every unit of UNITS, `jobs` at a time."""
     with ThreadPoolExecutor(max_workers=jobs) as ex:
-        built = list(ex.map(lambda u: compile_unit(nvcc, csrc, u, arch, tmp), UNITS))
+        return list(ex.map(lambda u: compile_unit(nvcc, csrc, u, arch, out_dir), UNITS))
+
+
+def analyse(csrc: str, arch: str, nvcc: str, cuobjdump: str, tmp: str, jobs: int) -> list[dict[str, object]]:
     rows = []
-    for cubin, log in built:
+    for cubin, log in compile_units(nvcc, csrc, arch, tmp, jobs):
         res = ptxas_resources(log)
         for mangled, insns in sass_functions(cuobjdump, cubin).items():
             name = short_name(mangled)
@@ -226,17 +229,17 @@ def analyse(csrc: str, arch: str, nvcc: str, cuobjdump: str, tmp: str, jobs: int
     return rows
 
 
-def fmt_counts(d: Dict[str, int]) -> str:
+def fmt_counts(d: dict[str, int]) -> str:
     return ", ".join(f"{op} {n}" for op, n in d.items()) or "-"
 
 
-def report(results: Dict[str, List[Dict[str, object]]], header: str) -> Tuple[str, int]:
+def report(results: dict[str, list[dict[str, object]]], header: str) -> tuple[str, int]:
     lines = [header, ""]
     n_bad = 0
     for arch, rows in results.items():
         lines += [f"## sm_{arch}", "", "### GEMM (gemm_lowrank_kernel): main loop", "",
-                  "| kernel | regs | spill st/ld B | loop insts | HMMA | LDSM | other LDS | generic LD | LDGSTS.128 |"
-                  " FFMA | facts |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  ("| kernel | regs | spill st/ld B | loop insts | HMMA | LDSM | other LDS | generic LD | LDGSTS.128 "
+                   "| FFMA | facts |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
         for f in (r for r in rows if r["kind"] == "gemm"):
             bad = violations(f)
             n_bad += bool(bad)
@@ -244,8 +247,8 @@ def report(results: Dict[str, List[Dict[str, object]]], header: str) -> Tuple[st
                          f"{fmt_counts(f['hmma'])} | {f['ldsm']} | {f['lds']} | {f['ld_generic']} | {f['ldgsts128']} | "
                          f"{f['ffma']} | {'; '.join(bad) or ('stub, never launched here' if is_stub(f) else 'hold')} |")
         lines += ["", "### dY pass and dA: global loads", "",
-                  "| kernel | regs | spill st/ld B | loop insts | FFMA | global loads in the main loop | "
-                  "in the whole kernel | facts |", "|---|---|---|---|---|---|---|---|"]
+                  ("| kernel | regs | spill st/ld B | loop insts | FFMA | global loads in the main loop "
+                   "| in the whole kernel | facts |"), "|---|---|---|---|---|---|---|---|"]
         for f in (r for r in rows if r["kind"] in ("dy", "da")):
             bad = violations(f)
             n_bad += bool(bad)
@@ -267,12 +270,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     nvcc = nvcc_path()
     cuobjdump = cuobjdump_path(nvcc)
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                             check=True).stdout.strip().splitlines()[-1]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in [a for a in args.compile_archs.split(",") if a]:
-            with ThreadPoolExecutor(max_workers=args.jobs) as ex:
-                list(ex.map(lambda u: compile_unit(nvcc, args.csrc, u, arch, tmp), UNITS))
+            compile_units(nvcc, args.csrc, arch, tmp, args.jobs)
         for arch in [a for a in args.archs.split(",") if a]:
             results[arch] = analyse(args.csrc, arch, nvcc, cuobjdump, tmp, args.jobs)
     rel = os.path.relpath(args.csrc, ROOT)
