@@ -149,6 +149,8 @@ setup(
             # KasaCallback is tested in trl's SFTTrainer too (tests/test_trainer_callback.py, test_examples_hf.py);
             # trl brings datasets, pandas and pyarrow (~70 MB of wheels, ~20 s to install)
             "trl",
+            # the quantized-base tests (tests/test_quant.py): bitsandbytes 0.50 quantizes and dequantizes on the CPU
+            "bitsandbytes==0.50.2",
         ],
         # the peers (PEFT's KaSA layer, the transformers training step) are what the benchmark compares against
         "bench": ["matplotlib", "pytest-benchmark", "peft>=0.21", "transformers"],

@@ -5,7 +5,8 @@ Policy:
   (fp32 adapters beside bf16/fp16 activations are the PEFT default). The op itself then runs with autocast off.
 - The output is in x's dtype; every gradient is returned in its parameter's dtype.
 - Saved for backward: x as the caller passed it (no reshaped copy), the parameters, H (M x r, fp32) and the dropout
-  seed. Nothing of size M x N or M x K.
+  seed. Nothing of size M x N or M x K. A quantized base W (ops/quant_weight.QuantizedWeight) is saved as its packed
+  tensors: no dequantized copy is kept.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .ops import defs
+from .ops.quant_weight import QuantizedWeight
 
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -29,7 +31,10 @@ class KasaLinearFunction(torch.autograd.Function):
         y2d, h = defs.linear_forward(
             backend, x.reshape(-1, in_features), weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed
         )
-        ctx.save_for_backward(x, weight, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale)
+        # a quantized W is saved as its packed tensors (the format on ctx): never a dequantized copy
+        ctx.quant_format = weight.without_tensors() if isinstance(weight, QuantizedWeight) else None
+        weights = weight.tensors() if ctx.quant_format is not None else (weight,)
+        ctx.save_for_backward(x, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights)
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.backend = backend
@@ -38,7 +43,8 @@ class KasaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale = ctx.saved_tensors
+        x, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights = ctx.saved_tensors
+        weight = weights[0] if ctx.quant_format is None else ctx.quant_format.with_tensors(weights)
         need = ctx.needs_input_grad
         needs = (need[0], need[3], need[4], need[5])
         dx, da, dd, db = defs.linear_backward(
@@ -129,7 +135,10 @@ def autocast_inputs(x, weight, bias):
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
-        return t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else _cast(t, dtype)
+        # a QuantizedWeight is not cast: the kernels dequantize it in x's (by then the autocast) dtype
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return _cast(t, dtype)
 
     return cast(x), cast(weight), cast(bias)
 

@@ -14,6 +14,8 @@ import torch
 from . import _backend
 from ._layers import adapter_entries, check_adapter_names, group_by, module_roots, regularizer_weights
 from .autograd import FoldedRegularizer, autocast_inputs, kasa_linear_autograd, kasa_regularizer_autograd
+from .ops.quant_weight import QuantizedWeight
+from .ops.quant_weight import check as check_quantized
 from .ops.rng import make_seed
 
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,11 +54,16 @@ def check_dropout(p, name: str = "dropout_p") -> float:
 
 
 def _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend_name: str) -> None:
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
+    quantized = isinstance(weight, QuantizedWeight)
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
         _require_tensor(name, t)
+    if not quantized:
+        _require_tensor("weight", weight)
     if bias is not None:
         _require_tensor("bias", bias)
-    if weight.dim() != 2:
+    if quantized:
+        check_quantized(weight, x.device)
+    elif weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D (out_features, in_features) tensor, got {_describe(weight)}")
     n, k = weight.shape
     if x.dim() < 1 or x.shape[-1] != k:
@@ -75,18 +82,19 @@ def _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, back
     allowed = _ACT_DTYPES + (_TORCH_ONLY_DTYPES if backend_name == "torch" else ())
     if x.dtype not in allowed:
         raise TypeError(f"x: expected dtype in {[str(d) for d in allowed]} for backend {backend_name!r}, got {_describe(x)}")
-    if weight.dtype != x.dtype:
+    if not quantized and weight.dtype != x.dtype:
         raise TypeError(f"weight: expected x's dtype {x.dtype}, got {_describe(weight)}")
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"bias: expected x's dtype {x.dtype}, got {_describe(bias)}")
     for name, t in (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
         if t.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"{name}: expected x's dtype {x.dtype} or torch.float32, got {_describe(t)}")
-    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
+    base = (("bias", bias),) if quantized else (("weight", weight), ("bias", bias))
+    for name, t in base + (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected x's device {x.device}, got {_describe(t)}")
     if torch.is_grad_enabled():
-        for name, t in (("weight", weight), ("bias", bias)):
+        for name, t in base:
             if t is not None and t.requires_grad:
                 raise ValueError(
                     f"{name}: the base layer is frozen in KaSA and gets no gradient, but {name}.requires_grad is True; "
@@ -119,9 +127,11 @@ def kasa_linear(
 ) -> torch.Tensor:
     """y = x W^T + b + scaling * ((dropout(x) A^T) * d) B^T, with W and b frozen.
 
-    x: (..., K), any strides; weight (N, K); bias (N,) or None; lora_A (r, K); lora_diag (r,); lora_B (N, r).
-    x, weight and bias share one dtype (fp32, fp16 or bf16; fp64 on the torch backend); the adapters are in that
-    dtype or fp32. Dropout (inverted, on the adapter input only) applies when training and dropout_p > 0; its mask
+    x: (..., K), any strides; weight (N, K), or a quantized base (ops/quant_weight.QuantizedWeight: bitsandbytes'
+    nf4 / fp4 / int8 formats, dequantized by the kernels in x's dtype at each call); bias (N,) or None;
+    lora_A (r, K); lora_diag (r,); lora_B (N, r).
+    x, bias and a tensor weight share one dtype (fp32, fp16 or bf16; fp64 on the torch backend); the adapters are in
+    that dtype or fp32. Dropout (inverted, on the adapter input only) applies when training and dropout_p > 0; its mask
     is a hash of dropout_seed (drawn from torch's generator when None) and the element index, the same on every
     backend. Returns (..., N) in x's dtype.
 
@@ -131,7 +141,7 @@ def kasa_linear(
     _require_tensor("x", x)
     name = _backend.resolve(backend, x.device)
     for arg, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
+        if t is not None and not (arg == "weight" and isinstance(t, QuantizedWeight)):
             _require_tensor(arg, t)
     x, weight, bias = autocast_inputs(x, weight, bias)
     _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name)

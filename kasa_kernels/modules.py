@@ -131,7 +131,13 @@ class KasaLinear(nn.Module):
     ) -> "KasaLinear":
         """A KasaLinear whose frozen base is `linear`'s weight with its r smallest singular triplets removed
         (truncation "peft" | "official" | "none"; the SVD runs in fp32) and bias copied. Also accepts GPT-2's
-        Conv1D, whose transposed weight is stored here in nn.Linear layout."""
+        Conv1D, whose transposed weight is stored here in nn.Linear layout, and bitsandbytes' Linear4bit / Linear8bitLt,
+        for which it returns a kasa_kernels.quant.QuantKasaLinear (truncate, then re-quantize in the same format)."""
+        from .quant import QuantKasaLinear, bnb_kind
+
+        if bnb_kind(linear) is not None:
+            return QuantKasaLinear.from_quantized(linear, r=r, alpha=alpha, dropout=dropout, truncation=truncation,
+                                                  backend=backend, use_rslora=use_rslora, adapter_dtype=adapter_dtype)
         if isinstance(linear, nn.Linear):
             weight = linear.weight
         elif _is_conv1d(linear):
@@ -155,17 +161,21 @@ class KasaLinear(nn.Module):
             use_rslora=use_rslora,
             adapter_dtype=adapter_dtype,
         )
-        device = weight.device
         layer.weight = nn.Parameter(svd_truncate(weight, r, truncation).contiguous(), requires_grad=False)
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        for name in ("lora_A", "lora_B", "lora_diag"):
-            old = getattr(layer, name)
-            setattr(layer, name, nn.Parameter(torch.empty(old.shape, device=device, dtype=old.dtype)))
-        layer.reset_adapter_parameters()
-        layer.truncation = truncation
+        layer._adopt(bias, weight.device, truncation)
         layer.from_conv1d = not isinstance(linear, nn.Linear)
         return layer
+
+    def _adopt(self, bias: Optional[torch.Tensor], device: torch.device, truncation: str) -> None:
+        """The rest of a layer built on "meta" from a pretrained one: its bias copied (frozen), the adapters allocated
+        on `device` and initialized, the truncation mode recorded."""
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        for name in ("lora_A", "lora_B", "lora_diag"):
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(torch.empty(old.shape, device=device, dtype=old.dtype)))
+        self.reset_adapter_parameters()
+        self.truncation = truncation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -240,8 +250,9 @@ def inject(
     use_rslora: bool = False,
     adapter_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
-    """Replace every nn.Linear (or GPT-2 Conv1D) whose qualified name matches by a KasaLinear.from_linear, in
-    place, and leave only the adapters (lora_A, lora_B, lora_diag) trainable. Returns the model.
+    """Replace every nn.Linear (or GPT-2 Conv1D, or bitsandbytes Linear4bit / Linear8bitLt: a QuantKasaLinear)
+    whose qualified name matches by a KasaLinear.from_linear, in place, and leave only the adapters (lora_A, lora_B,
+    lora_diag) trainable. Returns the model.
 
     target_modules: a list of names matched as PEFT does (the full name, or its last dotted components), or one
     string matched as a full regular expression.
@@ -382,6 +393,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if not isinstance(m, KasaLinear):
             continue
+        if m.weight is None:
+            raise ValueError(f"model: {name!r} has a quantized base ({type(m).__name__}); merging would quantize the "
+                             "adapter away, so merge_and_unload refuses it (keep the adapter separate)")
         with torch.no_grad():
             merged = m.weight if m.merged else (m.weight.float() + m.delta_weight()).to(m.weight.dtype)
             if m.from_conv1d:

@@ -195,16 +195,20 @@ def run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask=None, p=0.0):
     return [y] + list(torch.autograd.grad(y, leaves, gy.to(dtype)))
 
 
-def check_against_reference(case, scaling=2.0, p=0.0, backend="torch"):
+def check_against_reference(case, scaling=2.0, p=0.0, backend="torch", weight_ref=None):
     """Forward output and every gradient of `backend` within reference_bound of the reference, for the same dropout
-    mask; dtypes and shapes as promised (y and dx in x's dtype, each adapter gradient in its parameter's)."""
+    mask; dtypes and shapes as promised (y and dx in x's dtype, each adapter gradient in its parameter's).
+
+    weight_ref: the (N, K) fp32 matrix the reference uses where the case's weight is a quantized one (bitsandbytes'
+    own dequantization of it); the case's weight itself otherwise."""
     from kasa_kernels.ops.rng import keep_mask, make_seed
 
-    x, w, b, a, d, bb, gy = case
+    x, w_kernel, b, a, d, bb, gy = case
+    w = w_kernel if weight_ref is None else weight_ref
     dtype = x.dtype
     seed = make_seed(777, x.device) if p > 0 else None
     mask = keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).view(x.shape) if p > 0 else None
-    got = run_backend(x, w, b, a, d, bb, gy, scaling, p, seed, backend)
+    got = run_backend(x, w_kernel, b, a, d, bb, gy, scaling, p, seed, backend)
     want64 = run_reference(x, w, b, a, d, bb, gy, scaling, torch.float64, mask, p)
     wantlp = run_reference(x, w, b, a, d, bb, gy, scaling, dtype, mask, p)
     assert got[0].dtype == dtype and got[0].shape == (*x.shape[:-1], w.shape[0])

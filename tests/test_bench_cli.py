@@ -8,7 +8,7 @@ import torch
 
 from kasa_kernels.bench.__main__ import main
 from kasa_kernels.bench.peers import unsloth_style_linear
-from kasa_kernels.bench.providers import GEMMS, PROVIDERS, REGISTRY
+from kasa_kernels.bench.providers import GEMMS, PROVIDERS, REGISTRY, usable
 from kasa_reference import kasa_linear_ref
 
 ROW_FIELDS = {"provider", "mode", "M", "K", "N", "r", "dropout", "dtype", "ms_median", "ms_p20", "ms_p80", "tflops",
@@ -18,7 +18,9 @@ FAST = ["--rep-ms", "2", "--min-reps", "3", "--max-reps", "5", "--warmup", "1", 
 # Every provider but torch_compile (inductor compiles each shape for 20-60 s on 2 cores)
 ASKED = [n for n in PROVIDERS if n != "torch_compile"]
 # Of those, the ones this CPU runs in every mode, and the ones it must skip (recorded with the reason)
-ALL_MODES_HERE = [p.name for p in REGISTRY if p.name in ASKED and not p.forward_only and not p.needs_gpu]
+# (the NF4 providers need bitsandbytes, a test extra: without it they are recorded as skipped, as GPU-only ones are)
+ALL_MODES_HERE = [p.name for p in REGISTRY if p.name in ASKED and not p.forward_only and not p.needs_gpu
+                  and usable(p.name, torch.device("cpu"))[0]]
 FORWARD_ONLY_HERE = [p.name for p in REGISTRY if p.name in ASKED and p.forward_only and not p.needs_gpu]
 GPU_ONLY = {p.name for p in REGISTRY if p.needs_gpu}
 
@@ -173,3 +175,26 @@ def test_bad_arguments_name_the_flag():
         main(["run", "--providers", "nope", "--quiet"])
     with pytest.raises(SystemExit, match="--shape"):
         main(["run", "--shape", "1,2,3", "--quiet"])
+
+
+def test_nf4_pair_computes_the_same_layer():
+    """The quantized-base pair times the same math: bitsandbytes' NF4 layer plus an eager adapter, and ours, on the
+    same packed base and adapters, against kasa_reference on bitsandbytes' dequantization of that base."""
+    pytest.importorskip("bitsandbytes")
+    import helpers
+    from kasa_kernels.bench import providers as prov
+    from kasa_kernels.bench.shapes import Case
+    from kasa_kernels.quant import weight_of
+    from quant_cases import bnb_dequantize
+
+    case = Case(24, 64, 48, 4, 0.0, "fp32")
+    cpu = torch.device("cpu")
+    states = {n: prov.build(n, case, cpu) for n in prov.QUANTIZED}
+    t = prov.make_tensors(case, cpu)
+    w = bnb_dequantize(weight_of(prov._nf4_base(t, case, cpu)))
+    args = (w, None, t.lora_A, t.lora_diag, t.lora_B)
+    want64 = kasa_linear_ref(t.x.double(), *(None if a is None else a.double() for a in args), t.scaling)
+    want32 = kasa_linear_ref(t.x, *args, t.scaling)
+    mag = helpers.kasa_linear_magnitudes(t.x, *args, t.dy, t.scaling)[0]
+    for name, st in states.items():
+        helpers.assert_close_to_reference(name, st.fwd(), want64, want32, torch.float32, magnitude=mag)

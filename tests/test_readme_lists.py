@@ -68,3 +68,13 @@ def test_backends_table_names_the_backends():
     assert len(names) == len(set(names)), f"README.md's backends table repeats a row: {names}"
     assert set(names) == set(BACKEND_NAMES), (f"README.md's backends table names {sorted(names)}; "
                                               f"kasa_kernels._backend.NAMES is {sorted(BACKEND_NAMES)}")
+
+
+def test_memory_model_table_is_generated():
+    from kasa_kernels.bench.memory_model import markdown_table
+
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    assert "<!-- memory-model -->\n" + markdown_table() + "\n" in text, (
+        "README.md's memory table (after <!-- memory-model -->) is not `python -m kasa_kernels.bench.memory_model`'s "
+        "output: paste it again")

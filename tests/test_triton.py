@@ -488,6 +488,36 @@ def test_only_requested_gradients():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Quantized base (bitsandbytes formats): W dequantized inside the GEMM main loop, forward and dX
+
+
+# (format index into quant_cases.FORMATS, dtype, dropout p): nf4 without and with double quantization, fp4, int8
+QUANT_CASES = [(0, torch.float32, 0.0), (1, torch.float16, 0.25), (2, torch.float32, 0.0), (4, torch.float16, 0.0),
+               (4, torch.float32, 0.25)]
+
+
+@pytest.mark.parametrize("fmt_index,dtype,p", QUANT_CASES, ids=lambda v: str(v))
+def test_quantized_base_dequantized_in_the_main_loop(fmt_index, dtype, p, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from kasa_kernels.ops import quant_weight
+    from quant_cases import FORMATS, bnb_dequantize, quantize, spread_weight
+
+    # K = 72 is no multiple of the blocks, N = 40 no multiple of the tiles; N K / 256 leaves a partial block
+    k, n, r = 72, 40, 4
+    q = quantize(FORMATS[fmt_index], spread_weight(n, k))
+    w_ref = bnb_dequantize(q)  # before dequantize is poisoned below
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the triton backend dequantized W into memory")
+
+    monkeypatch.setattr(quant_weight, "dequantize", refuse)  # what every unfused qlinear kernel calls
+    x, _, b, a, d, bb, gy = make_case((3, 5), k, n, r, dtype, adapter_dtype=torch.float32, seed=2)
+    check = q._replace(**{f: getattr(q, f).to(DEVICE) for f in quant_weight.TENSOR_FIELDS if getattr(q, f) is not None})
+    helpers.check_against_reference((x, check, b, a, d, bb, gy), scaling=2.0, p=p, backend="triton",
+                                    weight_ref=w_ref.to(DEVICE))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Regularizer
 
 

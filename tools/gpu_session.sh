@@ -7,7 +7,7 @@
 #   3 correctness  tests/gpu/check_backends.py (triton and cuda against the reference: bf16/fp16/fp32, P, decode and
 #                  a ragged shape, dropout on and off), tests/test_cuda.py's gpu-marked tests, and
 #                  compute-sanitizer --tool memcheck over tests/gpu/sanitize_cuda.py
-#   4 bench        kasa-bench at P (p = 0 and 0.1) and decode M = 64, for the ten providers below
+#   4 bench        kasa-bench at P (p = 0 and 0.1) and decode M = 64, for the twelve providers below
 #   5 whole-model  the whole-model runs (32-layer regularizer, Llama training step)
 #   6 profile      per-kernel device time of the fused paths at P (tools/profile_kernels.py)
 #
@@ -41,7 +41,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 export KASA_KERNELS_TRITON_AUTOTUNE=shortlist TRITON_CACHE_AUTOTUNING=1 TRITON_PRINT_AUTOTUNING=1
 
-PROVIDERS=cublas_linear,frozen_linear,peft,torch_eager,torch_compile,unsloth_style,triton,cuda,triton_gemm,cuda_gemm
+PROVIDERS=cublas_linear,frozen_linear,peft,torch_eager,torch_compile,unsloth_style,triton,cuda,triton_gemm,cuda_gemm,nf4_kasa,nf4_peft_style
 FUSED=cublas_linear,frozen_linear,triton,cuda,triton_gemm,cuda_gemm
 if [ $dry = 0 ]; then
   # Seconds per stage, 475 in all with the closing auto-preference step, of the 480 allowed: a cold start's build of

@@ -43,7 +43,8 @@ PEER = "peer"  # someone else's KaSA layer, or a composition of stock kernels we
 OURS_TORCH = "ours-torch"  # kasa_kernels' shipped torch backend
 OURS_FUSED = "ours-fused"  # kasa_kernels' fused backends
 OUR_GEMM = "our GEMM"  # the fused forward's GEMM with the adapter switched off, against cuBLAS
-CATEGORIES = (BASELINE_GEMM, FROZEN_LAYER, DENSE_LAYER, PEER, OURS_TORCH, OURS_FUSED, OUR_GEMM)
+QUANT_BASE = "quantized base"  # KaSA on a bitsandbytes NF4 base: ours, and bitsandbytes plus an eager adapter
+CATEGORIES = (BASELINE_GEMM, FROZEN_LAYER, DENSE_LAYER, PEER, OURS_TORCH, OURS_FUSED, OUR_GEMM, QUANT_BASE)
 
 ALPHA_OVER_R = 2.0  # lora_alpha = 2 r, so s = 2 (any value times the same)
 
@@ -53,10 +54,12 @@ ALPHA_OVER_R = 2.0  # lora_alpha = 2 r, so s = 2 (any value times the same)
 
 
 def flops(kind: str, mode: str, c: Case) -> float:
-    """kind: 'linear' (no adapter, W frozen), 'dense' (W trainable) or 'kasa'."""
+    """kind: 'linear' (no adapter, W frozen), 'dense' (W trainable), 'kasa', or 'kasa_nf4' (KaSA on an NF4 base:
+    the same math; dequantization is not counted)."""
     base = 2.0 * c.M * c.N * c.K
-    adapter_fwd = 2.0 * c.M * c.r * (c.K + c.N) if kind == "kasa" else 0.0
-    adapter_bwd = 4.0 * c.M * c.r * (c.K + c.N) if kind == "kasa" else 0.0
+    kasa = kind in ("kasa", "kasa_nf4")
+    adapter_fwd = 2.0 * c.M * c.r * (c.K + c.N) if kasa else 0.0
+    adapter_bwd = 4.0 * c.M * c.r * (c.K + c.N) if kasa else 0.0
     fwd = base + adapter_fwd
     bwd = (2 * base if kind == "dense" else base) + adapter_bwd
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
@@ -70,15 +73,22 @@ def _elt(dtype: torch.dtype) -> int:
 adapter_dtype = default_adapter_dtype
 
 
+# Bytes per weight element of the benchmark's NF4 base (blocksize 64, double quantization): a nibble, one uint8
+# scale code per 64 elements, one fp32 per 256 scale codes.
+NF4_BLOCKSIZE = 64
+NF4_BYTES_PER_ELEMENT = 0.5 + 1 / NF4_BLOCKSIZE + 4 / (NF4_BLOCKSIZE * 256)
+
+
 def bytes_moved(kind: str, mode: str, c: Case) -> float:
     e = _elt(c.torch_dtype)
     a = _elt(adapter_dtype(c.torch_dtype))
     M, K, N, r = c.M, c.K, c.N, c.r
-    fwd = e * (M * K + N * K + M * N)
-    bwd = e * (M * N + N * K + M * K)  # read G and W, write dx
+    w = NF4_BYTES_PER_ELEMENT * N * K if kind == "kasa_nf4" else e * N * K  # W read in forward and again for dx
+    fwd = e * (M * K + M * N) + w
+    bwd = e * (M * N + M * K) + w  # read G and W, write dx
     if kind == "dense":
         bwd += e * (M * K + N * K)  # read x, write dW
-    if kind == "kasa":
+    if kind in ("kasa", "kasa_nf4"):
         params = a * r * (K + N + 1)
         fwd += params + 4 * M * r  # read A, d, B; write H
         bwd += e * M * K + 4 * M * r + 2 * params  # read x (for dA) and H; read params, write their grads
@@ -94,7 +104,7 @@ class State:
     fwd: Callable[[], torch.Tensor]
     leaves: List[torch.Tensor]  # tensors whose .grad is reset before every timed call
     dy: Optional[torch.Tensor]
-    kind: str  # for flops(): 'linear' | 'dense' | 'kasa'
+    kind: str  # for flops(): 'linear' | 'dense' | 'kasa' | 'kasa_nf4'
     impl: str  # what actually ran, in words
 
 
@@ -216,6 +226,12 @@ def usable(name: str, device: torch.device) -> Tuple[bool, str]:
         return True, f"peft {v} KasaLinearVariant"
     if name == "torch_compile":
         return True, f"torch.compile (inductor) of the torch backend, torch {torch.__version__}"
+    if spec.category == QUANT_BASE:
+        try:
+            import bitsandbytes
+        except ImportError:
+            return False, "bitsandbytes is not installed (pip install bitsandbytes)"
+        return True, f"bitsandbytes {bitsandbytes.__version__} NF4 (blocksize {NF4_BLOCKSIZE}, double quantization)"
     return True, ""
 
 
@@ -305,6 +321,49 @@ def _torch_compile(spec, t: Tensors, c: Case, device, compile_mode) -> State:
     return State(fwd, leaves, t.dy, "kasa", f"torch.compile(mode={compile_mode!r}) of kasa_linear(backend='torch')")
 
 
+def _nf4_base(t: Tensors, c: Case, device) -> nn.Module:
+    """The case's W as a bitsandbytes Linear4bit (NF4, blocksize 64, double quantization, computing in the case's
+    dtype) on `device`; bitsandbytes quantizes it on the move there."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(c.K, c.N, bias=False, compute_dtype=c.torch_dtype, compress_statistics=True,
+                              quant_type="nf4")
+    layer.weight.blocksize = NF4_BLOCKSIZE
+    layer.load_state_dict({"weight": t.weight.detach().float().cpu()}, strict=False)
+    return layer.to(device)
+
+
+def _nf4_kasa(spec, t: Tensors, c: Case, device, compile_mode) -> State:
+    """kasa_kernels' QuantKasaLinear on the NF4 base: on a GPU the triton backend (W decoded in its GEMM's main
+    loop), elsewhere the torch backend. Built with truncation "none" so both quantized providers compute with the
+    same base."""
+    backend = "triton" if device.type == "cuda" else "torch"
+    layer = _kk().KasaLinear.from_linear(_nf4_base(t, c, device), r=c.r, alpha=t.scaling * c.r, dropout=c.dropout,
+                                         truncation="none", backend=backend, adapter_dtype=t.lora_A.dtype)
+    with torch.no_grad():
+        for name in ("lora_A", "lora_diag", "lora_B"):
+            getattr(layer, name).copy_(getattr(t, name))
+    layer.train()
+    x = t.x.requires_grad_(True)
+    leaves = [x, layer.lora_A, layer.lora_diag, layer.lora_B]
+    return State(lambda: layer(x), leaves, t.dy, "kasa_nf4", f"kasa_kernels QuantKasaLinear (backend {backend!r})")
+
+
+def _nf4_peft_style(spec, t: Tensors, c: Case, device, compile_mode) -> State:
+    """bitsandbytes' Linear4bit plus the adapter in eager torch, as PEFT composes its LoRA layer over a bitsandbytes
+    base: base(x) + s ((dropout(x) A^T) * d) B^T, the adapter in its own dtype and added in x's."""
+    base = _nf4_base(t, c, device)
+    leaves = _adapters_trainable(t)
+    drop = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
+    x, a, d, b, s = t.x, t.lora_A, t.lora_diag, t.lora_B, t.scaling
+
+    def fwd():
+        h = drop(x).to(a.dtype) @ a.t()
+        return base(x) + ((h * d) @ b.t() * s).to(x.dtype)
+
+    return State(fwd, leaves, t.dy, "kasa_nf4", "bitsandbytes Linear4bit + eager KaSA adapter (PEFT's composition)")
+
+
 def _kasa_linear_torch(x, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p):
     return _kk().kasa_linear(x, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p=dropout_p,
                              training=True, backend="torch")
@@ -327,6 +386,8 @@ REGISTRY: Tuple[Provider, ...] = (
     Provider("cuda", OURS_FUSED, _kasa_linear, backend="cuda", needs_gpu=True),
     Provider("triton_gemm", OUR_GEMM, _our_gemm, forward_only=True, backend="triton", needs_gpu=True),
     Provider("cuda_gemm", OUR_GEMM, _our_gemm, forward_only=True, backend="cuda", needs_gpu=True),
+    Provider("nf4_kasa", QUANT_BASE, _nf4_kasa),
+    Provider("nf4_peft_style", QUANT_BASE, _nf4_peft_style),
 )
 _BY_NAME: Dict[str, Provider] = {p.name: p for p in REGISTRY}
 
@@ -367,6 +428,8 @@ GEMMS = names(OUR_GEMM)
 BASELINES = names(BASELINE_GEMM, FROZEN_LAYER, OUR_GEMM)
 # Our fused backends (their provider names are their backend names).
 FUSED = names(OURS_FUSED)
+# KaSA on an NF4 base: ours (nf4_kasa), and bitsandbytes' layer with PEFT's eager adapter.
+QUANTIZED = names(QUANT_BASE)
 # Providers that are ours: the fused backends and the shipped torch backend.
 OURS = names(OURS_FUSED, OURS_TORCH)
 # The peer table's columns: the peers, then the torch backend (the fused backends' peer).

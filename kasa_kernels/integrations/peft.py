@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from .. import _backend
-from .._layers import DEFAULT_BETA, DEFAULT_GAMMA, kasa_layers, peft_kasa_layers
+from .._layers import DEFAULT_BETA, DEFAULT_GAMMA, kasa_layers, peft_kasa_layers, refuse_plain_lora_fallback
 from ..autograd import autocasting
 from ..functional import kasa_linear, kept_singular_triplets
 from ..modules import KasaLinear, _is_conv1d, inject
@@ -226,6 +226,7 @@ def patch_peft_model(model: nn.Module, backend: str = "auto") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     _backend.check_name(backend)
+    refuse_plain_lora_fallback(model)
     layers = [m for m in peft_kasa_layers(model).values() if type(m) in (_PeftLoraLinear, KasaFusedLoraLinear)]
     if not layers:
         n_lora = sum(isinstance(m, _PeftLoraLinear) for m in model.modules())
@@ -265,6 +266,11 @@ def fused_layer_names(model: nn.Module) -> List[str]:
 
 def _kasa_layers(model: nn.Module) -> Dict[str, KasaLinear]:
     layers = {n: m for n, m in kasa_layers(model).items() if isinstance(m, KasaLinear)}
+    quantized = [n for n, m in layers.items() if m.weight is None]
+    if quantized:
+        raise ValueError(f"model: {quantized[0]!r} has a quantized base (QuantKasaLinear); PEFT cannot load KaSA onto "
+                         "a bitsandbytes layer (it builds plain LoRA there), so no PEFT adapter is written: save the "
+                         "model's state_dict, which holds the re-quantized truncated base and the adapters")
     if not layers:
         raise ValueError("model: found no KasaLinear layer; inject() adapters first")
     return layers
@@ -531,6 +537,10 @@ def _export_layers(kasa_model: nn.Module, adapter_name: Optional[str]) -> Dict[s
     for name, m in kasa_layers(kasa_model).items():
         if not isinstance(m, KasaLinear):
             continue
+        if m.weight is None:
+            raise ValueError(f"kasa_model: {name} has a quantized base (QuantKasaLinear), whose truncation residual "
+                             "is not a low-rank term of the original weight after re-quantization; it cannot be "
+                             "exported as a LoRA adapter")
         if m.merged:
             raise ValueError(f"kasa_model: {name} is merged; unmerge() it first")
         out[name.removeprefix(PEFT_KEY_PREFIX)] = dict(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from .cuda import ext
 from .defs import register_kernel
 from .precision import allow_tf32
+from .quant_weight import dequantizing
 from .rng import dropout_threshold, keep_scale
 
 
@@ -37,3 +38,12 @@ def linear_backward(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling, 
     grads = ext().linear_backward(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling,
                                   *_dropout_args(dropout_p), seed, *needs, allow_tf32())
     return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+
+# A quantized base: no fused dequantizing path in the CUDA C++ kernels yet. W is dequantized into memory (x's dtype,
+# bit for bit as bitsandbytes does) for this call only, then the kernels above run; backward dequantizes again, so
+# nothing dequantized is kept, but each call holds one N x K temporary.
+qlinear_forward, qlinear_backward = dequantizing(linear_forward, linear_backward)
+register_kernel("qlinear_forward", "cuda")(qlinear_forward)
+register_kernel("qlinear_backward", "cuda")(qlinear_backward)

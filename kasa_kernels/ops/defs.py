@@ -4,6 +4,8 @@
     linear_backward  (G, x2d, W, A, d, B, H, s, p, seed, needs)  -> (dx, dA, dd, dB), None where not needed
     regularizer      (As, Bs, ds, beta, gamma, official)         -> (loss, [dA_l], [dB_l], [dd_l]), all fp32
     base_gemm        (x2d, W, b)                                  -> x W^T + b through a fused GEMM, adapter off
+    qlinear_forward / qlinear_backward: linear_forward / linear_backward for a quantized W (a QuantizedWeight,
+                     ops/quant_weight.py), which the two Python entry points below route there
 
 The math is docs/math.md's. A backend supplies kernels with `register_kernel(op, backend)`; kasa_kernels._backend
 imports a backend's modules (which register on import) before anything calls it, and decides which backend runs.
@@ -27,7 +29,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-OPS = ("linear_forward", "linear_backward", "regularizer", "base_gemm")
+from .quant_weight import QuantizedWeight, block_scales
+
+OPS = ("linear_forward", "linear_backward", "regularizer", "base_gemm", "qlinear_forward", "qlinear_backward")
 # Backends whose kernels run inline (traced by torch.compile) instead of behind the custom ops.
 INLINE_BACKENDS = ("torch",)
 
@@ -91,8 +95,12 @@ def _(backend, x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p,
 def linear_forward(backend: str, x2d: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                    lora_diag: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
                    seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K); returns (Y in x's dtype, H = dropout(x) A^T)."""
+    """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K); returns (Y in x's dtype, H = dropout(x) A^T).
+    weight: a tensor, or a QuantizedWeight (then qlinear_forward runs)."""
     p, seed = _dropout_args(dropout_p, seed)
+    if isinstance(weight, QuantizedWeight):
+        return _qlinear_forward(backend, x2d, _decoded(weight), bias, lora_A, lora_diag, lora_B, float(scaling), p,
+                                seed)
     if backend in INLINE_BACKENDS:
         return kernel("linear_forward", backend)(x2d, weight, bias, lora_A, lora_diag, lora_B, float(scaling), p,
                                                  seed)
@@ -134,6 +142,9 @@ def linear_backward(backend: str, grad_y: Tensor, x2d: Tensor, weight: Tensor, l
     """(dx, dA, dd, dB) of linear_forward, None where `needs` says a gradient is not wanted."""
     needs = tuple(bool(n) for n in needs)
     p, seed = _dropout_args(dropout_p, seed)
+    if isinstance(weight, QuantizedWeight):
+        return _qlinear_backward(backend, grad_y, x2d, _decoded(weight), lora_A, lora_diag, lora_B, h, float(scaling),
+                                 p, seed, needs)
     if backend in INLINE_BACKENDS:
         return kernel("linear_backward", backend)(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, float(scaling),
                                                   p, seed, needs)
@@ -201,3 +212,73 @@ def base_gemm(backend: str, x2d: Tensor, weight: Tensor, bias: Optional[Tensor] 
     if backend in INLINE_BACKENDS:
         return kernel("base_gemm", backend)(x2d, weight, bias)
     return _base_gemm_op(backend, x2d, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# qlinear_forward, qlinear_backward: the linear ops with a quantized W (ops/quant_weight.py). The kernels get a
+# QuantizedWeight whose scales are decoded (fp32, never nested: block_scales runs here, at every call, in torch) and
+# compute with W = dequantize(weight, x's dtype), exactly; how they get it (a fused main loop, or dequantizing first)
+# is theirs. The custom ops carry the weight as (data, scale, code, kind, blocksize, N).
+
+
+def _decoded(w: QuantizedWeight) -> QuantizedWeight:
+    if not w.nested:
+        return w
+    return w._replace(scale=block_scales(w), nested_scale=None, nested_code=None, nested_offset=None,
+                      nested_blocksize=0)
+
+
+def _weight_of(q_data, q_scale, q_code, q_kind, q_blocksize, n, k) -> QuantizedWeight:
+    return QuantizedWeight(q_data, q_scale, q_code, None, None, None, q_kind, q_blocksize, 0, (n, k))
+
+
+@torch.library.custom_op("kasa_kernels::qlinear_forward", mutates_args=())
+def _qlinear_forward_op(backend: str, x2d: Tensor, q_data: Tensor, q_scale: Tensor, q_code: Optional[Tensor],
+                        q_kind: str, q_blocksize: int, n: int, bias: Optional[Tensor], lora_A: Tensor,
+                        lora_diag: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
+                        seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    w = _weight_of(q_data, q_scale, q_code, q_kind, q_blocksize, n, x2d.shape[1])
+    return kernel("qlinear_forward", backend)(x2d, w, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed)
+
+
+@_qlinear_forward_op.register_fake
+def _(backend, x2d, q_data, q_scale, q_code, q_kind, q_blocksize, n, bias, lora_A, lora_diag, lora_B, scaling,
+      dropout_p, seed):
+    m = x2d.shape[0]
+    return x2d.new_empty((m, n)), x2d.new_empty((m, lora_A.shape[0]), dtype=torch.float32)
+
+
+def _qlinear_forward(backend, x2d, w, bias, lora_A, lora_diag, lora_B, scaling, p, seed):
+    if backend in INLINE_BACKENDS:
+        return kernel("qlinear_forward", backend)(x2d, w, bias, lora_A, lora_diag, lora_B, scaling, p, seed)
+    return _qlinear_forward_op(backend, x2d, w.data, w.scale, w.code, w.kind, w.blocksize, w.shape[0], bias, lora_A,
+                               lora_diag, lora_B, scaling, p, seed)
+
+
+@torch.library.custom_op("kasa_kernels::qlinear_backward", mutates_args=())
+def _qlinear_backward_op(backend: str, grad_y: Tensor, x2d: Tensor, q_data: Tensor, q_scale: Tensor,
+                         q_code: Optional[Tensor], q_kind: str, q_blocksize: int, lora_A: Tensor, lora_diag: Tensor,
+                         lora_B: Tensor, h: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+                         need_dx: bool, need_da: bool, need_dd: bool,
+                         need_db: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    w = _weight_of(q_data, q_scale, q_code, q_kind, q_blocksize, grad_y.shape[1], x2d.shape[1])
+    grads = kernel("qlinear_backward", backend)(grad_y, x2d, w, lora_A, lora_diag, lora_B, h, scaling, dropout_p,
+                                                seed, (need_dx, need_da, need_dd, need_db))
+    return tuple(_empty_like_none(g, x2d) for g in grads)
+
+
+@_qlinear_backward_op.register_fake
+def _(backend, grad_y, x2d, q_data, q_scale, q_code, q_kind, q_blocksize, lora_A, lora_diag, lora_B, h, scaling,
+      dropout_p, seed, need_dx, need_da, need_dd, need_db):
+    weight = x2d.new_empty((grad_y.shape[1], x2d.shape[1]))  # only its shape is read
+    return _linear_backward_op._abstract_fn(backend, grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling,
+                                            dropout_p, seed, need_dx, need_da, need_dd, need_db)
+
+
+def _qlinear_backward(backend, grad_y, x2d, w, lora_A, lora_diag, lora_B, h, scaling, p, seed, needs):
+    if backend in INLINE_BACKENDS:
+        return kernel("qlinear_backward", backend)(grad_y, x2d, w, lora_A, lora_diag, lora_B, h, scaling, p, seed,
+                                                   needs)
+    grads = _qlinear_backward_op(backend, grad_y, x2d, w.data, w.scale, w.code, w.kind, w.blocksize, lora_A,
+                                 lora_diag, lora_B, h, scaling, p, seed, *needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .defs import register_kernel
 from .precision import accumulation_dtype, fp16_rebalance
+from .quant_weight import dequantizing
 from .rng import apply_dropout
 
 
@@ -85,3 +86,11 @@ def linear_backward(
         else:
             _add_lowrank_(dx, gh, lora_A.to(acc))
     return dx, da, dd, db
+
+
+# A quantized base (ops/quant_weight.py): W is dequantized at each call, in x's dtype and bit for bit as bitsandbytes
+# dequantizes it, and dropped after its GEMM; the autograd layer saves the packed weight, never this matrix. Backward
+# reads W only for dx.
+qlinear_forward, qlinear_backward = dequantizing(linear_forward, linear_backward, weight_without_dx=False)
+register_kernel("qlinear_forward", "torch")(qlinear_forward)
+register_kernel("qlinear_backward", "torch")(qlinear_backward)

@@ -17,6 +17,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .triton_common import Dropout, keep_mask, next_pow2, r_pad, sm_count, target_of
+from .triton_dequant import QuantOperand, dequant_tile
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tiles per architecture: (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
@@ -98,7 +99,7 @@ SHORTLIST = {
 # TMA_OK and B_K_CONTIG key the cache too: a config that reads through TMA must never be reused for operands that TMA
 # cannot read, and the forward (b = W^T, unit stride along k) and dX (b = W, unit stride along n) read b in different
 # orders even where their (M, N, K) coincide.
-_AUTOTUNE_KEY = ["m_bucket", "N", "K", "R_PAD", "LOWRANK", "LOWRANK_DROPOUT", "TMA_OK", "B_K_CONTIG"]
+_AUTOTUNE_KEY = ["m_bucket", "N", "K", "R_PAD", "LOWRANK", "LOWRANK_DROPOUT", "TMA_OK", "B_K_CONTIG", "QUANT"]
 
 
 def smem_bytes(major: int, bm: int, bn: int, bk: int, stages: int, elem: int, r_chunk: int, tma: bool = False) -> int:
@@ -197,7 +198,7 @@ def autotuned_kernel(arch: Tuple[int, int]):
 
 @triton.jit
 def _gemm_lowrank_tile(
-    tile, a_ptr, b_ptr, a_desc, b_desc, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr,
+    tile, a_ptr, b_ptr, a_desc, b_desc, q_scale_ptr, q_code_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_lm, stride_lr, stride_lbr, stride_lbn,
@@ -207,6 +208,7 @@ def _gemm_lowrank_tile(
     INPUT_PRECISION: tl.constexpr, LOWRANK_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr, B_K_CONTIG: tl.constexpr,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of gemm_lowrank_kernel's output (its docstring has the math)."""
     num_m = tl.cdiv(M, BLOCK_M)
@@ -226,6 +228,7 @@ def _gemm_lowrank_tile(
     offs_n_ld = (offs_n % N).to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tl.static_assert(not (USE_TMA and QUANT != 0), "a quantized b is read through pointers")
     if USE_TMA:
         # The copy engine zero-fills whatever lies past M, N or K, so no masks and no wrapped offsets here.
         off_m = pid_m * BLOCK_M
@@ -244,7 +247,11 @@ def _gemm_lowrank_tile(
         for k0 in range(0, K, BLOCK_K):
             k_left = K - k0
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if QUANT == 0:
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            else:  # b_ptr is the packed weight: its elements dequantized in the activation dtype (triton_dequant)
+                b = dequant_tile(b_ptr, q_scale_ptr, q_code_ptr, k0 + offs_k, offs_n_ld, offs_k < k_left,
+                                 stride_bk, stride_bn, QUANT, QBLOCK, B_K_CONTIG).to(a.dtype)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
@@ -280,7 +287,7 @@ def _gemm_lowrank_tile(
 
 @triton.jit
 def gemm_lowrank_kernel(
-    a_ptr, b_ptr, a_desc, b_desc, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr,
+    a_ptr, b_ptr, a_desc, b_desc, q_scale_ptr, q_code_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr,
     M, N, K, R, m_bucket,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_lm, stride_lr, stride_lbr, stride_lbn,
@@ -291,6 +298,7 @@ def gemm_lowrank_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     R_CHUNK: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr, USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, B_K_CONTIG: tl.constexpr,
+    QUANT: tl.constexpr, QBLOCK: tl.constexpr,
 ):
     """out (M, N) = a (M, K) @ b (K, N) + [l (M, R) @ lb (R, N)] + [bias (N,)], every operand through its strides.
 
@@ -313,19 +321,21 @@ def gemm_lowrank_kernel(
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _gemm_lowrank_tile(
-                tile, a_ptr, b_ptr, a_desc, b_desc, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr, M, N, K, R,
+                tile, a_ptr, b_ptr, a_desc, b_desc, q_scale_ptr, q_code_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr,
+                seed_ptr, M, N, K, R,
                 stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr, stride_lbr, stride_lbn,
                 stride_om, stride_on, keep_scale, threshold,
                 HAS_BIAS, LOWRANK, LOWRANK_DROPOUT, INPUT_PRECISION, LOWRANK_PRECISION,
-                BLOCK_M, BLOCK_N, BLOCK_K, R_CHUNK, GROUP_M, USE_TMA, B_K_CONTIG,
+                BLOCK_M, BLOCK_N, BLOCK_K, R_CHUNK, GROUP_M, USE_TMA, B_K_CONTIG, QUANT, QBLOCK,
             )
     else:
         _gemm_lowrank_tile(
-            tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, l_ptr, lb_ptr, bias_ptr, out_ptr, seed_ptr, M, N, K, R,
+            tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, q_scale_ptr, q_code_ptr, l_ptr, lb_ptr, bias_ptr, out_ptr,
+            seed_ptr, M, N, K, R,
             stride_am, stride_ak, stride_bk, stride_bn, stride_lm, stride_lr, stride_lbr, stride_lbn,
             stride_om, stride_on, keep_scale, threshold,
             HAS_BIAS, LOWRANK, LOWRANK_DROPOUT, INPUT_PRECISION, LOWRANK_PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_K, R_CHUNK, GROUP_M, USE_TMA, B_K_CONTIG,
+            BLOCK_M, BLOCK_N, BLOCK_K, R_CHUNK, GROUP_M, USE_TMA, B_K_CONTIG, QUANT, QBLOCK,
         )
 
 
@@ -374,8 +384,12 @@ def tma_descriptors(a, b: KNView, M, N, K):
 
 def gemm_lowrank(a: torch.Tensor, b: KNView, out: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
                  lowrank: Optional[LowRank] = None, dropout: Optional[Dropout] = None, precision: str,
-                 lowrank_precision: str, config: Optional[dict] = None) -> torch.Tensor:
+                 lowrank_precision: str, config: Optional[dict] = None,
+                 quant: Optional[QuantOperand] = None) -> torch.Tensor:
     """out = a @ b [+ mask(l @ lb)] [+ bias], written into `out` (M, N) and returned.
+
+    quant: b is a quantized weight (ops/triton_dequant.py): b.tensor its packed data, b's strides those of the
+    row-major (N, K) weight's elements, dequantized in the main loop (read through pointers, never TMA).
 
     precision / lowrank_precision: tl.dot's input_precision for the main loop and the rank-r k-steps. dropout masks
     the rank-r term (dX only). config: fixed meta-parameters (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PERSISTENT, USE_TMA,
@@ -396,7 +410,7 @@ def gemm_lowrank(a: torch.Tensor, b: KNView, out: torch.Tensor, *, bias: Optiona
     else:
         kernel, meta = autotuned_kernel(arch), {}
         want_tma = any(tma for _, tma in GEMM_VARIANTS.get(arch, ()))
-    a_desc, b_desc = tma_descriptors(a, b, M, N, K) if want_tma else (None, None)
+    a_desc, b_desc = tma_descriptors(a, b, M, N, K) if want_tma and quant is None else (None, None)
     tma_ok = a_desc is not None
     b_k_contig = b.stride_k == 1
     if config is not None:
@@ -417,7 +431,8 @@ def gemm_lowrank(a: torch.Tensor, b: KNView, out: torch.Tensor, *, bias: Optiona
         l_strides = (0, 0, 0, 0)
     rp = r_pad(R) if lowrank is not None else 16
     kernel[grid](
-        a, b.tensor, a_desc, b_desc, *l_args, bias if bias is not None else a, out,
+        a, b.tensor, a_desc, b_desc, *((quant.scale, quant.code) if quant is not None else (a, a)),
+        *l_args, bias if bias is not None else a, out,
         dropout.seed if dropout is not None else a,
         M, N, K, R, next_pow2(M),
         a.stride(0), a.stride(1), b.stride_k, b.stride_n,
@@ -427,6 +442,7 @@ def gemm_lowrank(a: torch.Tensor, b: KNView, out: torch.Tensor, *, bias: Optiona
         HAS_BIAS=bias is not None, LOWRANK=lowrank is not None,
         LOWRANK_DROPOUT=lowrank is not None and dropout is not None,
         INPUT_PRECISION=precision, LOWRANK_PRECISION=lowrank_precision, R_PAD=rp,
-        R_CHUNK=min(rp, LOWRANK_CHUNK), TMA_OK=tma_ok, B_K_CONTIG=b_k_contig, **meta,
+        R_CHUNK=min(rp, LOWRANK_CHUNK), TMA_OK=tma_ok, B_K_CONTIG=b_k_contig,
+        QUANT=quant.quant if quant is not None else 0, QBLOCK=quant.blocksize if quant is not None else 1, **meta,
     )
     return out

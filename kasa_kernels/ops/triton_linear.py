@@ -10,21 +10,35 @@ Backward, three launches (+ a tiny fp32 sum over split partials):
     gemm_lowrank     dx = G W + dropout_backward(gH A), the rank-r term (masked per element when p > 0) as the
                      accumulator's first k-steps
 Nothing of size M x N or M x K is allocated besides the outputs.
+
+A quantized base (ops/quant_weight.py, the qlinear_* ops) takes the same launches: its GEMMs dequantize W in the
+main loop (ops/triton_dequant.py), in the forward and in dX; W is never dequantized into memory.
 """
 from __future__ import annotations
 
 import torch
 
 from .defs import register_kernel
+from .quant_weight import QuantizedWeight
 from .triton_common import Dropout, dot_precision
+from .triton_dequant import QuantOperand
 from .triton_gemm import KNView, LowRank, gemm_lowrank
 from .triton_lowrank import dy_pass, lowrank_da, shrink
 
 
-def _forward_weight(weight: torch.Tensor) -> KNView:
-    return KNView(weight, weight.stride(1), weight.stride(0))  # W^T (K, N) without a copy
+def _weight_operand(weight, transposed: bool):
+    """(b, quant) of a GEMM: W^T (K, N) in the forward (transposed) or W in dX, as a view without a copy; for a
+    QuantizedWeight, its packed data read through the strides of the row-major (N, K) weight's elements."""
+    if isinstance(weight, QuantizedWeight):
+        data = weight.data if weight.kind == "int8" else weight.data.reshape(-1).view(torch.uint8)
+        k = weight.shape[1]
+        return (KNView(data, 1, k) if transposed else KNView(data, k, 1)), QuantOperand.of(weight)
+    if transposed:
+        return KNView(weight, weight.stride(1), weight.stride(0)), None
+    return KNView(weight, weight.stride(0), weight.stride(1)), None
 
 
+@register_kernel("qlinear_forward", "triton")
 @register_kernel("linear_forward", "triton")
 def linear_forward(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed):
     M = x2d.shape[0]
@@ -33,7 +47,8 @@ def linear_forward(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropou
     if M == 0:
         return y, h
     lowrank = LowRank(s, KNView(lora_B, lora_B.stride(1), lora_B.stride(0)))
-    gemm_lowrank(x2d, _forward_weight(weight), y, bias=bias, lowrank=lowrank,
+    b, quant = _weight_operand(weight, transposed=True)
+    gemm_lowrank(x2d, b, y, bias=bias, lowrank=lowrank, quant=quant,
                  precision=dot_precision(x2d.dtype, False), lowrank_precision=dot_precision(x2d.dtype, True))
     return y, h
 
@@ -44,10 +59,11 @@ def base_gemm(x2d, weight, bias=None):
     y = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
     if x2d.shape[0] == 0:
         return y
-    return gemm_lowrank(x2d, _forward_weight(weight), y, bias=bias, precision=dot_precision(x2d.dtype, False),
+    return gemm_lowrank(x2d, _weight_operand(weight, True)[0], y, bias=bias, precision=dot_precision(x2d.dtype, False),
                         lowrank_precision=dot_precision(x2d.dtype, True))
 
 
+@register_kernel("qlinear_backward", "triton")
 @register_kernel("linear_backward", "triton")
 def linear_backward(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling, dropout_p, seed, needs):
     need_dx, need_da, need_dd, need_db = needs
@@ -66,7 +82,7 @@ def linear_backward(grad_y, x2d, weight, lora_A, lora_diag, lora_B, h, scaling, 
     dx = None
     if need_dx:
         dx = torch.empty((M, K), dtype=x2d.dtype, device=dev)
-        gemm_lowrank(grad_y, KNView(weight, weight.stride(0), weight.stride(1)), dx,
-                     lowrank=LowRank(gh, KNView(lora_A, lora_A.stride(0), lora_A.stride(1))), dropout=dropout,
-                     precision=dot_precision(x2d.dtype, False), lowrank_precision=small)
+        b, quant = _weight_operand(weight, transposed=False)
+        gemm_lowrank(grad_y, b, dx, lowrank=LowRank(gh, KNView(lora_A, lora_A.stride(0), lora_A.stride(1))),
+                     dropout=dropout, quant=quant, precision=dot_precision(x2d.dtype, False), lowrank_precision=small)
     return dx, da, dd, db

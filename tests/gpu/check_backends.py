@@ -2,7 +2,9 @@
 
 The triton and cuda backends against python/kasa_reference (tests/helpers.check_against_reference: forward output
 and every gradient, the test suite's one tolerance rule), in bf16, fp16 and fp32, at docs/design.md's shape P, at a
-decode size and at a ragged real shape (GPT-2's fused attention projection, strided x), with and without dropout.
+decode size and at a ragged real shape (GPT-2's fused attention projection, strided x), with and without dropout;
+and with a bitsandbytes-quantized base (nf4 with double quantization, int8), against the reference on bitsandbytes'
+own dequantization of it (skipped where bitsandbytes is not installed).
 Cases run in order until --budget-s is spent; those left out are listed. Exit status 1 on any failure.
 
     python tests/gpu/check_backends.py --out $OUT/correctness.md
@@ -42,6 +44,9 @@ CPU_SHAPES = [
     ("decode-like", (5,), 64, 40, 4, ("fp32", "fp16"), False),
     ("ragged", (3, 5), 40, 13, 8, ("fp32", "fp16"), True),
 ]
+# (name, leading dims, K, N, r, dtype, quantized format: an index into tests/quant_cases.FORMATS)
+GPU_QUANT = [("P nf4-dq", (8192,), 4096, 4096, 16, "bf16", 1), ("decode int8", (64,), 4096, 4096, 16, "fp16", 4)]
+CPU_QUANT = [("nf4-dq", (5,), 72, 40, 4, "fp32", 1)]
 DROPOUTS = (0.0, 0.1)
 
 
@@ -50,7 +55,23 @@ def cases(dry_run: bool):
         for dt in dtypes:
             for p in DROPOUTS:
                 for backend in BACKENDS:
-                    yield name, lead, k, n, r, dt, noncontig, p, backend
+                    yield name, lead, k, n, r, dt, noncontig, p, backend, None
+    for name, lead, k, n, r, dt, fmt in (CPU_QUANT if dry_run else GPU_QUANT):
+        for backend in BACKENDS:
+            yield name, lead, k, n, r, dt, False, 0.1, backend, fmt
+
+
+def quantized(case, fmt: int, device):
+    """The case with W quantized by bitsandbytes (on the CPU) in format FORMATS[fmt], and bitsandbytes' own fp32
+    dequantization of it for the reference."""
+    from kasa_kernels.ops.quant_weight import TENSOR_FIELDS
+    from quant_cases import FORMATS, bnb_dequantize, quantize
+
+    x, w, b, a, d, bb, gy = case
+    q = quantize(FORMATS[fmt], w.float().cpu())
+    w_ref = bnb_dequantize(q).to(device)
+    q = q._replace(**{f: getattr(q, f).to(device) for f in TENSOR_FIELDS if getattr(q, f) is not None})
+    return (x, q, b, a, d, bb, gy), w_ref
 
 
 def main(argv=None) -> int:
@@ -67,13 +88,18 @@ def main(argv=None) -> int:
              "", f"`python tests/gpu/check_backends.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
              "| shape | M, K, N, r | dtype | p | backend | result | s |", "|---|---|---|---:|---|---|---:|"]
     failed = 0
-    for name, lead, k, n, r, dt, noncontig, p, backend in cases(args.dry_run):
+    try:
+        import bitsandbytes  # noqa: F401
+        no_bnb = None
+    except ImportError:
+        no_bnb = "bitsandbytes is not installed"
+    for name, lead, k, n, r, dt, noncontig, p, backend, fmt in cases(args.dry_run):
         m = 1
         for v in lead:
             m *= v
         head = f"| {name} | {m}, {k}, {n}, {r} | {dt} | {p:g} | {backend} |"
-        if not usable[backend].available:
-            lines.append(f"{head} skipped: {usable[backend].reason} | |")
+        if not usable[backend].available or (fmt is not None and no_bnb):
+            lines.append(f"{head} skipped: {usable[backend].reason if not usable[backend].available else no_bnb} | |")
             continue
         if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
             lines.append(f"{head} not run: the {args.budget_s:g} s budget was spent | |")
@@ -83,7 +109,10 @@ def main(argv=None) -> int:
         try:
             case = helpers.make_case(lead, k, n, r, dtype, torch.float32, bias=True, noncontig=noncontig,
                                      device=device)
-            helpers.check_against_reference(case, scaling=2.0, p=p, backend=backend)
+            w_ref = None
+            if fmt is not None:
+                case, w_ref = quantized(case, fmt, device)
+            helpers.check_against_reference(case, scaling=2.0, p=p, backend=backend, weight_ref=w_ref)
             result = "ok"
         except Exception as e:  # noqa: BLE001 -- every case reports, the first failure does not end the run
             failed += 1
