@@ -239,8 +239,9 @@ Tensor base_gemm(const Tensor& x_in, const Tensor& weight_in, const optional<Ten
   return y;
 }
 
-// Backward's dY pass: gH (fp32, and in x's dtype for bf16's dX GEMM), dB and dd from one read of G. dB and dd are
-// reduced over M by atomics, or per row tile and summed in a fixed order under deterministic algorithms.
+// Backward's dY pass: gH (fp32, and in x's dtype for bf16's dX GEMM), dB and dd from one read of G. dB is reduced
+// over M by atomics, or per row tile and summed in a fixed order under deterministic algorithms; dd and gH always
+// in a fixed order.
 struct DyPassResult { Tensor gh, gh_lowp, dd, db; };
 
 DyPassResult run_dy_pass(kasa::DType dt, const Tensor& grad_y, const Tensor& h, const Tensor& lora_B,
@@ -268,6 +269,9 @@ DyPassResult run_dy_pass(kasa::DType dt, const Tensor& grad_y, const Tensor& h, 
   dy.db = out.db.data_ptr<float>();
   dy.db_partial = db_partial.defined() ? db_partial.data_ptr<float>() : nullptr;
   dy.dd_partial = dd_partial.data_ptr<float>();
+  dy.splits = kasa::dy_pass_splits(dt, dy.M, dy.N, dy.R);
+  Tensor gz_partial = at::empty({dy.splits, s.M, s.R}, f32);  // each column slice's G B, added in slice order
+  dy.gz_partial = gz_partial.data_ptr<float>();
   kasa::dy_pass(dt, dy, stream);
   out.dd = at::empty({s.R}, f32);
   kasa::sum_partials(dd_partial.data_ptr<float>(), m_tiles, s.R, out.dd.data_ptr<float>(), stream);
@@ -286,7 +290,7 @@ Tensor run_lowrank_da(kasa::DType dt, const Tensor& x, const Tensor& gh, const k
   la.gh = gh.data_ptr<float>();
   la.M = int(s.M); la.K = int(s.K); la.R = int(s.R);
   la.da = da.data_ptr<float>();
-  la.splits = kasa::lowrank_da_splits(la.M, la.K, la.R);
+  la.splits = kasa::lowrank_da_splits(dt, la.M, la.K, la.R);
   Tensor partial;
   if (la.splits > 1) {
     partial = at::empty({la.splits, s.R, s.K}, f32);

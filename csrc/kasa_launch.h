@@ -38,6 +38,8 @@ int lowrank_shrink_splits(DType dt, int M, int K, int R);
 void lowrank_shrink(DType dt, const ShrinkArgs& args, cudaStream_t stream);
 
 // Backward dY pass over G (M, N): gH = s (G B) * d, dB = s G^T (H * d), dd = colsum(s (G B) * H).
+// N is split over `splits` column slices (dy_pass_splits) so that the blocks fill the GPU; each slice's G B goes to
+// gz_partial and a second launch adds the slices in order (no atomics) and writes gH, gh_lowp and dd_partial.
 struct DyPassArgs {
   const void* g; int64_t ldg;  // (M, N), unit column stride
   const float* b;              // (N, R) contiguous
@@ -50,8 +52,12 @@ struct DyPassArgs {
   float* db;                   // (N, R): atomically accumulated (zeroed by caller) unless db_partial is set
   float* db_partial;           // (ceil(M / kDyRows), N, R) or null (deterministic mode)
   float* dd_partial;           // (ceil(M / kDyRows), R)
+  int splits = 1;              // dy_pass_splits(...) for these sizes
+  float* gz_partial = nullptr; // (splits, M, R) fp32 workspace, allocated by the caller
 };
-constexpr int kDyRows = 64;
+constexpr int kDyRows = 128;
+// The column-slice count dy_pass expects for G of dtype dt and these sizes (depends on the current device).
+int dy_pass_splits(DType dt, int M, int N, int R);
 void dy_pass(DType dt, const DyPassArgs& args, cudaStream_t stream);
 
 // out[e] = sum_t partial[t * n + e], t in a fixed order (deterministic).
@@ -67,7 +73,8 @@ struct LowrankDaArgs {
   int splits;
   DropoutArgs drop;
 };
-int lowrank_da_splits(int M, int K, int R);
+// The row-slice count lowrank_da expects for x of dtype dt and these sizes (depends on the current device).
+int lowrank_da_splits(DType dt, int M, int K, int R);
 void lowrank_da(DType dt, const LowrankDaArgs& args, cudaStream_t stream);
 
 // The tensor-core GEMM with the rank-R term fused:

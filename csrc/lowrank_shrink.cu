@@ -61,29 +61,6 @@ struct ShrinkCfg {
 // (For fp32 x an A row has 8 chunks and this is the identity.)
 __device__ __forceinline__ int a_chunk_slot(int c) { return c ^ ((c >> 3) & 1); }
 
-// Elements 4h .. 4h+3 of a 16-byte chunk of x as fp32 (exact).
-template <typename T> __device__ __forceinline__ void chunk_to_float(const uint4& w, int h, float (&f)[4]);
-template <> __device__ __forceinline__ void chunk_to_float<float>(const uint4& w, int, float (&f)[4]) {
-  f[0] = __uint_as_float(w.x);
-  f[1] = __uint_as_float(w.y);
-  f[2] = __uint_as_float(w.z);
-  f[3] = __uint_as_float(w.w);
-}
-template <> __device__ __forceinline__ void chunk_to_float<__nv_bfloat16>(const uint4& w, int h, float (&f)[4]) {
-  const uint32_t lo = h ? w.z : w.x, hi = h ? w.w : w.y;  // bf16 is the upper half of an fp32
-  f[0] = __uint_as_float(lo << 16);
-  f[1] = __uint_as_float(lo & 0xffff0000u);
-  f[2] = __uint_as_float(hi << 16);
-  f[3] = __uint_as_float(hi & 0xffff0000u);
-}
-template <> __device__ __forceinline__ void chunk_to_float<__half>(const uint4& w, int h, float (&f)[4]) {
-  const uint32_t lo = h ? w.z : w.x, hi = h ? w.w : w.y;
-  f[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(lo & 0xffffu)));
-  f[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(lo >> 16)));
-  f[2] = __half2float(__ushort_as_half(static_cast<unsigned short>(hi & 0xffffu)));
-  f[3] = __half2float(__ushort_as_half(static_cast<unsigned short>(hi >> 16)));
-}
-
 // `n` consecutive 4-byte or 2-byte elements that are not one aligned 16-byte chunk: 4-byte elements still go by
 // cp.async (always 4-byte aligned), 2-byte ones by plain loads; positions at or past `left` are zero.
 template <typename T, int N>
@@ -168,18 +145,6 @@ struct StageCopier {
   }
 };
 
-// Sum pairs of k-lanes `offset` apart while halving what each lane holds: the lane whose `offset` bit is set keeps
-// the upper HALF values. After offsets 4, 2, 1 lane kl holds original values [kl * ACC/8, (kl + 1) * ACC/8), each
-// the sum of all 8 k-lanes in a fixed tree (56 shuffles for 64 values instead of 192 for a full butterfly).
-template <int HALF, int ACC>
-__device__ __forceinline__ void fold_k_lanes(float (&v)[ACC], bool upper, int offset) {
-#pragma unroll
-  for (int q = 0; q < HALF; ++q) {
-    const float lo = v[q], hi = v[HALF + q];
-    v[q] = (upper ? hi : lo) + __shfl_xor_sync(0xffffffffu, upper ? lo : hi, offset);
-  }
-}
-
 template <typename T, int RC, bool DROPOUT>
 __global__ void __launch_bounds__(kThreads, ShrinkCfg<T, RC>::MIN_BLOCKS)
     lowrank_shrink_kernel(const ShrinkArgs p, const bool x_vec, const bool a_vec) {
@@ -229,16 +194,19 @@ __global__ void __launch_bounds__(kThreads, ShrinkCfg<T, RC>::MIN_BLOCKS)
     const unsigned char* stage = smem + (t % kStages) * C::STAGE_BYTES;
     const T* xs = reinterpret_cast<const T*>(stage);
     const float* as = reinterpret_cast<const float*>(stage + C::X_BYTES);
-    uint4 xw[kTM];
+    uint32_t xw[kTM][4];
 #pragma unroll
-    for (int i = 0; i < kTM; ++i)
-      xw[i] = *reinterpret_cast<const uint4*>(xs + (wrow + kRowLanes * i) * BK + kl * VEC);
+    for (int i = 0; i < kTM; ++i) {
+      const uint4 w4 = *reinterpret_cast<const uint4*>(xs + (wrow + kRowLanes * i) * BK + kl * VEC);
+      xw[i][0] = w4.x, xw[i][1] = w4.y, xw[i][2] = w4.z, xw[i][3] = w4.w;
+    }
 #pragma unroll
     for (int h = 0; h < VEC / 4; ++h) {
       float xf[kTM][4];
 #pragma unroll
       for (int i = 0; i < kTM; ++i) {
-        chunk_to_float<T>(xw[i], h, xf[i]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xf[i][j] = unpack_elem<T>(xw[i], 4 * h + j);
         if constexpr (DROPOUT) {
           // Element (m, k) of the logical (M, K) input, whatever ldx is: the index every backend hashes.
           const int64_t row = m0 + wrow + kRowLanes * i;
@@ -268,9 +236,11 @@ __global__ void __launch_bounds__(kThreads, ShrinkCfg<T, RC>::MIN_BLOCKS)
   float v[ACC];
 #pragma unroll
   for (int n = 0; n < ACC; ++n) v[n] = acc[n / RC][n % RC];
-  fold_k_lanes<ACC / 2>(v, (kl & 4) != 0, 4);
-  fold_k_lanes<ACC / 4>(v, (kl & 2) != 0, 2);
-  fold_k_lanes<ACC / 8>(v, (kl & 1) != 0, 1);
+  // Each k-lane pair, quad and octet is summed while halving what a lane holds (fold_lanes): after offsets 4, 2, 1
+  // lane kl holds original values [kl * ACC/8, (kl + 1) * ACC/8), each the sum of all 8 k-lanes in a fixed tree.
+  fold_lanes<ACC / 2>(v, (kl & 4) != 0, 4);
+  fold_lanes<ACC / 4>(v, (kl & 2) != 0, 2);
+  fold_lanes<ACC / 8>(v, (kl & 1) != 0, 1);
 
   // Lane kl now holds columns (kl % 2) * RC/2 .. + RC/2 of its row kl / 2 (ACC/8 = RC/2 values).
   const int row = wrow + kRowLanes * (kl / 2);
@@ -307,25 +277,6 @@ __global__ void __launch_bounds__(256) lowrank_shrink_finish_kernel(const Shrink
   }
 }
 
-int current_device() {
-  int dev = 0;
-  KASA_CUDA_CHECK(cudaGetDevice(&dev));
-  return dev;
-}
-
-// The split heuristic runs on every forward call; the attribute query behind it does not need to.
-int sm_count_cached() {
-  static std::atomic<int> cache[kMaxDevices];
-  const int dev = current_device();
-  if (dev < 0 || dev >= kMaxDevices) return device_sm_count();
-  int n = cache[dev].load(std::memory_order_relaxed);
-  if (n <= 0) {
-    n = device_sm_count();
-    cache[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
 // Opts the kernel into its dynamic shared memory (above the 48 KB default) once per device and returns how many of
 // its blocks one SM holds.
 template <typename T, int RC, bool DROPOUT>
@@ -353,7 +304,7 @@ int splits_for(int M, int K, int R) {
   if (M <= 0 || K <= 0 || R <= 0) return 1;
   const int64_t steps = (int64_t(K) + C::BK - 1) / C::BK;
   const int64_t blocks = int64_t(ceil_div(M, kRows)) * ceil_div(R, RC);
-  const int64_t slots = int64_t(sm_count_cached()) * prepare_kernel<T, RC, false>();
+  const int64_t slots = int64_t(device_sm_count()) * prepare_kernel<T, RC, false>();
   int64_t s = slots / blocks;  // as many splits as keep the grid within one wave of resident blocks
   s = std::min<int64_t>(s, steps / kMinStepsPerSplit);
   // The workspace is written and read once (8 s M R bytes): keep that under half of what reading x costs.

@@ -4,7 +4,8 @@ CPU part (runs in CI): the extension imports when it was built, its ops are regi
 fake implementations give the right shapes, the C++ argument checks name the argument, and the backend explains
 itself when it cannot run. GPU part (marked gpu): every kernel against the reference over fp32/fp16/bf16, odd shapes,
 non-contiguous inputs, bias on/off, fp32 adapters beside low-precision activations, dropout with the shared mask, the
-regularizer in both forms, determinism, and torch.compile(fullgraph=True).
+regularizer in both forms, determinism, and torch.compile(fullgraph=True); the backward at decode sizes and with r
+above one rank tile, rows that are not 16-byte aligned, fp32 with TF32 on and off, dropout in deterministic mode.
 """
 import importlib.util
 import os
@@ -108,6 +109,49 @@ def test_missing_extension_error_is_actionable(monkeypatch):
         cuda_ext.ext()
     ok, why = cuda_ext.probe(torch.device("cuda"))
     assert not ok and "KASA_KERNELS_BUILD_CUDA=1" in why
+
+
+def _sass_facts_tool():
+    spec = importlib.util.spec_from_file_location(
+        "kasa_sass_facts", os.path.join(os.path.dirname(__file__), "..", "tools", "sass_facts.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SASS_LOOP = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDGSTS.E.BYPASS.128.ZFILL [R16], [R10.64], P4 ;
+        /*0020*/                   LDSM.16.M88.4 R64, [R64+0x800] ;
+        /*0030*/              @!PT LDS RZ, [RZ] ;
+        /*0040*/                   HMMA.16816.F32.BF16 R28, R32.reuse, R60, R28 ;
+        /*0050*/                   {GENERIC}
+        /*0060*/               @P0 BRA 0x10 ;
+        /*0070*/                   LDS.64 R16, [R8] ;
+        /*0080*/                   EXIT ;
+"""
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_sass_facts_reads_the_main_loop(generic):
+    # tools/sass_facts.py's reading of cuobjdump output (the tool itself needs nvcc; csrc/sass_facts.md is its output):
+    # the loop is the backward branch's body; never-executed @!PT placeholders are skipped; a generic load there breaks
+    # the GEMM's facts.
+    sf = _sass_facts_tool()
+    body = SASS_LOOP.replace("{GENERIC}", "LD.E R2, [R4.64] ;" if generic else "IADD3 R2, R2, 0x1, RZ ;")
+    insns = sf.parse_insns(body)
+    f = sf.facts(insns, {"regs": 190, "spill_st": 0, "spill_ld": 0}, "gemm", "gemm_lowrank_kernel<bfloat16, TC16>")
+    assert (f["ldsm"], f["lds"], f["hmma"], f["ldgsts128"]) == (1, 0, {"HMMA.16816.F32.BF16": 1}, 1)
+    assert f["ld_generic"] == int(generic)
+    assert sf.violations(f) == (["1 generic LD in the main loop"] if generic else [])
+    # registers and spills from ptxas -v; any spill breaks the facts
+    res = sf.ptxas_resources("ptxas info    : Compiling entry function '_Zk' for 'sm_80'\n"
+                             "ptxas info    : Function properties for _Zk\n"
+                             "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+                             "ptxas info    : Used 64 registers, used 1 barriers\n")
+    assert res == {"_Zk": {"stack": 8, "spill_st": 4, "spill_ld": 12, "regs": 64}}
+    spilled = sf.facts(insns, res["_Zk"], "gemm", "gemm_lowrank_kernel<bfloat16, TC16>")
+    assert any(v.startswith("spills (4 B stored, 12 B loaded") for v in sf.violations(spilled))
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU --
@@ -436,6 +480,84 @@ def test_shrink_split_k_is_bitwise_repeatable(cuda_backend, dtype, p):
     for _ in range(3):
         y2, h2 = defs.linear_forward("cuda", x, w, b, a, d, bb, 2.0, p, seed)
         assert torch.equal(h1, h2) and torch.equal(y1, y2)
+
+
+# The backward's rank-r kernels (csrc/dy_pass.cu, csrc/lowrank_da.cu) split N (dY pass) and M (dA) into slices so
+# that decode sizes fill the GPU, tile ranks in 16s or 32s, and on sm80/sm90 sum 16-bit inputs on TF32 tensor cores
+# (2xTF32) instead of FFMA. Decode sizes with K and N of a 7B layer; a ragged K and N (element loads past the last
+# 16-byte chunk); r above 32 (two rank tiles).
+BACKWARD_SIZES = [((1,), 4096, 4096, 16), ((16,), 4096, 1024, 16), ((64,), 4099, 4096, 24), ((3, 43), 1000, 4100, 40)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BACKWARD_SIZES, ids=str)
+def test_backward_decode_sizes_and_rank_tiles(cuda_backend, dtype, shape):
+    lead, k, n, r = shape
+    check_against_reference(_to_cuda(make_case(lead, k, n, r, dtype, torch.float32, seed=1)), backend="cuda")
+
+
+def _padded_rows(t, pad=3):
+    """t as a view whose rows are `pad` elements longer than they are wide (NaN in the gap): no row after the first is
+    16-byte aligned, so every kernel takes its element-load path; a read into the gap turns the result non-finite."""
+    buf = torch.full((*t.shape[:-1], t.shape[-1] + pad), float("nan"), dtype=t.dtype, device=t.device)
+    buf[..., : t.shape[-1]] = t
+    return buf[..., : t.shape[-1]]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [((37,), 136, 264, 16), ((300,), 520, 130, 24)], ids=str)
+def test_unaligned_rows_forward_and_backward(cuda_backend, dtype, shape):
+    lead, k, n, r = shape
+    x, w, b, a, d, bb, gy = _to_cuda(make_case(lead, k, n, r, dtype, torch.float32, seed=2))
+    check_against_reference((_padded_rows(x), _padded_rows(w), b, a, d, bb, _padded_rows(gy)), backend="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("shape", [((130,), 264, 136, 16), ((16,), 4096, 1024, 16), ((64,), 520, 4104, 40)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fp32_with_tf32_allowed(cuda_backend, shape, p):
+    # torch's TF32 switch on: the GEMMs run m16n8k8 TF32 (the reference's matmuls TF32 too, so its own error sets the
+    # bound); the rank-r kernels stay exact fp32 for fp32 inputs.
+    lead, k, n, r = shape
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        check_against_reference(_to_cuda(make_case(lead, k, n, r, torch.float32, seed=3)), p=p, backend="cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [((64,), 4096, 4096, 16), ((300,), 136, 200, 40)], ids=str)
+def test_deterministic_with_dropout_is_bitwise_repeatable(cuda_backend, dtype, shape):
+    # Deterministic mode: dB through per-row-block partials; gZ slices, dd and dA partials are always added in a fixed
+    # order. With dropout the dX GEMM's masked rank-r prologue and dA's zeroing pass run too.
+    lead, k, n, r = shape
+    case = _to_cuda(make_case(lead, k, n, r, dtype, torch.float32, seed=4))
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        # warn_only: the reference's cuBLAS matmuls would otherwise demand CUBLAS_WORKSPACE_CONFIG; the extension
+        # reads only whether deterministic algorithms are on.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        check_against_reference(case, p=0.2, backend="cuda")
+        seed = make_seed(99, case[0].device)
+        first = _run_cuda_grads(case, 0.2, seed)
+        second = _run_cuda_grads(case, 0.2, seed)
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+    for f, s_ in zip(first, second):
+        assert torch.equal(f, s_)
+
+
+def _run_cuda_grads(case, p, seed):
+    x, w, b, a, d, bb, gy = case
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, d, bb)]
+    y = kk.kasa_linear(leaves[0], w, b, *leaves[1:], 2.0, dropout_p=p, training=True, backend="cuda",
+                       dropout_seed=seed)
+    return [y] + list(torch.autograd.grad(y, leaves, gy))
 
 
 @gpu

@@ -44,8 +44,10 @@ def emu(tmp_path_factory):
         pytest.skip(f"{cxx} is not on PATH: the CUDA emulation needs a C++20 g++")
     # KASA_EMU_SANITIZE=0 builds without ASan/UBSan, for a toolchain that lacks their runtimes (CI keeps them).
     sanitize = os.environ.get("KASA_EMU_SANITIZE", "1") != "0"
-    return emu_build.build(tmp_path_factory.mktemp("cuda_emu"), jobs=max(2, os.cpu_count() or 2), sanitize=sanitize,
-                           cxx=cxx)
+    # KASA_EMU_BUILD_DIR: build there, recompiling only the units whose inputs changed (mutation runs by hand).
+    keep = os.environ.get("KASA_EMU_BUILD_DIR")
+    return emu_build.build(keep or tmp_path_factory.mktemp("cuda_emu"), jobs=max(2, os.cpu_count() or 2),
+                           sanitize=sanitize, cxx=cxx, incremental=bool(keep))
 
 
 def _raw(t):
@@ -119,9 +121,148 @@ def lowp_matmul(a, b, dt):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Known answers: each emulated PTX instruction against its layout in the PTX ISA, written out here a second time
+# (independently of tests/cuda_emu/emu_ptx.h): g = lane // 4 ("groupID"), t = lane % 4 ("threadID_in_group").
+
+def _lanes():
+    """Per lane of a warp: its group g = lane // 4 and its thread in the group t = lane % 4 (the PTX ISA's names)."""
+    lane = np.arange(32)
+    return lane // 4, lane % 4
+
+
+def _pack16(lo, hi):
+    return (lo.astype(np.uint32) & 0xFFFF) | ((hi.astype(np.uint32) & 0xFFFF) << 16)
+
+
+def ldmatrix_expected(stored, rows, n, trans):
+    """ldmatrix.m8n8.x{n}[.trans].b16: lane 8 i + j addresses row j of matrix i; lane l gets, per matrix i, the
+    elements (l // 4, 2 (l % 4)) and (l // 4, 2 (l % 4) + 1), or with .trans (2 (l % 4), l // 4) and
+    (2 (l % 4) + 1, l // 4)."""
+    g, t = _lanes()
+    out = np.zeros((32, n), np.uint32)
+    for i in range(n):
+        if trans:
+            out[:, i] = _pack16(stored[rows[8 * i + 2 * t], g], stored[rows[8 * i + 2 * t + 1], g])
+        else:
+            out[:, i] = _pack16(stored[rows[8 * i + g], 2 * t], stored[rows[8 * i + g], 2 * t + 1])
+    return out
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["plain", "trans"])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_known_answer_ldmatrix(emu, tmp_path, n, trans):
+    rng = np.random.default_rng(n * 2 + trans)
+    stored = rng.integers(0, 2**16, size=(64, 8), dtype=np.uint16)
+    rows = rng.permutation(64)[:32].astype(np.int32)  # each lane addresses a different, scattered row
+    rows[8 * n:] = 100000  # addresses of lanes past 8 n are ignored by the hardware: never dereferenced
+    c = Case(emu, tmp_path)
+    c.put("in", torch.from_numpy(stored.view(np.int16).copy()))
+    c.put("rows", torch.from_numpy(rows))
+    c.put("out", torch.zeros(32 * n, dtype=torch.int32))
+    c.run("kat", which="ldmatrix", n=n, trans=int(trans))
+    got = c.get("out", torch.int32).numpy().view(np.uint32).reshape(32, n)
+    np.testing.assert_array_equal(got, ldmatrix_expected(stored, rows, n, trans))
+
+
+def frag_positions(kind, operand):
+    """(row, col) of each fragment element, per lane and register (and half for 16-bit operands), from the PTX
+    ISA's "Matrix Fragments for mma.m16n8k16 with floating point type" / "... mma.m16n8k8" (.tf32)."""
+    g, t = _lanes()
+    if operand == "c":  # both shapes: c0, c1 at (g, 2t + i), c2, c3 at (g + 8, 2t + i)
+        return [(g + 8 * (e // 2), 2 * t + e % 2) for e in range(4)]
+    if kind == "tf32":
+        if operand == "a":  # a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4)
+            return [(g + 8 * (q % 2), t + 4 * (q // 2)) for q in range(4)]
+        return [(t + 4 * q, g) for q in range(2)]  # b0 (t, g), b1 (t + 4, g)
+    if operand == "a":  # a_i: row g (+8 for i in 2,3 / 6,7), col 2t + (i & 1) (+8 for i >= 4); two per register
+        return [[(g + 8 * (q % 2), 2 * t + h + 8 * (q // 2)) for h in range(2)] for q in range(4)]
+    return [[(2 * t + h + 8 * q, g) for h in range(2)] for q in range(2)]  # b_i: row 2t + (i & 1) (+8 for i >= 2)
+
+
+def pack_fragment(kind, operand, mat):
+    """The (32, registers) uint32 fragment of `mat` (integer-valued) in the kind's input type."""
+    pos = frag_positions(kind, operand)
+    if kind == "tf32":
+        vals = [torch.from_numpy(mat[r, c].astype(np.float32)) for r, c in pos]
+        return np.stack([v.view(torch.int32).numpy().view(np.uint32) for v in vals], axis=1)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float16
+
+    def bits(r, c):
+        return torch.from_numpy(mat[r, c].astype(np.float32)).to(dtype).view(torch.int16).numpy()
+
+    return np.stack([_pack16(bits(*lo), bits(*hi)) for lo, hi in pos], axis=1)
+
+
+MMA_KINDS = {"bf16": (0, 16), "f16": (1, 16), "tf32": (2, 8)}  # driver code, k
+
+
+@pytest.mark.parametrize("kind", list(MMA_KINDS))
+def test_known_answer_mma(emu, tmp_path, kind):
+    # Small integers: every product and sum is exact, so D = A B + C must hold bit for bit.
+    code, k = MMA_KINDS[kind]
+    rng = np.random.default_rng(code)
+    A = rng.integers(-8, 9, size=(16, k)).astype(np.float64)
+    B = rng.integers(-8, 9, size=(k, 8)).astype(np.float64)
+    C = rng.integers(-100, 101, size=(16, 8)).astype(np.float64)
+    c = Case(emu, tmp_path)
+    c.put("a", torch.from_numpy(pack_fragment(kind, "a", A).view(np.int32).copy()))
+    c.put("b", torch.from_numpy(pack_fragment(kind, "b", B).view(np.int32).copy()))
+    c.put("c", torch.from_numpy(np.stack([C[r, cc] for r, cc in frag_positions(kind, "c")], 1).astype(np.float32)))
+    c.put("out", torch.zeros(32 * 4))
+    c.run("kat", which="mma", kind=code)
+    d = c.get("out", torch.float32).numpy().reshape(32, 4)
+    D = np.zeros((16, 8))
+    for e, (r, cc) in enumerate(frag_positions(kind, "c")):
+        D[r, cc] = d[:, e]
+    np.testing.assert_array_equal(D, A @ B + C)
+
+
+@pytest.mark.parametrize("kind,b_kmajor", [("bf16", False), ("bf16", True), ("f16", False), ("f16", True),
+                                           ("tf32", False)])
+def test_known_answer_ldmatrix_feeds_mma(emu, tmp_path, kind, b_kmajor):
+    # The addressing gemm_lowrank.cuh uses: ldmatrix.x4 of a row-major 16 x (32 bytes) A tile gives the A fragment,
+    # ldmatrix.x2 of n-major B (or .x2.trans of k-major B) the B fragment, also for fp32 data read as 16-bit pairs.
+    code, k = MMA_KINDS[kind]
+    rng = np.random.default_rng(10 + code + b_kmajor)
+    A = rng.integers(-8, 9, size=(16, k)).astype(np.float32)
+    B = rng.integers(-8, 9, size=(k, 8)).astype(np.float32)
+    dtype = torch.float32 if kind == "tf32" else (torch.bfloat16 if kind == "bf16" else torch.float16)
+    c = Case(emu, tmp_path)
+    c.put("a", torch.from_numpy(A).to(dtype).flatten())
+    c.put("b", torch.from_numpy(B if b_kmajor else B.T.copy()).to(dtype).flatten())
+    c.put("out", torch.zeros(32 * 4))
+    c.run("kat", which="ldmatrix_mma", kind=code, b_kmajor=int(b_kmajor))
+    d = c.get("out", torch.float32).numpy().reshape(32, 4)
+    D = np.zeros((16, 8), np.float32)
+    for e, (r, cc) in enumerate(frag_positions(kind, "c")):
+        D[r, cc] = d[:, e]
+    np.testing.assert_array_equal(D, A @ B)
+
+
+def test_known_answer_cp_async_groups(emu, tmp_path):
+    # Four groups (16 bytes in full, 5 of 16, 0 of 16, 16): wait_group n retires all but the n newest. The emulation
+    # lands a group's bytes only when it is retired (hardware may land them earlier), so reading too early shows the
+    # 0xFF fill; the bytes past src-size are zero.
+    src = np.arange(1, 65, dtype=np.uint8)
+    c = Case(emu, tmp_path)
+    c.put("src", torch.from_numpy(src.copy()))
+    c.put("out", torch.zeros(256, dtype=torch.uint8))
+    c.run("kat", which="cp_async")
+    got = c.get("out", torch.uint8).numpy().reshape(4, 64)
+    landed = [src[0:16], np.r_[src[16:21], np.zeros(11, np.uint8)], np.zeros(16, np.uint8), src[48:64]]
+    for snap in range(4):
+        want = np.full(64, 0xFF, np.uint8)
+        for grp in range(snap + 1):
+            want[16 * grp:16 * grp + 16] = landed[grp]
+        np.testing.assert_array_equal(got[snap], want, err_msg=f"after wait_group {3 - snap}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # gemm_lowrank: forward out = x w^T + lx lw^T + bias; backward out = x w + drop(lx lw)
 
-def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0, seed=(0x1234, 0x9876), gen=None):
+def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0, seed=(0x1234, 0x9876), gen=None,
+             cc=86):
+    """One launch of the fused GEMM on an emulated sm_{cc} device (80: the wide 128 x 256 tile, 86: 128 x 128)."""
     dtype = DT[dt]
     # pad < 0: every row padded to the next 32-byte boundary past its end, so rows are aligned for 16-byte copies
     # while the last chunk of a row still crosses the matrix edge.
@@ -146,7 +287,7 @@ def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0,
         b = b[0]
         c.put("bias", b_flat, off)
     params = dict(dt=dt, fwd=int(fwd), M=M, N=N, K=K, R=R, ldx=ld(K), ldw=ld(K if fwd else N), ldlx=ld(R),
-                  ldlw=ld(R if fwd else N), ldo=ldo)
+                  ldlw=ld(R if fwd else N), ldo=ldo, cc=cc)
     mask = None
     if p > 0:
         assert not fwd
@@ -179,17 +320,19 @@ def run_gemm(emu, tmp_path, dt, fwd, M, N, K, R, pad=0, off=0, bias=True, p=0.0,
     return got
 
 
-GEMM_SHAPES = [  # M, N, K, R: every edge of the 128 x 128 tile, the k-tile (32 / 16) and the rank tile
+GEMM_SHAPES = [  # M, N, K, R: every edge of the 128 x 128 tile, the k-tile (64 / 32) and the rank tile
     (1, 5, 7, 1),
     (37, 130, 136, 16),
-    (130, 264, 264, 33),
+    (130, 264, 136, 33),
 ]
 
 
 @pytest.mark.parametrize("dt", ["f16", "bf16", "tf32", "ffma"])
 @pytest.mark.parametrize("fwd", [True, False], ids=["fwd", "bwd"])
 def test_gemm_lowrank_odd_shapes(emu, tmp_path, dt, fwd):
-    for i, (M, N, K, R) in enumerate(GEMM_SHAPES):
+    # fp16 differs from bf16 only in the mma's input type (held to its known answer): it skips the largest shape,
+    # which costs the emulation most (every warp-wide instruction is a barrier of 32 threads).
+    for i, (M, N, K, R) in enumerate(GEMM_SHAPES[:2] if dt == "f16" else GEMM_SHAPES):
         run_gemm(emu, tmp_path / str(i), dt, fwd, M, N, K, R, bias=fwd and i != 1)
 
 
@@ -202,6 +345,21 @@ def test_gemm_lowrank_strided_unaligned(emu, tmp_path, dt):
     # Aligned rows with ragged edges: 16-byte copies inside, element loads for the chunk that crosses K, N or R.
     run_gemm(emu, tmp_path / "d", dt, True, 37, 70, 41, 9, pad=-1, bias=True)
     run_gemm(emu, tmp_path / "e", dt, False, 37, 70, 41, 9, pad=-1, bias=False)
+
+
+@pytest.mark.parametrize("dt", ["bf16", "tf32", "ffma"])  # fp16: as bf16 but for the mma's input type
+def test_gemm_lowrank_wide_tile(emu, tmp_path, dt):
+    # An emulated sm80 gets the 128 x 256 tile (64 x 64 warp tiles, 144 KB of shared memory): two column tiles and
+    # ragged edges forward; backward with the rank-r prologue masked, on rows aligned for 16-byte copies.
+    run_gemm(emu, tmp_path / "a", dt, True, 130, 300, 72, 16, bias=True, cc=80)
+    run_gemm(emu, tmp_path / "b", dt, False, 37, 264, 72, 9, pad=-1, bias=False, p=0.3, cc=80)
+
+
+def test_gemm_grouped_launch_order(emu, tmp_path):
+    # 10 row tiles x 2 column tiles: launch order groups 8 row tiles, so the last group is 2 rows short; every output
+    # tile must still be computed exactly once (run_gemm checks every element and the untouched row gaps).
+    run_gemm(emu, tmp_path / "a", "ffma", True, 1153, 130, 16, 8, bias=True)  # FFMA: the same order, cheaper here
+    run_gemm(emu, tmp_path / "b", "bf16", True, 37, 20, 16, 8, bias=True, cc=90)  # sm90: the 128 x 128 tile
 
 
 @pytest.mark.parametrize("dt", ["f16", "bf16", "tf32", "ffma"])
@@ -338,11 +496,25 @@ def test_lowrank_shrink_dropout_mask_bit_identical(emu, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # dy_pass: gH = s (G B) d, dB = s G^T (H d), dd = colsum(s (G B) H); sum_partials
 
-@pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
-@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
-def test_dy_pass(emu, tmp_path, dt, det):
+# The rank-r backward kernels sum on TF32 tensor cores (2xTF32) for 16-bit inputs on an emulated sm80 and with FFMA
+# on sm86; fp32 inputs take FFMA on every architecture.
+RANK_R_PATHS = [pytest.param(dt, cc, id=f"{dt}-{'mma' if cc == 80 and dt != 'f32' else 'ffma'}-sm{cc}")
+                for dt, cc in (("f16", 80), ("bf16", 80), ("f16", 86), ("bf16", 86), ("f32", 86))]
+
+
+# Deterministic mode changes only how dB leaves a block (partials instead of atomics), the same for every math path:
+# it runs for one tensor-core and one FFMA path.
+DY_CASES = [pytest.param(*prm.values, det, id=f"{'deterministic' if det else 'atomic'}-{prm.id}")
+            for prm in RANK_R_PATHS for det in (False, True) if not det or prm.id in ("f16-mma-sm80", "f32-ffma-sm86")]
+
+
+@pytest.mark.parametrize("dt,cc,det", DY_CASES)
+def test_dy_pass(emu, tmp_path, dt, cc, det):
     dtype = DT[dt]
-    for i, (M, N, R, pad) in enumerate([(1, 5, 1, 0), (130, 70, 33, 3), (64, 129, 16, 0)]):
+    # (M, N, R, row padding, column slices (-1: the heuristic), emulated SMs): one row; unaligned rows and two rank
+    # tiles; uneven forced slices; a decode size that the heuristic splits into many slices.
+    for i, (M, N, R, pad, splits, sms) in enumerate([(1, 5, 1, 0, -1, 4), (130, 70, 33, 3, -1, 4),
+                                                     (64, 129, 16, 0, 3, 4), (3, 300, 24, 0, -1, 64)]):
         gen = torch.Generator().manual_seed(M + N * 3 + R)
         c = Case(emu, tmp_path / str(i))
         g_flat, g = strided(M, N, N + pad, dtype, gen)
@@ -356,7 +528,10 @@ def test_dy_pass(emu, tmp_path, dt, det):
         c.put("gh_lowp", torch.full((M * R,), float("nan")).to(dtype))
         c.put("db", torch.zeros(N * R))
         c.put("dd", torch.full((R,), float("nan")))
-        c.run("dy", dt=dt, M=M, N=N, R=R, ldg=N + pad, scaling=repr(s), det=int(det))
+        out = c.run("dy", dt=dt, M=M, N=N, R=R, ldg=N + pad, scaling=repr(s), det=int(det), splits=splits, sms=sms,
+                    cc=cc)
+        if sms == 64:
+            assert int(out.split("splits=")[1].split()[0]) >= 4, "the heuristic was meant to split this decode size"
         gh = c.get("gh", torch.float32).view(M, R)
         db = c.get("db", torch.float32).view(N, R)
         dd = c.get("dd", torch.float32)
@@ -388,7 +563,7 @@ def test_dy_pass_deterministic_is_bitwise_repeatable(emu, tmp_path):
         c.put("gh", torch.zeros(M * R))
         c.put("db", torch.zeros(N * R))
         c.put("dd", torch.zeros(R))
-        c.run("dy", dt="bf16", M=M, N=N, R=R, ldg=N, scaling="0.5", det=1)
+        c.run("dy", dt="bf16", M=M, N=N, R=R, ldg=N, scaling="0.5", det=1, cc=80)  # the tensor-core path
         outs.append((c.get("db", torch.float32), c.get("dd", torch.float32)))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
@@ -396,11 +571,11 @@ def test_dy_pass_deterministic_is_bitwise_repeatable(emu, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # lowrank_da: dA = gH^T dropout(x), split over M, partials summed in order
 
-@pytest.mark.parametrize("dt", ["f16", "bf16", "f32"])
-def test_lowrank_da(emu, tmp_path, dt):
+@pytest.mark.parametrize("dt,cc", RANK_R_PATHS)
+def test_lowrank_da(emu, tmp_path, dt, cc):
     dtype = DT[dt]
     for i, (M, K, R, pad, splits, p) in enumerate([(1, 7, 1, 0, 1, 0.0), (130, 70, 33, 3, 3, 0.0),
-                                                   (300, 65, 16, 1, -1, 0.3), (37, 129, 5, 0, 1, 0.5)]):
+                                                   (600, 65, 16, 1, -1, 0.3), (37, 129, 5, 0, 1, 0.5)]):
         gen = torch.Generator().manual_seed(M + K * 3 + R)
         c = Case(emu, tmp_path / str(i))
         x_flat, x = strided(M, K, K + pad, dtype, gen)
@@ -408,7 +583,7 @@ def test_lowrank_da(emu, tmp_path, dt):
         c.put("x", x_flat)
         c.put("gh", gh.flatten())
         c.put("da", torch.full((R * K,), float("nan")))
-        params = dict(dt=dt, M=M, K=K, R=R, ldx=K + pad, splits=splits, sms=8)
+        params = dict(dt=dt, M=M, K=K, R=R, ldx=K + pad, splits=splits, sms=8, cc=cc)
         xd = x.double().contiguous()
         if p > 0:
             sd = seed_tensor(i * 1000 + 1, i)

@@ -7,6 +7,11 @@ in `full` mode (forward + backward), its median is at most `torch_eager`'s times
 are ordered by their geometric-mean speed-up over torch_eager across those cases; the torch backend stays the
 fallback. A capability with no qualifying backend gets no entry (auto stays on torch there).
 
+On Hopper (sm90) the cuda backend's GEMM is mma.sync, which cannot reach the rate of wgmma that the triton backend's
+sm90 kernels use (csrc/README.md, "sm90"), so there triton comes first until a measurement says otherwise: cuda is
+preferred on sm90 only where it was timed beside triton and its geometric-mean speed-up over triton, across the cases
+they share, is above 1; timed beside the torch backend alone, it is not preferred at all.
+
     python tools/auto_preference.py benchmarks/results/*/*.json            # print the table and the reasons
     python tools/auto_preference.py benchmarks/results/*/*.json --write    # also rewrite AUTO_PREFERENCE
 """
@@ -41,6 +46,19 @@ def _capability(data: Dict) -> Tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+# Architectures where the mma.sync cuda backend must beat triton side by side before auto prefers it (see above).
+WGMMA_MAJOR = 9
+
+
+def _ratios(cases: dict[tuple, dict[str, list[float]]], b: str, ref: str) -> list[tuple[float, tuple]]:
+    """(ref's best time / b's best time, case) at every case where both were timed: > 1 means b is faster."""
+    return [(min(by[ref]) / min(by[b]), key) for key, by in sorted(cases.items()) if b in by and ref in by]
+
+
+def _gmean(ratios: list[tuple[float, tuple]]) -> float:
+    return math.exp(sum(math.log(x) for x, _ in ratios) / len(ratios))
+
+
 def decide(files: Iterable[Tuple[str, Dict]], noise: float = 0.02):
     """({capability: ordered fused backends}, [lines explaining each decision])."""
     # (cap) -> (case key) -> provider -> [median ms, ...] (several files of one architecture pool their cases)
@@ -59,29 +77,35 @@ def decide(files: Iterable[Tuple[str, Dict]], noise: float = 0.02):
     table: Dict[Tuple[int, int], Tuple[str, ...]] = {}
     why: List[str] = []
     for cap in sorted(timed):
-        ranked = []
+        ranked = {}  # backend -> geometric-mean speed-up over torch_eager
         for b in FUSED:
-            ratios = []  # torch_eager / b per case: > 1 means b is faster
-            worst = None
-            for key, by in sorted(timed[cap].items()):
-                if b not in by or BASE not in by:
-                    continue
-                ours, base = min(by[b]), min(by[BASE])
-                ratios.append(base / ours)
-                if worst is None or base / ours < worst[0]:
-                    worst = (base / ours, key)
+            ratios = _ratios(timed[cap], b, BASE)
             if not ratios:
                 why.append(f"sm{cap[0]}{cap[1]} {b}: no full-mode case timed beside {BASE}")
                 continue
-            gmean = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+            gmean, worst = _gmean(ratios), min(ratios)
             ok = worst[0] >= 1.0 / (1.0 + noise)
             why.append(f"sm{cap[0]}{cap[1]} {b}: {len(ratios)} cases, geometric-mean speed-up over {BASE} "
                        f"{gmean:.3f}x, worst {worst[0]:.3f}x at (M,K,N,r,p,dtype)={worst[1]}: "
                        f"{'qualifies' if ok else 'slower than torch somewhere: not preferred'}")
             if ok:
-                ranked.append((gmean, prov.provider(b).backend))
-        if ranked:
-            table[cap] = tuple(b for _, b in sorted(ranked, reverse=True))
+                ranked[prov.provider(b).backend] = gmean
+        order = sorted(ranked, key=ranked.get, reverse=True)
+        if cap[0] == WGMMA_MAJOR and "cuda" in ranked:
+            (tri,) = [b for b in FUSED if prov.provider(b).backend == "triton"]
+            (cud,) = [b for b in FUSED if prov.provider(b).backend == "cuda"]
+            side = _ratios(timed[cap], cud, tri)
+            if not side:
+                order.remove("cuda")
+                why.append(f"sm{cap[0]}{cap[1]} cuda: never timed beside {tri}; on sm90 triton comes first until a "
+                           "measurement says otherwise: not preferred")
+            elif _gmean(side) <= 1.0 and "triton" in order:
+                order.remove("cuda")
+                order.insert(order.index("triton") + 1, "cuda")
+                why.append(f"sm{cap[0]}{cap[1]} cuda: geometric-mean speed-up over {tri} {_gmean(side):.3f}x "
+                           f"({len(side)} cases): after triton")
+        if order:
+            table[cap] = tuple(order)
         why.append(f"sm{cap[0]}{cap[1]}: {table.get(cap, ())} from {', '.join(sources[cap])}")
     return table, why
 

@@ -3,7 +3,7 @@
 
 The kernels are csrc/'s own text. g++ cannot parse four CUDA-only constructs, so the sources are copied with exactly
 these mechanical substitutions, each checked to leave none of the construct behind:
-  - the inline-asm cp.async helpers of kasa_common.cuh -> emu_async.h (deferred copies, see emu_cuda.h);
+  - kasa_common.cuh's section of inline-asm PTX wrappers (cp.async, ldmatrix, mma.sync, cvt.tf32) -> emu_ptx.h;
   - `kernel<<<grid, block, smem, stream>>>(args)`  -> `::emu::launch(kernel, grid, block, smem, stream)(args)`;
   - `extern __shared__ ... name[];`                -> a pointer to the block's dynamic shared memory;
   - `__shared__ T name[..];`                       -> a static shared by the block's threads, refilled with NaN
@@ -22,15 +22,16 @@ HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
 # the dropout hash's constants, defined once in Python (the file imports nothing)
 RNG_DEFINES = runpy.run_path(str(HERE.parents[1] / "kasa_kernels" / "ops" / "rng_constants.py"))["cxx_defines"]()
-UNITS = ["gemm_lowrank_f16.cu", "gemm_lowrank_bf16.cu", "gemm_lowrank_f32.cu", "lowrank_shrink.cu", "dy_pass.cu",
-         "lowrank_da.cu", "regularizer.cu"]
+# Longest compile first (the fp32 GEMM has both TF32 and FFMA kernels), so that two workers finish together.
+UNITS = ["gemm_lowrank_f32.cu", "gemm_lowrank_bf16.cu", "gemm_lowrank_f16.cu", "dy_pass.cu", "lowrank_da.cu",
+         "lowrank_shrink.cu", "regularizer.cu", "kasa_device.cu"]
 HEADERS = ["kasa_common.cuh", "kasa_launch.h", "gemm_lowrank.cuh"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 CXXFLAGS = ["-std=c++20", "-O1", "-g0", "-pthread", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas",
             "-Wno-unused-variable", "-Wno-unused-but-set-variable"]
 
-_ASYNC_START = "// Asynchronous 16-byte global"
-_ASYNC_END = "// 16-byte vector access is legal"
+_PTX_START = "// ---- PTX wrappers:"
+_PTX_END = "// ---- end of PTX wrappers"
 _LAUNCH = re.compile(r"^(\s*)(\S.*?)<<<(.*?)>>>\((.*)\);\s*$", re.M)
 _DYN_SMEM = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];")
 _STATIC_SMEM = re.compile(r"__shared__ ((?:__align__\(\d+\) )?[\w:]+) (\w+)((?:\[[^\]\n]+\])*);")
@@ -38,9 +39,9 @@ _STATIC_SMEM = re.compile(r"__shared__ ((?:__align__\(\d+\) )?[\w:]+) (\w+)((?:\
 
 def prepare(text, name):
     if name == "kasa_common.cuh":
-        a, b = text.index(_ASYNC_START), text.index(_ASYNC_END)
-        assert text.count(_ASYNC_START) == 1 and a < b
-        text = text[:a] + '#include "emu_async.h"\n\n' + text[b:]
+        a, b = text.index(_PTX_START), text.index(_PTX_END)
+        assert text.count(_PTX_START) == 1 and text.count(_PTX_END) == 1 and a < b
+        text = text[:a] + '#include "emu_ptx.h"\n' + text[text.index("\n", b) + 1:]
     text = _LAUNCH.sub(lambda m: f"{m[1]}::emu::launch({m[2]}, {m[3]})({m[4]});", text)
     text = _DYN_SMEM.sub(r"unsigned char* const \1 = ::emu::dynamic_smem();", text)
     text = _STATIC_SMEM.sub(r"static \1 \2\3; ::emu::shared_fresh(&\2, sizeof(\2));", text)
@@ -50,7 +51,9 @@ def prepare(text, name):
     return text
 
 
-def build(out_dir, jobs=2, sanitize=True, cxx="g++"):
+def build(out_dir, jobs=2, sanitize=True, cxx="g++", incremental=False):
+    """Builds OUT_DIR/kasa_emu. incremental: keep objects whose inputs (every prepared source and header, the
+    emulator's headers, the flags) are unchanged since the last build in OUT_DIR (for mutation runs by hand)."""
     out = Path(out_dir)
     src = out / "src"
     src.mkdir(parents=True, exist_ok=True)
@@ -58,11 +61,21 @@ def build(out_dir, jobs=2, sanitize=True, cxx="g++"):
         (src / name).write_text(prepare((CSRC / name).read_text(), name))
     flags = (CXXFLAGS + (SANITIZE if sanitize else []) + RNG_DEFINES
              + ["-I", str(src), "-I", str(HERE), "-I", str(HERE / "include")])
-    jobs_list = [(src / u, out / (u + ".o"), ["-x", "c++"]) for u in UNITS] + [(HERE / "driver.cpp", out / "driver.o", [])]
+    jobs_list = ([(src / u, out / (u + ".o"), ["-x", "c++"]) for u in UNITS]
+                 + [(HERE / f, out / (f + ".o"), []) for f in ("driver.cpp", "kat.cpp")])
+    # A unit's inputs: itself, every shared header (prepared or emulator) and the flags.
+    shared = "".join((src / h).read_text() for h in HEADERS) + "".join(
+        p.read_text() for p in sorted(HERE.glob("*.h")) + sorted((HERE / "include").glob("*.h"))) + " ".join(flags)
 
     def compile_one(job):
         s, o, lang = job
+        stamp = o.with_suffix(".inputs")
+        inputs = s.read_text() + shared + " ".join(lang) + cxx
+        if incremental and o.exists() and stamp.exists() and stamp.read_text() == inputs:
+            return s, subprocess.CompletedProcess([], 0, "", "")
         r = subprocess.run([cxx, *flags, *lang, "-c", str(s), "-o", str(o)], capture_output=True, text=True)
+        if r.returncode == 0:
+            stamp.write_text(inputs)
         return s, r
 
     with ThreadPoolExecutor(max_workers=jobs) as ex:

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include "kasa_launch.h"
+#include "kat.h"
 
 namespace {
 
@@ -134,6 +135,10 @@ void run_dy() {
   a.dd_partial = static_cast<float*>(exact_alloc(size_t(tiles) * a.R * 4, 0xFF));
   const bool det = geti("det", 0) != 0;
   a.db_partial = det ? static_cast<float*>(exact_alloc(size_t(tiles) * a.N * a.R * 4, 0xFF)) : nullptr;
+  a.splits = int(geti("splits", -1));
+  if (a.splits < 0) a.splits = kasa::dy_pass_splits(dt, a.M, a.N, a.R);  // as bindings.cpp does
+  a.gz_partial = static_cast<float*>(exact_alloc(size_t(a.splits) * a.M * a.R * 4, 0xFF));
+  printf("splits=%d\n", a.splits);
   kasa::dy_pass(dt, a, nullptr);
   kasa::sum_partials(a.dd_partial, tiles, a.R, dd, nullptr);
   if (det) kasa::sum_partials(a.db_partial, tiles, int64_t(a.N) * a.R, a.db, nullptr);
@@ -152,7 +157,7 @@ void run_da() {
   a.da = in_t<float>("da");
   a.drop = dropout();
   a.splits = int(geti("splits", -1));
-  if (a.splits < 0) a.splits = kasa::lowrank_da_splits(a.M, a.K, a.R);
+  if (a.splits < 0) a.splits = kasa::lowrank_da_splits(dt, a.M, a.K, a.R);
   if (a.splits > 1) a.partial = static_cast<float*>(exact_alloc(size_t(a.splits) * a.R * a.K * 4, 0xFF));
   printf("splits=%d\n", a.splits);
   kasa::lowrank_da(dt, a, nullptr);
@@ -193,6 +198,27 @@ void run_reg() {
   out("loss");
 }
 
+// Known-answer runs of single instructions (kat.cpp): which=ldmatrix|mma|ldmatrix_mma|cp_async.
+void run_kat() {
+  const std::string which = need("which");
+  if (which == "ldmatrix") {
+    kat_ldmatrix(int(geti("n")), geti("trans") != 0, in_t<const uint16_t>("in"), in_t<const int>("rows"),
+                 in_t<uint32_t>("out"));
+  } else if (which == "mma") {
+    kat_mma(int(geti("kind")), in_t<const uint32_t>("a"), in_t<const uint32_t>("b"), in_t<const float>("c"),
+            in_t<float>("out"));
+  } else if (which == "ldmatrix_mma") {
+    kat_ldmatrix_mma(int(geti("kind")), geti("b_kmajor") != 0, in_t<const unsigned char>("a"),
+                     in_t<const unsigned char>("b"), in_t<float>("out"));
+  } else if (which == "cp_async") {
+    kat_cp_async(in_t<const unsigned char>("src"), in_t<unsigned char>("out"));
+  } else {
+    fprintf(stderr, "kasa_emu: unknown known-answer test %s\n", which.c_str());
+    std::exit(2);
+  }
+  out("out");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -206,11 +232,13 @@ int main(int argc, char** argv) {
     kv[a.substr(0, eq)] = a.substr(eq + 1);
   }
   emu::sm_count = int(geti("sms", 4));
+  emu::cc = int(geti("cc", 86));
   if (op == "gemm") run_gemm();
   else if (op == "shrink") run_shrink();
   else if (op == "dy") run_dy();
   else if (op == "da") run_da();
   else if (op == "reg") run_reg();
+  else if (op == "kat") run_kat();
   else { fprintf(stderr, "kasa_emu: unknown op %s\n", op.c_str()); return 2; }
   for (void* p : owned) free(p);
   return 0;

@@ -34,8 +34,11 @@ struct dim3 {
 };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(8) uint2 { unsigned x, y; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 // CUDA's min/max are overloaded for mixed integer widths; std::min is not.
 template <class A, class B> inline std::common_type_t<A, B> min(A a, B b) { return a < b ? a : b; }
@@ -55,26 +58,51 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {
   return __nv_bfloat16{static_cast<unsigned short>(u >> 16)};
 }
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
 
 // ---- runtime API: just enough for the host launchers in csrc ----
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 struct cudaFuncAttributes { int binaryVersion = 80, ptxVersion = 80; };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-namespace emu { inline int sm_count = 4; }  // set by the driver: the split heuristics read it
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = emu::sm_count; return cudaSuccess; }
+namespace emu {
+// The emulated device, set by the driver (sms=, cc=): the split heuristics and the GEMM's tile choice read them.
+inline int sm_count = 4;
+inline int cc = 86;
+// Dynamic shared memory one block may opt into: sm80/sm87 163 KB, sm86/sm89 99 KB, sm90 227 KB.
+inline int smem_optin() { return cc == 80 || cc == 87 ? 163 * 1024 : cc >= 90 ? 227 * 1024 : 99 * 1024; }
+}  // namespace emu
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  switch (a) {
+    case cudaDevAttrMultiProcessorCount: *v = emu::sm_count; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = emu::cc / 10; break;
+    case cudaDevAttrComputeCapabilityMinor: *v = emu::cc % 10; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = emu::smem_optin(); break;
+  }
+  return cudaSuccess;
+}
 namespace emu {
 // What each kernel opted into: a launch above the 48 KB default without it fails on hardware.
 inline std::mutex optin_mu;
 inline std::map<const void*, int> optin;
 }  // namespace emu
 template <class F> cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute, int bytes) {
-  // sm_86/89 blocks may opt into at most 99 KB (sm_80: 163 KB); the build targets all of them.
-  if (bytes > 99 * 1024) { fprintf(stderr, "emu: %d B of dynamic shared memory exceeds sm_86's 99 KB\n", bytes); std::abort(); }
+  if (bytes > emu::smem_optin()) {
+    fprintf(stderr, "emu: %d B of dynamic shared memory exceeds the %d B an sm_%d block may use\n", bytes,
+            emu::smem_optin(), emu::cc);
+    std::abort();
+  }
   std::lock_guard<std::mutex> lk(emu::optin_mu);
   emu::optin[reinterpret_cast<const void*>(f)] = bytes;
   return cudaSuccess;
@@ -86,9 +114,20 @@ namespace emu {
 
 [[noreturn]] inline void fail(const char* what) { fprintf(stderr, "emu: %s\n", what); fflush(stderr); std::abort(); }
 
+// What one lane contributes to a warp-collective instruction (shuffle, ldmatrix, mma): an address and registers.
+struct LaneIn {
+  const unsigned char* addr;
+  uint32_t w[10];
+  unsigned seq;  // which collective of this lane it belongs to (set by warp_exchange)
+};
 struct Warp {
   std::barrier<> bar{32};
-  uint32_t slot[32];
+  std::atomic<int> live{32};  // lanes that have not exited
+  // Double-buffered by each lane's count of collectives: a lane can only start collective n + 2 (and overwrite
+  // buffer n % 2) after every lane arrived at collective n + 1, i.e. after all have read collective n's inputs.
+  LaneIn x[2][32];
+  unsigned seq[32] = {};
+  Warp() { for (auto& b : x) for (auto& e : b) e.seq = ~0u; }
 };
 struct Block {
   std::barrier<>* bar;
@@ -96,7 +135,7 @@ struct Block {
   unsigned char* dyn;  // dynamic shared memory of this block
   size_t dyn_bytes;
 };
-struct Copy { void* dst; const void* src; int n; };
+struct Copy { void* dst; const void* src; int n, src_bytes; };
 
 inline thread_local uint3 tid, bid;
 inline thread_local dim3 gdim, bdim;
@@ -122,23 +161,38 @@ inline void shared_fresh(void* p, size_t n) {
   seen[p] = e;
   if (static_epoch != e) static_epoch = e, static_bytes = 0;
   static_bytes += n;
-  // Static shared memory may not exceed 48 KB; with dynamic memory added, 99 KB (sm_86/89).
-  if (static_bytes > 48 * 1024 || static_bytes + dyn_bytes_of_block() > 99 * 1024) fail("too much shared memory per block");
+  // Static shared memory may not exceed 48 KB; with dynamic memory added, what the emulated device allows.
+  if (static_bytes > 48 * 1024 || static_bytes + dyn_bytes_of_block() > size_t(smem_optin())) fail("too much shared memory per block");
   std::memset(p, 0xFF, n);
 }
 
 inline unsigned lane_id() { return tid.x % 32; }
 inline Warp& warp() { return block->warps[tid.x / 32]; }
 
-template <class T> T shfl_xor(T v, int o) {
-  static_assert(sizeof(T) == 4, "4-byte shuffles only");
+// Every lane publishes `mine` and waits for the whole warp; returns all 32 lanes' contributions. The .sync.aligned
+// instructions require all 32 lanes to execute them together: a lane that has exited makes this fail.
+inline const LaneIn* warp_exchange(const LaneIn& mine) {
   Warp& w = warp();
   const unsigned l = lane_id();
-  std::memcpy(&w.slot[l], &v, 4);
+  if (w.live.load() != 32) fail("warp-collective instruction after some lanes of the warp exited");
+  const unsigned seq = w.seq[l]++;
+  LaneIn* buf = w.x[seq & 1];
+  buf[l] = mine;
+  buf[l].seq = seq;
   w.bar.arrive_and_wait();
+  // A lane that exited instead of arriving released the barrier too, leaving an older entry behind.
+  for (int i = 0; i < 32; ++i)
+    if (buf[i].seq != seq) fail("warp-collective instruction that not every lane of the warp reached");
+  return buf;
+}
+
+template <class T> T shfl_xor(T v, int o) {
+  static_assert(sizeof(T) == 4, "4-byte shuffles only");
+  LaneIn me{};
+  std::memcpy(&me.w[0], &v, 4);
+  const LaneIn* all = warp_exchange(me);
   T r;
-  std::memcpy(&r, &w.slot[l ^ unsigned(o & 31)], 4);
-  w.bar.arrive_and_wait();  // nobody overwrites a slot before every lane has read it
+  std::memcpy(&r, &all[lane_id() ^ unsigned(o & 31)].w[0], 4);
   return r;
 }
 
@@ -148,16 +202,21 @@ inline bool in_smem(const void* p, int n) {
 }
 
 // cp.async: the copy is only recorded; its bytes land when a wait_group retires its group, so reading the
-// destination before the wait (or a barrier missing after it) sees the NaN fill, not the data.
-inline void cp_async(void* d, const void* s, int n) {
+// destination before the wait (or a barrier missing after it) sees the NaN fill, not the data. `n` bytes are copied
+// (cp-size), of which only the first `src_bytes` are read from the source and the rest are zero (src-size).
+inline void cp_async(void* d, const void* s, int n, int src_bytes) {
   if (reinterpret_cast<uintptr_t>(d) % n || reinterpret_cast<uintptr_t>(s) % n) fail("misaligned cp.async");
+  if (src_bytes < 0 || src_bytes > n) fail("cp.async src-size outside [0, cp-size]");
   if (!in_smem(d, n)) fail("cp.async destination outside the block's dynamic shared memory");
-  open_group.push_back({d, s, n});
+  open_group.push_back({d, s, n, src_bytes});
 }
 inline void cp_commit() { groups.push_back(std::move(open_group)); open_group.clear(); }
 inline void cp_wait(int pending) {
   while (int(groups.size()) > pending) {
-    for (auto& c : groups.front()) std::memcpy(c.dst, c.src, c.n);
+    for (auto& c : groups.front()) {
+      std::memset(c.dst, 0, c.n);
+      if (c.src_bytes) std::memcpy(c.dst, c.src, c.src_bytes);
+    }
     groups.erase(groups.begin());
   }
 }
@@ -207,6 +266,7 @@ template <class... P> struct Launch {
               for (auto& g : groups)
                 if (!g.empty()) fail("cp.async committed but never waited for");
               // An exited thread no longer holds back the barriers of those still running (as on sm_70+).
+              warps[t / 32].live.fetch_sub(1);
               warps[t / 32].bar.arrive_and_drop();
               bar.arrive_and_drop();
             });
@@ -229,6 +289,7 @@ inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp().bar.arrive_and_wait(); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int o) { return emu::shfl_xor(v, o); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+[[noreturn]] inline void __trap() { emu::fail("__trap() reached"); }
 template <class T> T __ldcg(const T* p) { return *p; }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }

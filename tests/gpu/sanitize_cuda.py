@@ -4,8 +4,9 @@
     compute-sanitizer --tool racecheck python tests/gpu/sanitize_cuda.py --quick
 
 Covers fp32 (FFMA and TF32), fp16, bf16; fp32 adapters beside low-precision activations; bias on/off; dropout on/off;
-strided rows and non-unit column strides; deterministic and atomic reductions; decode sizes (split-K shrink); the
-adapter-off base_gemm; the regularizer in both forms.
+rows that are not 16-byte aligned (element loads) and non-unit column strides; deterministic and atomic reductions;
+decode sizes (split-K shrink, column-sliced dY pass, row-sliced dA); the adapter-off base_gemm; the regularizer in
+both forms.
 Exits non-zero on the first CUDA error; the sanitizer reports any out-of-bounds or misaligned access.
 """
 import argparse
@@ -18,21 +19,23 @@ from kasa_kernels.ops import cuda as cuda_ext
 from kasa_kernels.ops import defs
 from kasa_kernels.ops.rng import make_seed
 
-# (M, K, N, r). The last two are decode sizes, where the shrink splits K (its partials workspace and final sum).
+# (M, K, N, r). The last three are decode sizes: the shrink splits K, the dY pass splits N into many column slices
+# (partials and their ordered sum), dA splits M; r = 40 takes two rank tiles. On sm80/sm90 the 16-bit backward's
+# rank-r kernels run on TF32 tensor cores (ldmatrix), elsewhere FFMA; the GEMM takes the 128 x 256 tile on sm80.
 SHAPES = [(1, 7, 5, 1), (7, 37, 130, 4), (37, 130, 37, 16), (39, 64, 96, 8), (130, 136, 264, 33), (257, 520, 300, 24),
-          (1, 4099, 64, 16), (16, 4096, 72, 40)]
+          (1, 4099, 64, 16), (16, 4096, 72, 40), (64, 136, 4096, 24)]
 
 
 def run_linear(m, k, n, r, dtype, adapter_dtype, bias, p, strided, seed):
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
-    if strided:  # rows padded (row stride != K) for x, and every other column for grad_y
+    if strided:  # rows padded (row stride != K: not 16-byte aligned) for x and W, every other column for grad_y
         x = torch.randn(m, k + 3, device=dev, generator=g).to(dtype)[:, :k]
         gy = torch.randn(m, 2 * n, device=dev, generator=g).to(dtype)[:, ::2]
     else:
         x = torch.randn(m, k, device=dev, generator=g).to(dtype)
         gy = torch.randn(m, n, device=dev, generator=g).to(dtype)
-    w = (torch.randn(n, k, device=dev, generator=g) / k**0.5).to(dtype)
+    w = (torch.randn(n, k + 3 * strided, device=dev, generator=g) / k**0.5).to(dtype)[:, :k]
     b = torch.randn(n, device=dev, generator=g).to(dtype) if bias else None
     a = (torch.randn(r, k, device=dev, generator=g) / k**0.5).to(adapter_dtype)
     d = torch.randn(r, device=dev, generator=g).to(adapter_dtype)

@@ -1,3 +1,0 @@
-#pragma once
-#include "../emu_cuda.h"
-#include "../emu_wmma.h"
