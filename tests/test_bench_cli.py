@@ -240,3 +240,21 @@ def test_nf4_pair_computes_the_same_layer():
     mag = helpers.kasa_linear_magnitudes(t.x, *args, t.dy, t.scaling)[0]
     for name, st in states.items():
         helpers.assert_close_to_reference(name, st.fwd(), want64, want32, torch.float32, magnitude=mag)
+
+
+@pytest.mark.parametrize("path", ["cpu-bf16-gemm", "cpu-no-bf16-gemm"])
+def test_cpu_subset_leaves_slow_bf16_cases_out_only_without_bf16_gemm_kernels(monkeypatch, path):
+    import kasa_kernels.bench.__main__ as cli
+
+    monkeypatch.setattr(cli, "device_path", lambda device: path)
+
+    def cases(*argv):
+        return cli._resolve_run_args(cli.build_parser().parse_args(["run", "--device", "cpu", *argv]))[1]
+
+    default, explicit = cases(), cases("--dtype", "fp32,bf16")
+    assert len(explicit) == 12 and {c.dtype for c in explicit} == {"fp32", "bf16"}
+    if path == "cpu-bf16-gemm":
+        assert default == explicit
+    else:  # the bf16 cases beyond the small layer take hours there; fp32 and the small bf16 layer stay
+        assert default == [c for c in explicit if c.dtype == "fp32" or c.tag == "cpu-small"]
+        assert {c.dtype for c in default} == {"fp32", "bf16"} and len(default) == 8
