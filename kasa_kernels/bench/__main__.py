@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="render markdown tables and PNG plots from one or more results files")
     p.add_argument("files", nargs="+",
                    help="results JSON files; two or more from different devices go side by side")
-    p.add_argument("--out-dir", default=None, help="where to write <name>.md and PNGs (default: next to the first file)")
+    p.add_argument("--out-dir", default=None,
+                   help="where to write <name>.md and PNGs (default: next to the first file)")
     p.add_argument("--name", default=None, help="base name of the outputs (default: the results file's name)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
 
