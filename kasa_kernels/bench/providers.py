@@ -74,9 +74,10 @@ adapter_dtype = default_adapter_dtype
 
 
 # Bytes per weight element of the benchmark's NF4 base (blocksize 64, double quantization): a nibble, one uint8
-# scale code per 64 elements, one fp32 per 256 scale codes.
+# scale code per 64 elements, one fp32 per 256 scale codes (bitsandbytes' nested blocksize).
 NF4_BLOCKSIZE = 64
-NF4_BYTES_PER_ELEMENT = 0.5 + 1 / NF4_BLOCKSIZE + 4 / (NF4_BLOCKSIZE * 256)
+NF4_NESTED_BLOCKSIZE = 256
+NF4_BYTES_PER_ELEMENT = 0.5 + 1 / NF4_BLOCKSIZE + 4 / (NF4_BLOCKSIZE * NF4_NESTED_BLOCKSIZE)
 
 
 def bytes_moved(kind: str, mode: str, c: Case) -> float:

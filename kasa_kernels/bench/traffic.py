@@ -170,16 +170,16 @@ NOT_COUNTED = {
 
 
 def meta_nf4_weight(c: Case) -> QuantizedWeight:
-    """The case's W in the nf4_kasa provider's format (NF4, blocksize prov.NF4_BLOCKSIZE, double quantization with
-    bitsandbytes' nested blocksize 256) as meta tensors of the shapes and dtypes bitsandbytes gives."""
-    blocks = -(-c.N * c.K // prov.NF4_BLOCKSIZE)
+    """The case's W in the nf4_kasa provider's format (NF4, prov.NF4_BLOCKSIZE, double quantization with
+    prov.NF4_NESTED_BLOCKSIZE) as meta tensors of the shapes and dtypes bitsandbytes gives."""
+    blocks, nested = -(-c.N * c.K // prov.NF4_BLOCKSIZE), prov.NF4_NESTED_BLOCKSIZE
 
     def t(*shape, dtype):
         return torch.empty(*shape, dtype=dtype, device=META)
 
     return QuantizedWeight(t((c.N * c.K + 1) // 2, 1, dtype=torch.uint8), t(blocks, dtype=torch.uint8),
-                           t(16, dtype=torch.float32), t(-(-blocks // 256), dtype=torch.float32),
-                           t(256, dtype=torch.float32), t((), dtype=torch.float32), "nf4", prov.NF4_BLOCKSIZE, 256,
+                           t(16, dtype=torch.float32), t(-(-blocks // nested), dtype=torch.float32),
+                           t(256, dtype=torch.float32), t((), dtype=torch.float32), "nf4", prov.NF4_BLOCKSIZE, nested,
                            (c.N, c.K))
 
 

@@ -55,6 +55,12 @@ def _factor_b(lora_B: torch.Tensor, ds: torch.Tensor, dtype: torch.dtype) -> tor
     return torch.mul(cast(lora_B, ds.dtype), ds, out=out)
 
 
+def _kept_input(x2d: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float,
+                dtype: torch.dtype) -> torch.Tensor:
+    """keep(x) (M, K) in the operand dtype: x masked by the dropout hash (unscaled), or x itself without dropout."""
+    return masked(x2d, seed, dropout_p, dtype) if dropout_p > 0.0 else cast(x2d, dtype)
+
+
 def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
     """out += left @ right for a rank-r left (M, r) and right (r, cols) in the operand dtype. Inside the GEMM (addmm_)
     where the device has a fast GEMM in out's dtype, fp16 after precision.fp16_rebalance; on a CPU without one the
@@ -85,8 +91,8 @@ def linear_forward(
     dtype: x's own where the device has fast GEMMs in it, else fp32; fp64 for fp64)."""
     acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
     a = _factor_a(lora_A, keep_scale(dropout_p), dt)
-    x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else cast(x2d, dt)
-    h = x_kept @ a.t()  # H = keep(x) (A / (1-p))^T, summed in fp32 by every BLAS, rounded once to the operand dtype
+    # H = keep(x) (A / (1-p))^T, summed in fp32 by every BLAS, rounded once to the operand dtype
+    h = _kept_input(x2d, seed, dropout_p, dt) @ a.t()
     y = F.linear(x2d, weight, bias)
     _add_lowrank_(y, h, _factor_b(lora_B, _diag_scale(lora_diag, scaling, acc), dt).t())
     return y, h
@@ -137,7 +143,7 @@ def linear_backward(
     da = None
     if need_da:
         if x_kept is None:
-            x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else cast(x2d, dt)
+            x_kept = _kept_input(x2d, seed, dropout_p, dt)
         da = rank_r_mm(gh.t(), x_kept, acc)
         if dropout_p > 0.0:
             da *= keep_scale(dropout_p)
