@@ -102,11 +102,12 @@ def adapter_entries(model_or_modules, adapter_names: Optional[Sequence[str]] = N
     one unnamed adapter and are always included."""
     seen = set()
     out = []
-    refuse_plain_lora_fallback(model_or_modules)
+    kasa_adapters = _kasa_adapter_names(model_or_modules)
     for m in _modules_of(model_or_modules):
         if id(m) in seen:
             continue
         seen.add(id(m))
+        _refuse_if_plain_lora(m, kasa_adapters)  # in this walk, so the model is walked once per call
         if is_kasa_layer(m):
             out.append(AdapterEntry(m, None, m.lora_A, m.lora_B, m.lora_diag))
         elif is_peft_kasa_layer(m):
@@ -122,22 +123,31 @@ def refuse_plain_lora_fallback(model_or_modules) -> None:
     such a layer trains as plain LoRA (no truncation, no lora_diag, a regularizer of 0) without a word. Where an
     adapter configured with kasa_config has a LoRA layer without its lora_diag, raise (ValueError) instead of
     working on fewer layers."""
-    kasa_adapters = {a for a, c in peft_configs(model_or_modules).items() if getattr(c, "kasa_config", None)}
-    if not kasa_adapters:
+    kasa_adapters = _kasa_adapter_names(model_or_modules)
+    if kasa_adapters:
+        for m in _modules_of(model_or_modules):
+            _refuse_if_plain_lora(m, kasa_adapters)
+
+
+def _kasa_adapter_names(model_or_modules) -> set:
+    """The names of the PEFT adapters configured with kasa_config."""
+    return {a for a, c in peft_configs(model_or_modules).items() if getattr(c, "kasa_config", None)}
+
+
+def _refuse_if_plain_lora(m: nn.Module, kasa_adapters: set) -> None:
+    """refuse_plain_lora_fallback's check of one module."""
+    lora_a = getattr(m, "lora_A", None) if kasa_adapters else None
+    if not isinstance(lora_a, nn.ModuleDict):
         return
-    for m in _modules_of(model_or_modules):
-        lora_a = getattr(m, "lora_A", None)
-        if not isinstance(lora_a, nn.ModuleDict):
-            continue
-        diag = getattr(m, "lora_diag", None)
-        plain = [a for a in kasa_adapters if a in lora_a and not (isinstance(diag, nn.ParameterDict) and a in diag)]
-        if plain:
-            base = getattr(m, "base_layer", m)
-            raise ValueError(
-                f"model: PEFT adapter {plain[0]!r} has kasa_config, but its {type(m).__module__}.{type(m).__name__} "
-                f"layer over a {type(base).__name__} has no lora_diag: PEFT made it a plain LoRA layer (its "
-                "bitsandbytes layers ignore kasa_config), so it is not KaSA. For a quantized base use "
-                "kasa_kernels.inject(model, ...) on the bitsandbytes model instead of PEFT's KaSA.")
+    diag = getattr(m, "lora_diag", None)
+    plain = [a for a in kasa_adapters if a in lora_a and not (isinstance(diag, nn.ParameterDict) and a in diag)]
+    if plain:
+        base = getattr(m, "base_layer", m)
+        raise ValueError(
+            f"model: PEFT adapter {plain[0]!r} has kasa_config, but its {type(m).__module__}.{type(m).__name__} "
+            f"layer over a {type(base).__name__} has no lora_diag: PEFT made it a plain LoRA layer (its "
+            "bitsandbytes layers ignore kasa_config), so it is not KaSA. For a quantized base use "
+            "kasa_kernels.inject(model, ...) on the bitsandbytes model instead of PEFT's KaSA.")
 
 
 def adapter_triples(model_or_modules) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
