@@ -54,8 +54,6 @@ def weight_of(layer: nn.Module) -> QuantizedWeight:
     """The quantized weight of a bitsandbytes Linear4bit / Linear8bitLt as a QuantizedWeight (no copy), quantizing
     it first with the layer's own settings if bitsandbytes has not yet (it does so when the layer moves to a
     device)."""
-    import bitsandbytes.functional as bnbf
-
     kind = bnb_kind(layer)
     p = layer.weight
     shape = (layer.out_features, layer.in_features)
@@ -66,9 +64,8 @@ def weight_of(layer: nn.Module) -> QuantizedWeight:
     if getattr(p, "has_fp16_weights", False) or getattr(layer.state, "has_fp16_weights", False):
         raise ValueError("linear: a Linear8bitLt with has_fp16_weights=True keeps a float weight that it trains; "
                          "KaSA needs a frozen int8 base (has_fp16_weights=False)")
-    if p.dtype != torch.int8:
-        data, scb, _ = bnbf.int8_vectorwise_quant(p.data.contiguous().to(torch.float16))
-        return QuantizedWeight(data, scb, None, None, None, None, "int8", 0, 0, shape)
+    if p.dtype != torch.int8:  # not yet quantized: Int8Params' own recipe (requantize); fp32 holds the weight exactly
+        return requantize(p.data.float(), layer)
     return QuantizedWeight(p.data, p.SCB, None, None, None, None, "int8", 0, 0, shape)
 
 
@@ -119,12 +116,15 @@ class QuantKasaLinear(KasaLinear):
         layer = cls(linear.in_features, linear.out_features, bias=bias is not None, r=r, alpha=alpha,
                     dropout=dropout, backend=backend, device="meta", dtype=torch.float32, use_rslora=use_rslora,
                     adapter_dtype=adapter_dtype or torch.float32)
-        w32 = dequantize(original, torch.float32)
-        truncated = svd_truncate(w32, r, truncation)
-        q = requantize(truncated, linear) if truncation != "none" else original
+        if truncation == "none":  # the base as it came: nothing is quantized again
+            q, requant_error = original, 0.0
+        else:
+            truncated = svd_truncate(dequantize(original, torch.float32), r, truncation)
+            q = requantize(truncated, linear)
+            requant_error = relative_error(q, truncated)
         layer.weight = None
         layer._set_quantized(q)
-        layer.requant_error = relative_error(q, truncated)
+        layer.requant_error = requant_error
         layer._adopt(bias, original.device, truncation)
         return layer
 

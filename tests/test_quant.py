@@ -293,3 +293,16 @@ def test_cuda_backend_dequantizes_then_runs_its_kernels(monkeypatch):
     for g, w_ in zip(grads, torch_linear.linear_backward(gy, x, want, a, d, bb, want_h, 2.0, 0.0, None,
                                                          (True, True, True, True))):
         assert torch.equal(g, w_)
+
+
+def test_int8_layer_not_yet_quantized_gets_int8params_own_recipe():
+    # a Linear8bitLt that never moved to a device still holds its float weight: weight_of quantizes it as Int8Params
+    # does on the move, bit for bit
+    import bitsandbytes as bnb
+
+    w = spread_weight(24, 40)
+    fresh = bnb.nn.Linear8bitLt(40, 24, bias=False, has_fp16_weights=False)
+    fresh.load_state_dict({"weight": w.clone()}, strict=False)
+    assert fresh.weight.dtype != torch.int8
+    got, want = weight_of(fresh), weight_of(bnb_layer(("int8", 0, False), w))
+    assert torch.equal(got.data, want.data) and torch.equal(got.scale, want.scale)

@@ -82,11 +82,10 @@ def block_scales(w: QuantizedWeight) -> torch.Tensor:
     return decoded + w.nested_offset
 
 
-def dequantize(w: QuantizedWeight, dtype: torch.dtype, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """W (N, K) in `dtype`, bit for bit what bitsandbytes' own dequantization gives in fp32, rounded once.
-    scales: block_scales(w) when the caller already has it."""
+def dequantize(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """W (N, K) in `dtype`, bit for bit what bitsandbytes' own dequantization gives in fp32, rounded once."""
     n, k = w.shape
-    scales = block_scales(w) if scales is None else scales
+    scales = block_scales(w)
     if w.kind == "int8":
         return ((w.data.float() * scales.view(-1, 1)) * INT8_UNIT).to(dtype)
     packed = w.data.reshape(-1).view(torch.uint8)
