@@ -369,3 +369,15 @@ def test_trainer_fp16_grad_scaler_on_gpu_equals_hand_written_loop(tmp_path):
             sched.step()
         opt.zero_grad(set_to_none=True)
     assert_same_parameters(model, hand, initial, "gpu")
+
+
+@pytest.mark.parametrize("ds", [{"deepspeed": "ds_config.json"}, {"deepspeed": None, "deepspeed_plugin": object()}],
+                         ids=["training-args", "accelerate-plugin"])
+def test_deepspeed_is_refused_however_it_is_configured(ds):
+    # accelerate's DeepSpeed (ACCELERATE_USE_DEEPSPEED) sets only TrainingArguments.deepspeed_plugin
+    import types
+
+    from kasa_kernels.integrations.transformers import KasaCallback
+
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        KasaCallback().on_train_begin(types.SimpleNamespace(**ds), None, None, model=torch.nn.Linear(4, 4))

@@ -63,7 +63,8 @@ class KasaCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if model is None:
             raise ValueError("KasaCallback: the Trainer passed no model to on_train_begin")
-        if getattr(args, "deepspeed", None):
+        # a DeepSpeed config given to TrainingArguments, or accelerate's (ACCELERATE_USE_DEEPSPEED: only the plugin)
+        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None):
             raise ValueError("KasaCallback: DeepSpeed scales the loss inside its engine, where the callback cannot "
                              "read the factor; add kasa_regularizer(model) to the loss in compute_loss instead")
         try:
