@@ -59,7 +59,8 @@ def base_gemm(x2d, weight, bias=None):
     y = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
     if x2d.shape[0] == 0:
         return y
-    return gemm_lowrank(x2d, _weight_operand(weight, True)[0], y, bias=bias, precision=dot_precision(x2d.dtype, False),
+    b, quant = _weight_operand(weight, transposed=True)
+    return gemm_lowrank(x2d, b, y, bias=bias, quant=quant, precision=dot_precision(x2d.dtype, False),
                         lowrank_precision=dot_precision(x2d.dtype, True))
 
 
