@@ -140,10 +140,7 @@ def kasa_linear(
     """
     _require_tensor("x", x)
     name = _backend.resolve(backend, x.device)
-    for arg, t in (("weight", weight), ("bias", bias)):
-        if t is not None and not (arg == "weight" and isinstance(t, QuantizedWeight)):
-            _require_tensor(arg, t)
-    x, weight, bias = autocast_inputs(x, weight, bias)
+    x, weight, bias = autocast_inputs(x, weight, bias)  # passes anything not a tensor through, for the checks below
     _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name)
     p = check_dropout(dropout_p)
     if not training:
