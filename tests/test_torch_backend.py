@@ -1,4 +1,6 @@
 """The torch backend computes docs/math.md's forward and closed-form backward, checked against python/kasa_reference."""
+import os
+
 import pytest
 import torch
 
@@ -219,14 +221,22 @@ def test_keep_mask_hash_of_indices_beyond_32_bits():
     assert torch.equal(rng._hash(small.to(torch.int32), words), rng._hash(small, words))
 
 
-# The mask kernels of ops/rng.py run fused (inductor-compiled) on CUDA and on large CPU tensors, eagerly elsewhere:
-# both forms must give bit-for-bit the same result (same mask, same casts, same adds). Here inductor's CPU code
-# generator compiles them (the GPU test below checks its Triton one).
-def _kernel_args(name, dtype, rows=37, cols=130, strided=False):
+# The mask kernels of ops/rng.py run fused on CUDA (inductor-compiled) and on CPU (ops/cpu_mask.c where a C compiler
+# is present, else inductor-compiled for large tensors), eagerly elsewhere: every form must give bit for bit the same
+# result (same mask, same casts, same adds). Here both CPU forms are held to the eager one (the GPU test below checks
+# inductor's Triton form).
+# (x dtype, operand dtype): the pairs the torch backend uses, each one cpu_mask.c instantiates
+MASK_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+              (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+
+
+def _kernel_args(name, dtype, rows=37, cols=130, strided=False, operand=None):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(rows, 2 * cols if strided else cols, generator=g).to(dtype)
     x = x[:, 1::2] if strided else x
-    t = torch.randn(rows, cols, generator=g).to(torch.float32 if dtype == torch.float16 else dtype)
+    if operand is None:
+        operand = torch.float32 if dtype == torch.float16 else dtype
+    t = torch.randn(rows, cols, generator=g).to(operand)
     dx = torch.randn(rows, cols, generator=g).to(dtype)
     seed = make_seed(2**40 + 3, torch.device("cpu"))
     from kasa_kernels.ops import rng
@@ -237,31 +247,173 @@ def _kernel_args(name, dtype, rows=37, cols=130, strided=False):
 
 
 def _clone_args(args):
-    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    # strides kept (clone() makes a non-dense view contiguous, and the strided reads would go untested)
+    def copy(a):
+        return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype).copy_(a) if isinstance(a, torch.Tensor) else a
+
+    return tuple(copy(a) for a in args)
 
 
 def _as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["masked", "add_masked_", "dropout_backward_"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_fused_mask_kernels_are_bit_identical_to_eager(name, dtype):
+def _without_c_kernels(monkeypatch):
+    from kasa_kernels.ops import cpu_mask
+
+    monkeypatch.setattr(cpu_mask, "_lib", None)
+    monkeypatch.setattr(cpu_mask, "_error", "switched off by the test")
+
+
+def _require_c_kernels():
+    import shutil
+
+    from kasa_kernels.ops import cpu_mask
+
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler: ops/cpu_mask.c cannot be built here (rng.py uses its torch forms)")
+    assert cpu_mask.available(), f"a C compiler is present but ops/cpu_mask.c did not build: {cpu_mask._error}"
+
+
+def _check_fused_against_eager(name, dtype, operand):
     from kasa_kernels.ops import rng
 
-    for rows, cols, strided in ((37, 130, False), (5, 7, True)):
-        args = _kernel_args(name, dtype, rows, cols, strided)
+    # (37, 130): rows of 130 elements (a vector tail); strided: every read and written stride but the layout's own
+    for rows, cols, strided in ((37, 130, False), (5, 7, True), (1, 1, False), (0, 4, False)):
+        args = _kernel_args(name, dtype, rows, cols, strided, operand)
         fused_args, eager_args = _clone_args(args), _clone_args(args)
         fused = _as_tuple(rng.run_fused(name, fused_args))
         eager = _as_tuple(rng._EAGER[name](*eager_args))
         for f, e in zip(fused, eager):
-            assert f.dtype == e.dtype and torch.equal(f, e)
+            assert f.dtype == e.dtype and f.shape == e.shape and torch.equal(f, e)
         for f, e in zip(fused_args, eager_args):  # the in-place kernels mutated the same inputs the same way
             if isinstance(f, torch.Tensor):
                 assert torch.equal(f, e)
-        keep = rng.keep_mask(make_seed(2**40 + 3, torch.device("cpu")), rows, cols, 0.3)
-        assert 0 < int(keep.sum()) < rows * cols  # the mask both dropped and kept something
+        if strided and name != "add_masked_":  # x, the one read-only (M, K) operand, reached the kernel strided
+            assert fused_args[{"masked": 0, "dropout_backward_": 2}[name]].stride(1) == 2
+    keep = rng.keep_mask(make_seed(2**40 + 3, torch.device("cpu")), 37, 130, 0.3)
+    assert 0 < int(keep.sum()) < 37 * 130  # the mask both dropped and kept something
+
+
+def test_c_mask_kernels_keep_an_element_whose_hash_equals_the_threshold():
+    # keep iff hash >= threshold: the one element whose hash is the threshold itself tells >= from >
+    from kasa_kernels.ops import rng
+
+    _require_c_kernels()
+    seed = make_seed(2**40 + 3, torch.device("cpu"))
+    h = int(rng._hash(torch.arange(40, dtype=torch.int32), seed.to(torch.int32))[17]) & rng.MASK32
+    thr = rng._signed32(h ^ 2**31)  # compare_threshold's form of threshold h
+    x = torch.randn(4, 10)
+    got = rng.run_fused("masked", (x, seed, thr, x.dtype))
+    assert torch.equal(got, rng._masked(x, seed, thr, x.dtype)) and got.view(-1)[17] == x.view(-1)[17] != 0
+
+
+def test_c_mask_kernel_adds_round_once_in_fp32_then_to_the_output_dtype():
+    # torch adds a 16-bit and an fp32 tensor in fp32 and rounds the sum to the 16-bit dtype: 1 + (2^-e + 2^-30),
+    # with 2^-e half a 16-bit ulp of 1, is 1 + 2^-e in fp32, a tie that rounds to even (1.0); summed in fp64 and
+    # rounded once it would give 1 + 2^(1-e)
+    from kasa_kernels.ops import rng
+
+    _require_c_kernels()
+    seed, thr = make_seed(1, torch.device("cpu")), rng.compare_threshold(0.0)  # p = 0: every element kept
+    for dtype, half_ulp in ((torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)):
+        dx = torch.ones(2, 8, dtype=dtype)
+        t = torch.full((2, 8), half_ulp + 2.0**-30)
+        fresh = {"add_masked_": lambda: (dx.clone(), t, seed, thr),  # fresh for each call: the kernels write them
+                 "dropout_backward_": lambda: (dx.clone(), t.clone(), dx, seed, thr)}
+        for name, args in fresh.items():
+            got = _as_tuple(rng.run_fused(name, args()))[0]
+            want = _as_tuple(rng._EAGER[name](*args()))[0]
+            assert torch.equal(got, want) and bool((got == 1).all()), (name, dtype)
+
+
+@pytest.mark.parametrize("name", ["masked", "add_masked_", "dropout_backward_"])
+@pytest.mark.parametrize("pair", MASK_PAIRS, ids=lambda p: f"{p[0]}-{p[1]}".replace("torch.", ""))
+def test_c_mask_kernels_are_bit_identical_to_eager(name, pair):
+    from kasa_kernels.ops import cpu_mask
+
+    _require_c_kernels()
+    calls = []
+    real = cpu_mask.KERNELS[name]
+    cpu_mask.KERNELS[name] = lambda *a: (calls.append(1), real(*a))[1]
+    try:
+        _check_fused_against_eager(name, *pair)
+    finally:
+        cpu_mask.KERNELS[name] = real
+    assert calls, "the C kernel did not run"
+
+
+def test_c_mask_kernel_signed_zeros_and_nans_match_eager():
+    # a dropped element adds +0 (so -0 + 0 = +0, as torch's add_ gives), a kept NaN stays NaN, a dropped one is 0
+    from kasa_kernels.ops import rng
+
+    _require_c_kernels()
+    seed, thr = make_seed(11, torch.device("cpu")), rng.compare_threshold(0.5)
+    for dtype, operand in MASK_PAIRS:
+        dx = torch.full((8, 16), -0.0, dtype=dtype)
+        t = torch.full((8, 16), float("nan"), dtype=operand)
+        x = torch.full((8, 16), float("nan"), dtype=dtype)
+        got = rng.run_fused("dropout_backward_", (dx.clone(), t.clone(), x, seed, thr))
+        want = rng._EAGER["dropout_backward_"](dx.clone(), t.clone(), x, seed, thr)
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        for g, w in zip(got, want):
+            # NaN where eager has NaN (its payload is the CPU kernel's choice: torch's own vector and scalar bf16
+            # casts differ there), and bit for bit elsewhere: torch.equal would take -0 for +0
+            assert torch.equal(g.isnan(), w.isnan())
+            ok = ~w.isnan()
+            assert torch.equal(g.view(bits[g.element_size()])[ok], w.view(bits[w.element_size()])[ok])
+
+
+def test_c_mask_kernels_refuse_what_they_do_not_cover():
+    from kasa_kernels.ops import cpu_mask, rng
+
+    _require_c_kernels()
+    seed, thr = make_seed(5, torch.device("cpu")), rng.compare_threshold(0.25)
+    x = torch.randn(6, 10)
+    assert cpu_mask.masked(x.half(), seed, thr, torch.float16) is None  # a pair the backend never uses
+    assert cpu_mask.masked(x, seed[:1], thr, torch.float32) is None  # a malformed seed: the torch form raises
+    assert cpu_mask.add_masked_(x.t(), x.t(), seed, thr) is None  # a written tensor that is not contiguous
+    assert cpu_mask.dropout_backward_(x, x.clone(), x[:, :5], seed, thr) is None  # shapes that differ
+    # each of them still runs, through the torch form
+    want = rng._masked(x.half(), seed, thr, torch.float16)
+    assert torch.equal(rng.run_fused("masked", (x.half(), seed, thr, torch.float16)), want)
+
+
+def test_c_mask_kernels_tell_autograd_of_their_writes():
+    from kasa_kernels.ops import rng
+
+    _require_c_kernels()
+    dx, t, x, seed, thr = _kernel_args("dropout_backward_", torch.float32)
+    before = (dx._version, t._version)
+    rng.run_fused("dropout_backward_", (dx, t, x, seed, thr))
+    assert dx._version > before[0] and t._version > before[1]
+
+
+def test_c_mask_build_failure_falls_back_to_the_torch_forms(monkeypatch, tmp_path):
+    from kasa_kernels.ops import cpu_mask, rng
+
+    monkeypatch.setattr(cpu_mask, "_lib", None)
+    monkeypatch.setattr(cpu_mask, "_error", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(cpu_mask.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="building the CPU dropout-mask kernels"):
+        assert not cpu_mask.available()
+    assert not cpu_mask.available()  # once: no second warning, no second build
+    x, seed = torch.randn(6, 10), make_seed(5, torch.device("cpu"))
+    assert rng.kernel_path(x) == "eager"  # small: the torch form runs eagerly, as before the C kernels existed
+    want = rng._masked(x, seed, rng.compare_threshold(0.25), x.dtype)
+    assert torch.equal(rng.masked(x, seed, 0.25), want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["masked", "add_masked_", "dropout_backward_"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_inductor_mask_kernels_are_bit_identical_to_eager(monkeypatch, name, dtype):
+    from kasa_kernels.ops import rng
+
+    _without_c_kernels(monkeypatch)
+    _check_fused_against_eager(name, dtype, None)
+    assert name in rng._compiled, "the inductor-compiled kernel did not run"
 
 
 def test_mask_kernels_do_what_their_docstrings_say():
@@ -278,17 +430,20 @@ def test_mask_kernels_do_what_their_docstrings_say():
     assert torch.equal(rng.add_masked_(dx.clone(), t, seed, 0.3), want_dx)
 
 
-def test_kernel_path_is_fused_only_where_compiling_pays(monkeypatch):
+def test_kernel_path_is_fused_only_where_it_pays(monkeypatch):
     from kasa_kernels.ops import rng
     from kasa_kernels.ops.precision import meta_runs_as
     from kasa_kernels.bench.timing import LiveTensorBytes
 
     small = torch.empty(64, 64)
     big = torch.empty(rng.CPU_FUSED_MIN_ELEMENTS // 64, 64)
+    _require_c_kernels()
+    assert rng.kernel_path(small) == "fused"  # the C kernels cost no compile: every size
+    with LiveTensorBytes():  # they (and torch.compile) would run unseen by a TorchDispatchMode: the eager form does not
+        assert rng.kernel_path(big) == "eager"
+    _without_c_kernels(monkeypatch)  # inductor alone: only where compiling a kernel pays
     assert rng.kernel_path(small) == "eager"
     assert rng.kernel_path(big) == "fused"
-    with LiveTensorBytes():  # torch.compile refuses to run under a TorchDispatchMode
-        assert rng.kernel_path(big) == "eager"
     meta = torch.empty(8, 8, device="meta")
     assert rng.kernel_path(meta) == "eager"
     with meta_runs_as("cuda"):
@@ -305,6 +460,7 @@ def test_fused_kernel_falls_back_once_and_keeps_real_errors(monkeypatch):
     def broken(*args):
         raise RuntimeError("inductor is unavailable (simulated)")
 
+    _without_c_kernels(monkeypatch)
     monkeypatch.setattr(rng, "_compiled", {"masked": broken})
     monkeypatch.setattr(rng, "_failed", set())
     monkeypatch.setattr(rng, "CPU_FUSED_MIN_ELEMENTS", 1)
@@ -321,13 +477,17 @@ def test_fused_kernel_falls_back_once_and_keeps_real_errors(monkeypatch):
     assert rng._failed == set()
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["c", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_layer_on_the_fused_mask_path_matches_reference(monkeypatch, dtype, p):
-    # the CPU threshold at 0: every mask kernel of this layer runs inductor-compiled, as on CUDA and on big CPU layers
+def test_layer_on_the_fused_mask_path_matches_reference(monkeypatch, kernels, dtype, p):
+    # the CPU threshold at 0: every mask kernel of this layer runs fused, as on CUDA and on big CPU layers
     from kasa_kernels.ops import rng
 
+    if kernels == "c":
+        _require_c_kernels()
+    else:
+        _without_c_kernels(monkeypatch)
     monkeypatch.setattr(rng, "CPU_FUSED_MIN_ELEMENTS", 0)
     launched = []
     real = rng.run_fused

@@ -34,6 +34,7 @@ from typing import Callable, Dict, Optional, Set, Union
 
 import torch
 
+from . import cpu_mask
 from .precision import Setting, device_kind
 from .rng_constants import MASK32, MIX_MUL1, MIX_MUL2  # noqa: F401  (defined once, there)
 
@@ -184,7 +185,7 @@ def kernels_run_by(runner: Callable):
 def kernel_path(t: torch.Tensor) -> str:
     """'fused' where a mask kernel on `t` (its largest operand) runs as one compiled kernel, else 'eager'."""
     kind = device_kind(t)
-    fused = kind == "cuda" or (kind == "cpu" and t.numel() >= CPU_FUSED_MIN_ELEMENTS)
+    fused = kind == "cuda" or (kind == "cpu" and (t.numel() >= CPU_FUSED_MIN_ELEMENTS or cpu_mask.available()))
     if not fused or torch.compiler.is_compiling():
         return "eager"
     if _RUNNER.value is not None:
@@ -195,7 +196,12 @@ def kernel_path(t: torch.Tensor) -> str:
 
 
 def run_fused(name: str, args) -> object:
-    """Kernel `name` as one inductor-compiled kernel (compiled on first use); its eager form if compiling fails."""
+    """Kernel `name` as one fused kernel: ops/cpu_mask.c's on CPU tensors where it is built, else inductor-compiled
+    (compiled on first use); its eager form if compiling fails."""
+    if args[0].device.type == "cpu" and cpu_mask.available():
+        out = cpu_mask.KERNELS[name](*args)
+        if out is not None:
+            return out
     fn = _compiled.get(name)
     if fn is None:
         fn = _compiled[name] = torch.compile(_EAGER[name], dynamic=True, fullgraph=True)

@@ -1,0 +1,197 @@
+"""The dropout-mask kernels on CPU tensors as compiled C (ops/cpu_mask.c), called through ctypes.
+
+ops/rng.py runs its three mask kernels as one fused pass each. On CUDA inductor compiles them; on CPU its compiled
+kernel is fast, but each call goes through torch.compile's guards and wrappers, which cost about as much as a
+small layer's whole rank-r path (about 0.1 ms a call at 256 x 256 on a 2-core AMD EPYC, against under 0.05 ms for
+this module's call; kasa-bench's CPU subset measures the difference). So on CPU the kernels are this C file instead:
+compiled once per machine with the system's C compiler (`cc -O3 -march=native`, OpenMP where available; about a
+second), cached under $KASA_KERNELS_CACHE (default ~/.cache/kasa_kernels), and called with the tensors' pointers
+and strides. Written tensors must be contiguous; read ones may have any strides.
+
+If no C compiler works, the build fails once with a warning and rng.py keeps its torch forms (inductor-compiled
+for large tensors, eager below). Unsupported dtype combinations return None, and rng.py runs its torch form.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .rng_constants import MASK32, cxx_defines
+
+SOURCE = Path(__file__).with_name("cpu_mask.c")
+CACHE_ENV = "KASA_KERNELS_CACHE"
+_CODES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+# (x's dtype, the operand dtype): the pairs cpu_mask.c instantiates, the ones the torch backend uses
+PAIRS = frozenset({("f32", "f32"), ("f64", "f64"), ("bf16", "bf16"), ("bf16", "f32"), ("f16", "f32")})
+
+_P, _I64, _U32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int
+_SIGNATURES = {
+    "masked": (_P, _P, _I64, _I64, _I64, _I64, _U32, _U32, _U32, _INT),
+    "add_masked": (_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _U32, _U32, _U32, _INT),
+    "dropout_bwd": (_P, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _U32, _U32, _U32, _INT),
+}
+
+_lock = threading.Lock()
+_lib: dict | None = None  # (kernel, x code, operand code) -> ctypes function, once built
+_error: str | None = None  # why the build failed, once it did
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and its CPU's model and flags."""
+    model = flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line
+                elif line.startswith(("flags", "Features")) and not flags:
+                    flags = line
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return platform.machine() + model + flags
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kasa_kernels")
+    return Path(root)
+
+
+def _compile(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang)")
+    base = [cc, "-O3", "-march=native", "-fPIC", "-shared", *cxx_defines(), str(SOURCE)]
+    errors = []
+    for extra in (["-fopenmp"], []):  # OpenMP when the compiler has it, else one thread
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        proc = subprocess.run(base + extra + ["-o", str(tmp)], capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            os.replace(tmp, out)  # atomic: a concurrent process loads either nothing or a whole library
+            return
+        errors.append(proc.stderr.strip()[-2000:])
+    raise RuntimeError(f"{cc} failed: {errors[-1]}")
+
+
+def _spec_hash(i: int, s0: int, s1: int) -> int:
+    """ops/rng.py's hash in Python integers, to check the loaded library against."""
+    from .rng_constants import MIX_MUL1, MIX_MUL2
+
+    def mix(h):
+        h = ((h ^ (h >> 16)) * MIX_MUL1) & MASK32
+        h = ((h ^ (h >> 15)) * MIX_MUL2) & MASK32
+        return h ^ (h >> 15)
+
+    return mix(mix((i & MASK32) ^ s0) ^ (i >> 32) ^ s1)
+
+
+def _build() -> dict:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(cxx_defines()).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_mask-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _compile(path)
+    lib = ctypes.CDLL(str(path))
+    check = lib.kasa_mask_hash
+    check.argtypes, check.restype = (ctypes.c_uint64, _U32, _U32), _U32
+    for i, s0, s1 in ((0, 0, 0), (12345, 0xDEADBEEF, 7), (2**40 + 99, 3, 0xFFFFFFFF)):
+        if check(i, s0, s1) != _spec_hash(i, s0, s1):
+            raise RuntimeError(f"{path} computes another hash than ops/rng.py's spec (a stale build?)")
+    fns = {}
+    for kernel, argtypes in _SIGNATURES.items():
+        for x, d in PAIRS:
+            fn = getattr(lib, f"kasa_{kernel}_{x}_{d}")
+            fn.argtypes, fn.restype = argtypes, None
+            fns[(kernel, x, d)] = fn
+    return fns
+
+
+def available() -> bool:
+    """Whether the C kernels are built and loaded (building them on first call)."""
+    global _lib, _error
+    if _lib is not None:
+        return True
+    if _error is not None:
+        return False
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                _lib = _build()
+            except Exception as e:  # noqa: BLE001  (no compiler, a read-only cache, a failed check: torch forms)
+                _error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"kasa_kernels: building the CPU dropout-mask kernels (ops/cpu_mask.c) failed "
+                              f"({_error}); using their torch forms, which give the same mask more slowly")
+    return _lib is not None
+
+
+def _words(seed: torch.Tensor, threshold: int):
+    s0, s1 = seed.tolist()
+    # threshold is rng.compare_threshold's signed form: back to the unsigned threshold the spec compares with
+    return s0 & MASK32, s1 & MASK32, (threshold & MASK32) ^ 2**31
+
+
+def _fn(kernel: str, x: torch.dtype, d: torch.dtype):
+    return _lib.get((kernel, _CODES.get(x), _CODES.get(d))) if _lib is not None else None
+
+
+def _usable(seed, *tensors) -> bool:
+    return (isinstance(seed, torch.Tensor) and seed.shape == (2,) and seed.device.type == "cpu"
+            and all(t.device.type == "cpu" and t.dim() == 2 for t in tensors))
+
+
+def _bump(*written: torch.Tensor) -> None:
+    # written through a raw pointer: tell autograd, as an in-place op would, so a tensor saved for backward and
+    # changed here is caught
+    for t in written:
+        torch.autograd.graph.increment_version(t)
+
+
+def masked(x2d: torch.Tensor, seed: torch.Tensor, threshold: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """rng._masked in one C pass; None where this module has no kernel for the inputs."""
+    fn = _fn("masked", x2d.dtype, dtype)
+    if fn is None or not _usable(seed, x2d):
+        return None
+    rows, cols = x2d.shape
+    out = torch.empty((rows, cols), dtype=dtype)
+    fn(out.data_ptr(), x2d.data_ptr(), rows, cols, *x2d.stride(), *_words(seed, threshold), torch.get_num_threads())
+    return out
+
+
+def add_masked_(out: torch.Tensor, t: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.Tensor | None:
+    """rng._add_masked_ in one C pass; None where this module has no kernel for the inputs."""
+    fn = _fn("add_masked", out.dtype, t.dtype)
+    if fn is None or not _usable(seed, out, t) or out.shape != t.shape or not out.is_contiguous():
+        return None
+    rows, cols = t.shape
+    fn(out.data_ptr(), *out.stride(), t.data_ptr(), *t.stride(), rows, cols, *_words(seed, threshold),
+       torch.get_num_threads())
+    _bump(out)
+    return out
+
+
+def dropout_backward_(dx: torch.Tensor, t: torch.Tensor, x2d: torch.Tensor, seed: torch.Tensor, threshold: int):
+    """rng._dropout_backward_ in one C pass; None where this module has no kernel for the inputs."""
+    fn = _fn("dropout_bwd", dx.dtype, t.dtype)
+    if (fn is None or x2d.dtype != dx.dtype or not _usable(seed, dx, t, x2d) or not dx.shape == t.shape == x2d.shape
+            or not (dx.is_contiguous() and t.is_contiguous())):
+        return None
+    rows, cols = t.shape
+    fn(dx.data_ptr(), *dx.stride(), t.data_ptr(), *t.stride(), x2d.data_ptr(), *x2d.stride(), rows, cols,
+       *_words(seed, threshold), torch.get_num_threads())
+    _bump(dx, t)
+    return dx, t
+
+
+KERNELS = {"masked": masked, "add_masked_": add_masked_, "dropout_backward_": dropout_backward_}
