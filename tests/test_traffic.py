@@ -93,7 +93,7 @@ def test_nf4_base_is_counted_on_cpu_paths_and_opaque_on_cuda():
             assert q[phase] - plain[phase] >= packed + w_bf16, (path, phase)
 
 
-def test_fused_mask_kernel_is_counted_by_its_inputs_and_outputs():
+def test_fused_mask_kernel_is_counted_by_its_inputs_and_outputs(monkeypatch):
     # on a fused path the counter sees one kernel: x read, the masked copy written (plus the 16-byte seed)
     x = _meta(64, 32, dtype=torch.bfloat16)
     seed = torch.zeros(2, dtype=torch.int64, device="meta")
@@ -105,10 +105,21 @@ def test_fused_mask_kernel_is_counted_by_its_inputs_and_outputs():
     assert list(counter.ops) == [("forward", "fused rng.masked")]
     c = counter.ops[("forward", "fused rng.masked")]
     assert (c.read, c.written) == (64 * 32 * 2 + 16, 64 * 32 * 2)
-    # where the device runs the eager form (a small CPU tensor), each of its ops is counted instead
-    counter = tr.ByteCounter()
-    with meta_runs_as("cpu-bf16-gemm"), rng.kernels_run_by(tr._fused_kernel_runner(counter)), counter:
-        rng.masked(x, seed, 0.1)
+    # a CPU runs it as one kernel at every size where ops/cpu_mask.c is built; where it is not, a small CPU tensor
+    # takes the eager form, and each of its ops is counted instead
+    from kasa_kernels.ops import cpu_mask
+
+    def count_on_cpu():
+        counter = tr.ByteCounter()
+        with meta_runs_as("cpu-bf16-gemm"), rng.kernels_run_by(tr._fused_kernel_runner(counter)), counter:
+            rng.masked(x, seed, 0.1)
+        return counter
+
+    if cpu_mask.available():
+        assert list(count_on_cpu().ops) == [("forward", "fused rng.masked")]
+    monkeypatch.setattr(cpu_mask, "_lib", None)
+    monkeypatch.setattr(cpu_mask, "_error", "switched off by the test")
+    counter = count_on_cpu()
     assert sum(c.calls for c in counter.ops.values()) > 20 and counter.totals() > 20 * 64 * 32 * 2
 
 

@@ -11,11 +11,12 @@ Units: one activation pass is M x K elements of x's dtype (x's bytes). At P in b
 (forward: read x, read W = 0.5, write y; backward: read G, read W, write dx).
 
 Paths: a provider's ops depend on the device it runs on, and meta tensors take the path of the device named by
-`path` (precision.meta_runs_as). The torch backend's dropout-mask kernels (ops/rng.py) run as one compiled kernel
-each on CUDA and on large CPU tensors; the counter launches their eager form with counting off and counts the kernel
-by construction: every tensor it is given read once, every tensor it returns written once (inductor generates one
+`path` (precision.meta_runs_as). The torch backend's dropout-mask kernels (ops/rng.py) run as one kernel each: on
+CUDA inductor-compiled, on CPU ops/cpu_mask.c's (or, where no C compiler builds those, inductor's for large tensors);
+the counter launches their eager form with counting off and counts the kernel by construction: every tensor it is
+given read once, every tensor it returns written once (cpu_mask.c's loops do exactly that; inductor generates one
 kernel for each, which tests/test_traffic.py checks on CPU, and the GPU suite on CUDA). Where a device runs them
-eagerly (small CPU tensors), their eager ops are counted one by one.
+eagerly (small CPU tensors without a C compiler), their eager ops are counted one by one.
 
 Opaque: ops outside aten (the fused backends' kasa_kernels::* custom ops) cannot be looked into. They are listed by
 name and the provider gets no total; no figure is invented for them. torch_compile runs inductor's generated kernels,

@@ -158,11 +158,14 @@ def _dropout_backward_(dx: torch.Tensor, t: torch.Tensor, x2d: torch.Tensor, see
 # select become one kernel per call that reads its inputs once and writes its outputs once; tests/test_traffic.py
 # checks that on CPU (and on CUDA in the GPU suite) by counting the kernels inductor generates.
 #
-# CUDA compiles every call's kernel; CPU only from CPU_FUSED_MIN_ELEMENTS elements up. Compiling one kernel takes
-# 2-25 s on 2 cores, and below that size the eager form costs under about a millisecond a call, which a short run
-# (a test, a toy model) never wins back. Where compiling fails (no C++ compiler, no Triton) the kernels warn once and
-# run eagerly from then on, giving the same mask. A caller that is itself being compiled, or that runs under a
-# TorchDispatchMode (which torch.compile refuses), traces or runs the eager form.
+# CUDA compiles every call's kernel. A CPU runs ops/cpu_mask.c's kernels instead, at every size: the same one pass
+# each, written in C and built once per machine in about a second, without the per-call cost of torch.compile's
+# guards and wrappers (cpu_mask.py says how much). Where no C compiler builds them, inductor's kernel runs from
+# CPU_FUSED_MIN_ELEMENTS elements up: compiling one takes 2-25 s on 2 cores, and below that size the eager form costs
+# under about a millisecond a call, which a short run (a test, a toy model) never wins back. Where compiling fails
+# (no C++ compiler, no Triton) the kernels warn once and run eagerly from then on, giving the same mask. A caller
+# that is itself being compiled, or that runs under a TorchDispatchMode (which neither torch.compile nor a raw data
+# pointer can serve), traces or runs the eager form.
 
 CPU_FUSED_MIN_ELEMENTS = 2**16
 
