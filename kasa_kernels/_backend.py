@@ -132,6 +132,10 @@ def check_name(requested) -> None:
 
 def resolve(requested: str, device: torch.device) -> str:
     """The backend name to run on `device`, for a requested name ('auto' reads KASA_KERNELS_BACKEND first)."""
+    if type(requested) is str and requested != "auto" and not torch.compiler.is_compiling():  # resolved before: one lookup
+        hit = _RESOLVED.get((requested, device.type, device.index))
+        if hit is not None:
+            return hit
     check_name(requested)
     return _resolve(requested, device.type, device.index)
 

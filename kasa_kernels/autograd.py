@@ -11,7 +11,6 @@ Policy:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Optional, Sequence
 
@@ -49,25 +48,19 @@ class KasaLinearFunction(torch.autograd.Function):
         weight = weights[0] if ctx.quant_format is None else ctx.quant_format.with_tensors(weights)
         need = ctx.needs_input_grad
         needs = (need[0], need[3], need[4], need[5])
+        args = (ctx.backend, grad_y.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight, lora_A,
+                lora_diag, lora_B, h, ctx.scaling, ctx.dropout_p, seed, needs)
         # a backward called inside an autocast block runs with autocast on; the op runs with it off, as forward does
         device_type = grad_y.device.type
-        with torch.autocast(device_type, enabled=False) if autocasting(device_type) else contextlib.nullcontext():
-            dx, da, dd, db = defs.linear_backward(
-                ctx.backend,
-                grad_y.reshape(-1, weight.shape[0]),
-                x.reshape(-1, x.shape[-1]),
-                weight,
-                lora_A,
-                lora_diag,
-                lora_B,
-                h,
-                ctx.scaling,
-                ctx.dropout_p,
-                seed,
-                needs,
-            )
+        if autocasting(device_type):
+            with torch.autocast(device_type, enabled=False):
+                dx, da, dd, db = defs.linear_backward(*args)
+        else:
+            dx, da, dd, db = defs.linear_backward(*args)
         if dx is not None:
-            dx = dx.view(x.shape).to(x.dtype)
+            dx = dx.view(x.shape)
+            if dx.dtype != x.dtype:
+                dx = dx.to(x.dtype)
         if ctx.folded_reg is not None and any(needs[1:]):
             da, dd, db = _add_folded_regularizer(
                 ctx.folded_reg, folded_grad_scale, ctx.backend, lora_A, lora_diag, lora_B, da, dd, db
@@ -125,10 +118,14 @@ def _add_folded_regularizer(folded_reg, grad_scale, backend, lora_A, lora_diag, 
 def autocasting(device_type: str) -> bool:
     # Devices without autocast (meta, ...) make is_autocast_enabled raise, so eager code asks first. Dynamo in
     # torch 2.11 (the GPU machines' torch) cannot trace is_autocast_available: a graph break under fullgraph=True.
-    # A traced device is a real one (cuda, cpu, ...), and all of those have autocast.
-    if torch.compiler.is_compiling():
+    # A traced device is a real one (cuda, cpu, ...), and all of those have autocast. cpu and cuda are asked directly:
+    # this runs twice per layer call, and each Python call it saves shows in a small layer's time.
+    if device_type in _AUTOCAST_DEVICES or torch.compiler.is_compiling():
         return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def autocast_inputs(x, weight, bias):
@@ -150,16 +147,17 @@ def autocast_inputs(x, weight, bias):
 
 def kasa_linear_autograd(
     x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend,
-    folded: Optional[FoldedRegularizer] = None,
+    folded: Optional[FoldedRegularizer] = None, autocast: Optional[bool] = None,
 ):
     """Apply KasaLinearFunction (inputs already validated and passed through autocast_inputs) with autocast off
-    inside, so the op's own dtype policy holds."""
+    inside, so the op's own dtype policy holds. autocast: whether autocast is on for x's device, when the caller has
+    already asked (None: ask)."""
     # the constants travel as a tuple, the grad-scale tensor as an input of its own (traceable by torch.compile)
     consts = None if folded is None else (folded.beta, folded.gamma, folded.form, folded.layer_scale)
     grad_scale = None if folded is None else folded.grad_scale
     args = (x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, consts, grad_scale)
     device_type = x.device.type
-    if autocasting(device_type):
+    if autocasting(device_type) if autocast is None else autocast:
         with torch.autocast(device_type, enabled=False):
             return KasaLinearFunction.apply(*args)
     return KasaLinearFunction.apply(*args)

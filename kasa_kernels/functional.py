@@ -13,7 +13,8 @@ import torch
 
 from . import _backend
 from ._layers import adapter_entries, check_adapter_names, group_by, module_roots, regularizer_weights
-from .autograd import FoldedRegularizer, autocast_inputs, kasa_linear_autograd, kasa_regularizer_autograd
+from .autograd import (FoldedRegularizer, autocast_inputs, autocasting, kasa_linear_autograd,
+                       kasa_regularizer_autograd)
 from .ops.quant_weight import QuantizedWeight
 from .ops.quant_weight import check as check_quantized
 from .ops.rng import make_seed
@@ -79,27 +80,33 @@ def _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, back
         raise ValueError(f"lora_B: expected ({n}, {r}) from weight and lora_A, got {_describe(lora_B)}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias: expected ({n},), got {_describe(bias)}")
-    allowed = _ACT_DTYPES + (_TORCH_ONLY_DTYPES if backend_name == "torch" else ())
-    if x.dtype not in allowed:
+    dtype, device = x.dtype, x.device
+    if dtype not in _ACT_DTYPES and not (backend_name == "torch" and dtype in _TORCH_ONLY_DTYPES):
+        allowed = _ACT_DTYPES + (_TORCH_ONLY_DTYPES if backend_name == "torch" else ())
         raise TypeError(f"x: expected dtype in {[str(d) for d in allowed]} for backend {backend_name!r}, got {_describe(x)}")
-    if not quantized and weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected x's dtype {x.dtype}, got {_describe(weight)}")
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"bias: expected x's dtype {x.dtype}, got {_describe(bias)}")
-    for name, t in (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
-        if t.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"{name}: expected x's dtype {x.dtype} or torch.float32, got {_describe(t)}")
-    base = (("bias", bias),) if quantized else (("weight", weight), ("bias", bias))
-    for name, t in base + (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: expected x's device {x.device}, got {_describe(t)}")
-    if torch.is_grad_enabled():
-        for name, t in base:
-            if t is not None and t.requires_grad:
-                raise ValueError(
-                    f"{name}: the base layer is frozen in KaSA and gets no gradient, but {name}.requires_grad is True; "
-                    f"call {name}.requires_grad_(False) (inject() and KasaLinear do this)"
-                )
+    if not quantized and weight.dtype != dtype:
+        raise TypeError(f"weight: expected x's dtype {dtype}, got {_describe(weight)}")
+    if bias is not None and bias.dtype != dtype:
+        raise TypeError(f"bias: expected x's dtype {dtype}, got {_describe(bias)}")
+    # the common case in one test each (a layer's call is short enough on CPU for these checks to show); the loops
+    # below find the argument to name when it fails
+    adapter_dtypes = (dtype, torch.float32)
+    if not (lora_A.dtype in adapter_dtypes and lora_diag.dtype in adapter_dtypes and lora_B.dtype in adapter_dtypes):
+        for name, t in (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
+            if t.dtype not in adapter_dtypes:
+                raise TypeError(f"{name}: expected x's dtype {dtype} or torch.float32, got {_describe(t)}")
+    if not (lora_A.device == device and lora_diag.device == device and lora_B.device == device
+            and (quantized or weight.device == device) and (bias is None or bias.device == device)):
+        base = (("bias", bias),) if quantized else (("weight", weight), ("bias", bias))
+        for name, t in base + (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
+            if t is not None and t.device != device:
+                raise ValueError(f"{name}: expected x's device {device}, got {_describe(t)}")
+    if torch.is_grad_enabled() and ((not quantized and weight.requires_grad) or (bias is not None and bias.requires_grad)):
+        name = "weight" if not quantized and weight.requires_grad else "bias"
+        raise ValueError(
+            f"{name}: the base layer is frozen in KaSA and gets no gradient, but {name}.requires_grad is True; "
+            f"call {name}.requires_grad_(False) (inject() and KasaLinear do this)"
+        )
     # Under torch.compile(dynamic=True) a module's float attribute arrives as a SymFloat, which math.isfinite would
     # turn into a graph break; it was checked when the module was built.
     if (
@@ -140,7 +147,9 @@ def kasa_linear(
     """
     _require_tensor("x", x)
     name = _backend.resolve(backend, x.device)
-    x, weight, bias = autocast_inputs(x, weight, bias)  # passes anything not a tensor through, for the checks below
+    autocast = autocasting(x.device.type)
+    if autocast:  # passes anything not a tensor through, for the checks below
+        x, weight, bias = autocast_inputs(x, weight, bias)
     _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name)
     p = check_dropout(dropout_p)
     if not training:
@@ -155,7 +164,7 @@ def kasa_linear(
     if p == 0.0:
         seed = None
     return kasa_linear_autograd(
-        x, weight, bias, lora_A, lora_diag, lora_B, seed, float(scaling), p, name, folded_regularizer
+        x, weight, bias, lora_A, lora_diag, lora_B, seed, float(scaling), p, name, folded_regularizer, autocast
     )
 
 

@@ -142,7 +142,7 @@ def linear_backward(backend: str, grad_y: Tensor, x2d: Tensor, weight: Tensor, l
                     lora_B: Tensor, h: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
                     needs: Tuple[bool, bool, bool, bool]):
     """(dx, dA, dd, dB) of linear_forward, None where `needs` says a gradient is not wanted."""
-    needs = tuple(bool(n) for n in needs)
+    needs = (bool(needs[0]), bool(needs[1]), bool(needs[2]), bool(needs[3]))
     p, seed = _dropout_args(dropout_p, seed)
     if isinstance(weight, QuantizedWeight):
         return _qlinear_backward(backend, grad_y, x2d, _decoded(weight), lora_A, lora_diag, lora_B, h, float(scaling),

@@ -36,29 +36,22 @@ from .quant_weight import dequantizing
 from .rng import add_masked_, dropout_backward_, keep_scale, masked
 
 
-def _factor_a(lora_A: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def _factor_a(lora_A: torch.Tensor, scale: float, dtype: torch.dtype, acc: torch.dtype) -> torch.Tensor:
     """scale * A (r, K) in the operand dtype: the dropout's 1/(1-p) rides on A, rounded once with it."""
     if scale == 1.0:
-        return cast(lora_A, dtype)
-    return cast(cast(lora_A, accumulation_dtype(lora_A)) * scale, dtype)
+        return lora_A if lora_A.dtype == dtype else lora_A.to(dtype)
+    return cast(cast(lora_A, acc) * scale, dtype)
 
 
-def _diag_scale(lora_diag: torch.Tensor, scaling: float, acc: torch.dtype) -> torch.Tensor:
-    """s * d (r,) in the accumulation dtype."""
-    return cast(lora_diag, acc) * scaling
-
-
-def _factor_b(lora_B: torch.Tensor, ds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """B diag(s d) (N, r) in the operand dtype, rounded once: the product is written in `dtype` (out=), which reads B
-    once and writes the small result once instead of writing an fp32 product and casting it."""
-    out = torch.empty(lora_B.shape, dtype=dtype, device=lora_B.device)
-    return torch.mul(cast(lora_B, ds.dtype), ds, out=out)
-
-
-def _kept_input(x2d: torch.Tensor, seed: Optional[torch.Tensor], dropout_p: float,
-                dtype: torch.dtype) -> torch.Tensor:
-    """keep(x) (M, K) in the operand dtype: x masked by the dropout hash (unscaled), or x itself without dropout."""
-    return masked(x2d, seed, dropout_p, dtype) if dropout_p > 0.0 else cast(x2d, dtype)
+def _factor_b(lora_B: torch.Tensor, lora_diag: torch.Tensor, scaling: float, dtype: torch.dtype, acc: torch.dtype):
+    """(s d (r,) in the accumulation dtype, B diag(s d) (N, r) in the operand dtype, rounded once). Where the operand
+    dtype is narrower, the product is written in it (out=), which reads B once and writes the small result once
+    instead of writing a wider product and casting it."""
+    ds = (lora_diag if lora_diag.dtype == acc else lora_diag.to(acc)) * scaling
+    b = lora_B if lora_B.dtype == acc else lora_B.to(acc)
+    if dtype == acc:
+        return ds, b * ds
+    return ds, torch.mul(b, ds, out=torch.empty(lora_B.shape, dtype=dtype, device=lora_B.device))
 
 
 def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
@@ -73,6 +66,11 @@ def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) ->
             left, right = fp16_rebalance(left, right)
         left, right = cast(left, out.dtype), cast(right, out.dtype)
     out.addmm_(left, right)
+
+
+# The two kernels below are what every KaSA layer on the torch backend runs per call, so each is one function with
+# its small steps inline: on a CPU a small layer's time is mostly Python between aten calls, and with the caches
+# cold from the layer before it (as in training; kasa-bench flushes them) every further helper call showed.
 
 
 @register_kernel("linear_forward", "torch")
@@ -90,11 +88,13 @@ def linear_forward(
     """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) in the operand
     dtype: x's own where the device has fast GEMMs in it, else fp32; fp64 for fp64)."""
     acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
-    a = _factor_a(lora_A, keep_scale(dropout_p), dt)
     # H = keep(x) (A / (1-p))^T, summed in fp32 by every BLAS, rounded once to the operand dtype
-    h = _kept_input(x2d, seed, dropout_p, dt) @ a.t()
+    if dropout_p > 0.0:
+        h = masked(x2d, seed, dropout_p, dt) @ _factor_a(lora_A, keep_scale(dropout_p), dt, acc).t()
+    else:
+        h = (x2d if x2d.dtype == dt else x2d.to(dt)) @ _factor_a(lora_A, 1.0, dt, acc).t()
     y = F.linear(x2d, weight, bias)
-    _add_lowrank_(y, h, _factor_b(lora_B, _diag_scale(lora_diag, scaling, acc), dt).t())
+    _add_lowrank_(y, h, _factor_b(lora_B, lora_diag, scaling, dt, acc)[1].t())
     return y, h
 
 
@@ -117,9 +117,9 @@ def linear_backward(
     dx is in x's dtype; dA, dd, dB are in the accumulation dtype (the autograd layer casts them)."""
     need_dx, need_da, need_dd, need_db = needs
     acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
-    g = cast(grad_y, dt)
-    ds = _diag_scale(lora_diag, scaling, acc)
-    gh = g @ _factor_b(lora_B, ds, dt) if need_dx or need_da else None  # gH = G B diag(s d), (M, r)
+    g = grad_y if grad_y.dtype == dt else grad_y.to(dt)
+    ds, bd = _factor_b(lora_B, lora_diag, scaling, dt, acc)
+    gh = g @ bd if need_dx or need_da else None  # gH = G B diag(s d), (M, r)
     dd = db = None
     if need_dd or need_db:
         # G^T H (N, r): fp32 sums where torch.mm has out_dtype (CUDA), else in the operand dtype, rounded once. Its
@@ -133,7 +133,7 @@ def linear_backward(
     dx = x_kept = None
     if need_dx:
         dx = grad_y @ weight
-        a = _factor_a(lora_A, keep_scale(dropout_p), dt)
+        a = _factor_a(lora_A, keep_scale(dropout_p), dt, acc)
         if dropout_p == 0.0:
             _add_lowrank_(dx, gh, a)
         elif need_da:  # one mask for dx's rank-r term and for dA's input; the term's buffer then holds keep(x)
@@ -143,7 +143,7 @@ def linear_backward(
     da = None
     if need_da:
         if x_kept is None:
-            x_kept = _kept_input(x2d, seed, dropout_p, dt)
+            x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else cast(x2d, dt)
         da = rank_r_mm(gh.t(), x_kept, acc)
         if dropout_p > 0.0:
             da *= keep_scale(dropout_p)
