@@ -10,6 +10,7 @@
  *   masked          dst[m, k] = keep ? x[m, k] : 0                            dst contiguous (rows, cols) in D
  *   add_masked      out[m, k] += keep ? t[m, k] : 0                            out in X, t in D
  *   dropout_bwd     dx[m, k] += keep ? t[m, k] : 0;  t[m, k] = keep ? x[m, k] : 0
+ *                   (dx in X, or fp32 beside a 16-bit x: the _wide_ forms)
  *
  * Every pointer and stride comes from a tensor torch allocated with those sizes, so indices stay in bounds; strides
  * and sizes are in elements, as torch gives them. */
@@ -102,12 +103,12 @@ static inline bf16_t f_to_bf16(float f) { /* c10::BFloat16's round to nearest ev
     OP tv = (OP)LD_##D(tr[k * (TCS)]);                                                          \
     o[k * (OCS)] = ST_##X((OP)LD_##X(o[k * (OCS)]) + (keep ? tv : (OP)0));                      \
 })
-#define BWD_ROW(X, D, OP, DCS, TCS, XCS) ROW_LOOP(cols, (uint64_t)m * (uint64_t)cols, s0, s1, thr, { \
+#define BWD_ROW(O, X, D, OP, DCS, TCS, XCS) ROW_LOOP(cols, (uint64_t)m * (uint64_t)cols, s0, s1, thr, { \
     OP tv = (OP)LD_##D(tr[k * (TCS)]);                                                               \
     D##_t xv = ST_##D(LD_##X(xr[k * (XCS)]));                                                        \
     OP tm = keep ? tv : (OP)0; /* both selects before either store: gcc 12 vectorizes only this order */ \
     D##_t xm = keep ? xv : ST_##D(0);                                                                \
-    o[k * (DCS)] = ST_##X((OP)LD_##X(o[k * (DCS)]) + tm);                                            \
+    o[k * (DCS)] = ST_##O((OP)LD_##O(o[k * (DCS)]) + tm);                                            \
     tr[k * (TCS)] = xm;                                                                              \
 })
 
@@ -140,19 +141,22 @@ static inline bf16_t f_to_bf16(float f) { /* c10::BFloat16's round to nearest ev
                 ADD_ROW(X, D, OP, ocs, tcs);                                                                  \
         }                                                                                                     \
     }                                                                                                         \
-    void kasa_dropout_bwd_##X##_##D(X##_t *restrict dx, int64_t drs, int64_t dcs, D##_t *restrict t,         \
-                                    int64_t trs, int64_t tcs, const X##_t *restrict x, int64_t xrs,           \
-                                    int64_t xcs, int64_t rows, int64_t cols, uint32_t s0, uint32_t s1,        \
-                                    uint32_t thr, int nthreads) {                                             \
+    DEFINE_DROPOUT_BWD(X, X, D, OP, X##_##D)
+
+/* dropout_bwd with dx in O, t in D, x in X. NAME: the function's suffix. */
+#define DEFINE_DROPOUT_BWD(O, X, D, OP, NAME)                                                                  \
+    void kasa_dropout_bwd_##NAME(O##_t *restrict dx, int64_t drs, int64_t dcs, D##_t *restrict t, int64_t trs, \
+                                 int64_t tcs, const X##_t *restrict x, int64_t xrs, int64_t xcs, int64_t rows,  \
+                                 int64_t cols, uint32_t s0, uint32_t s1, uint32_t thr, int nthreads) {          \
         PAR_ROWS                                                                                              \
         for (int64_t m = 0; m < rows; ++m) {                                                                  \
-            X##_t *restrict o = dx + m * drs;                                                                 \
+            O##_t *restrict o = dx + m * drs;                                                                 \
             D##_t *restrict tr = t + m * trs;                                                                 \
             const X##_t *restrict xr = x + m * xrs;                                                           \
             if (dcs == 1 && tcs == 1 && xcs == 1)                                                             \
-                BWD_ROW(X, D, OP, 1, 1, 1);                                                                   \
+                BWD_ROW(O, X, D, OP, 1, 1, 1);                                                                \
             else                                                                                              \
-                BWD_ROW(X, D, OP, dcs, tcs, xcs);                                                             \
+                BWD_ROW(O, X, D, OP, dcs, tcs, xcs);                                                          \
         }                                                                                                     \
     }
 
@@ -161,6 +165,9 @@ DEFINE_KERNELS(f64, f64, double)
 DEFINE_KERNELS(bf16, bf16, float)
 DEFINE_KERNELS(bf16, f32, float)
 DEFINE_KERNELS(f16, f32, float)
+/* a 16-bit layer on a CPU without 16-bit GEMM kernels: dx is formed in fp32 (torch_linear.py), x stays 16-bit */
+DEFINE_DROPOUT_BWD(f32, bf16, f32, float, wide_bf16)
+DEFINE_DROPOUT_BWD(f32, f16, f32, float, wide_f16)
 
 /* lets the loader check that it has this file's build, with the constants it was given */
 uint32_t kasa_mask_hash(uint64_t i, uint32_t s0, uint32_t s1) {

@@ -32,6 +32,8 @@ CACHE_ENV = "KASA_KERNELS_CACHE"
 _CODES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 # (x's dtype, the operand dtype): the pairs cpu_mask.c instantiates, the ones the torch backend uses
 PAIRS = frozenset({("f32", "f32"), ("f64", "f64"), ("bf16", "bf16"), ("bf16", "f32"), ("f16", "f32")})
+# and dropout_backward_ with dx and t in fp32 beside an x in these (a 16-bit layer on a CPU without 16-bit GEMMs)
+WIDE = ("bf16", "f16")
 
 _P, _I64, _U32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_int
 _SIGNATURES = {
@@ -111,10 +113,14 @@ def _build() -> dict:
             raise RuntimeError(f"{path} computes another hash than ops/rng.py's spec (a stale build?)")
     fns = {}
     for kernel, argtypes in _SIGNATURES.items():
-        for x, d in PAIRS:
-            fn = getattr(lib, f"kasa_{kernel}_{x}_{d}")
+        names = {(x, d): f"{x}_{d}" for x, d in PAIRS}
+        if kernel == "dropout_bwd":  # dx in fp32 beside a 16-bit x: keyed by (dx's code, t's code, x's code)
+            names = {(x, d, x): n for (x, d), n in names.items()}
+            names.update({("f32", "f32", x): f"wide_{x}" for x in WIDE})
+        for key, name in names.items():
+            fn = getattr(lib, f"kasa_{kernel}_{name}")
             fn.argtypes, fn.restype = argtypes, None
-            fns[(kernel, x, d)] = fn
+            fns[(kernel,) + key] = fn
     return fns
 
 
@@ -142,8 +148,8 @@ def _words(seed: torch.Tensor, threshold: int):
     return s0 & MASK32, s1 & MASK32, (threshold & MASK32) ^ 2**31
 
 
-def _fn(kernel: str, x: torch.dtype, d: torch.dtype):
-    return _lib.get((kernel, _CODES.get(x), _CODES.get(d))) if _lib is not None else None
+def _fn(kernel: str, *dtypes: torch.dtype):
+    return _lib.get((kernel,) + tuple(_CODES.get(t) for t in dtypes)) if _lib is not None else None
 
 
 def _usable(seed, *tensors) -> bool:
@@ -183,8 +189,8 @@ def add_masked_(out: torch.Tensor, t: torch.Tensor, seed: torch.Tensor, threshol
 
 def dropout_backward_(dx: torch.Tensor, t: torch.Tensor, x2d: torch.Tensor, seed: torch.Tensor, threshold: int):
     """rng._dropout_backward_ in one C pass; None where this module has no kernel for the inputs."""
-    fn = _fn("dropout_bwd", dx.dtype, t.dtype)
-    if (fn is None or x2d.dtype != dx.dtype or not _usable(seed, dx, t, x2d) or not dx.shape == t.shape == x2d.shape
+    fn = _fn("dropout_bwd", dx.dtype, t.dtype, x2d.dtype)
+    if (fn is None or not _usable(seed, dx, t, x2d) or not dx.shape == t.shape == x2d.shape
             or not (dx.is_contiguous() and t.is_contiguous())):
         return None
     rows, cols = t.shape

@@ -16,11 +16,12 @@ bytes (kasa-bench traffic counts them per aten op; tests/test_traffic.py holds i
 - s and d are folded into B (an N x r product written straight in the operand dtype), the dropout scale 1/(1-p) into
   A, so the M x r work is the products themselves; dB and dd come from the one N x r product G^T H:
   dB = s (G^T H) d, dd = s colsum(B * (G^T H)).
-- The mask is used through ops/rng.py's kernels, one fused kernel each where inductor compiles them: forward masks
-  x once; backward masks dx's rank-r term and x (for dA) in one pass. Masked values are exact (no scale).
+- The mask is used through ops/rng.py's kernels, one fused kernel each (inductor's on CUDA, ops/cpu_mask.c's on
+  CPU): forward masks x once; backward masks dx's rank-r term and x (for dA) in one pass. Masked values are exact
+  (no scale).
 - The base GEMMs and the M x N output stay in x's dtype, and each rank-r term is added into its GEMM's output in
-  place by addmm_ (with dropout, dx's term gH A is formed, then masked and added in one pass; on CPUs without bf16
-  GEMM kernels the terms of bf16/fp16 layers are formed in fp32 and added).
+  place by addmm_ (with dropout, dx's term gH A is formed, then masked and added in one pass). On CPUs without bf16
+  GEMM kernels a bf16/fp16 layer runs its base GEMMs in fp32 as well (_wide), and rounds Y and dx once at the end.
 """
 from __future__ import annotations
 
@@ -55,17 +56,23 @@ def _factor_b(lora_B: torch.Tensor, lora_diag: torch.Tensor, scaling: float, dty
 
 
 def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """out += left @ right for a rank-r left (M, r) and right (r, cols) in the operand dtype. Inside the GEMM (addmm_)
-    where the device has a fast GEMM in out's dtype, fp16 after precision.fp16_rebalance; on a CPU without one the
-    product is formed in fp32 and added (precision.PATHS: 4x faster than a bf16 addmm_ there)."""
+    """out += left @ right for a rank-r left (M, r) and right (r, cols) in the operand dtype, inside the GEMM
+    (addmm_); an fp16 out takes its terms after precision.fp16_rebalance. (out is never a 16-bit tensor on a device
+    without 16-bit GEMMs: there the base GEMM runs in fp32, see _wide.)"""
     if left.dtype != out.dtype:
-        if not lowp_gemm_native(out):
-            out.add_(left @ right)
-            return
         if out.dtype == torch.float16:
             left, right = fp16_rebalance(left, right)
         left, right = cast(left, out.dtype), cast(right, out.dtype)
     out.addmm_(left, right)
+
+
+def _wide(x2d: torch.Tensor, dt: torch.dtype) -> bool:
+    """Whether a bf16/fp16 layer runs its base GEMMs in fp32 too: on a CPU without GEMM kernels in its dtype
+    (precision.PATHS), where torch's fallback 16-bit GEMM is 4-6x slower than converting W to fp32, multiplying and
+    rounding once (1 thread, 2-core AMD EPYC, 2026-12-01: 1024 x 768 x 768 in 152 ms against 32 ms; 512 x 2048 x 2048
+    in 469 ms against 100). The values are those of the 16-bit GEMM, which also sums in fp32 and rounds once, up to
+    the order of the sum. Costs a transient fp32 copy of W (N x K x 4 bytes) per GEMM, nothing saved."""
+    return dt != x2d.dtype and not lowp_gemm_native(x2d)
 
 
 # The two kernels below are what every KaSA layer on the torch backend runs per call, so each is one function with
@@ -88,13 +95,21 @@ def linear_forward(
     """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) in the operand
     dtype: x's own where the device has fast GEMMs in it, else fp32; fp64 for fp64)."""
     acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
+    wide = _wide(x2d, dt)
     # H = keep(x) (A / (1-p))^T, summed in fp32 by every BLAS, rounded once to the operand dtype
     if dropout_p > 0.0:
         h = masked(x2d, seed, dropout_p, dt) @ _factor_a(lora_A, keep_scale(dropout_p), dt, acc).t()
+        x_op = x2d.to(dt) if wide else x2d
     else:
-        h = (x2d if x2d.dtype == dt else x2d.to(dt)) @ _factor_a(lora_A, 1.0, dt, acc).t()
+        x_op = x2d if x2d.dtype == dt else x2d.to(dt)
+        h = x_op @ _factor_a(lora_A, 1.0, dt, acc).t()
+    bd = _factor_b(lora_B, lora_diag, scaling, dt, acc)[1]
+    if wide:  # Y in fp32, its rank-r term added inside the GEMM, rounded once to x's dtype
+        y = F.linear(x_op, weight.to(dt), None if bias is None else bias.to(dt))
+        y.addmm_(h, bd.t())
+        return y.to(x2d.dtype), h
     y = F.linear(x2d, weight, bias)
-    _add_lowrank_(y, h, _factor_b(lora_B, lora_diag, scaling, dt, acc)[1].t())
+    _add_lowrank_(y, h, bd.t())
     return y, h
 
 
@@ -117,6 +132,7 @@ def linear_backward(
     dx is in x's dtype; dA, dd, dB are in the accumulation dtype (the autograd layer casts them)."""
     need_dx, need_da, need_dd, need_db = needs
     acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
+    wide = _wide(x2d, dt)
     g = grad_y if grad_y.dtype == dt else grad_y.to(dt)
     ds, bd = _factor_b(lora_B, lora_diag, scaling, dt, acc)
     gh = g @ bd if need_dx or need_da else None  # gH = G B diag(s d), (M, r)
@@ -132,7 +148,7 @@ def linear_backward(
             dd = torch.mm(cast(lora_B, gth.dtype).t(), gth).diagonal().to(acc) * scaling
     dx = x_kept = None
     if need_dx:
-        dx = grad_y @ weight
+        dx = g @ weight.to(dt) if wide else grad_y @ weight  # wide: in fp32, rounded once after the rank-r term
         a = _factor_a(lora_A, keep_scale(dropout_p), dt, acc)
         if dropout_p == 0.0:
             _add_lowrank_(dx, gh, a)
@@ -140,6 +156,8 @@ def linear_backward(
             dx, x_kept = dropout_backward_(dx, gh @ a, x2d, seed, dropout_p)
         else:
             add_masked_(dx, gh @ a, seed, dropout_p)
+        if wide:
+            dx = dx.to(x2d.dtype)
     da = None
     if need_da:
         if x_kept is None:
