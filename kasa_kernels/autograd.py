@@ -12,6 +12,7 @@ Policy:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -28,12 +29,16 @@ class KasaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg,
                 folded_grad_scale):
-        in_features = x.shape[-1]
-        y2d, h = defs.linear_forward(
-            backend, x.reshape(-1, in_features), weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed
-        )
+        x2d = x.reshape(-1, x.shape[-1])
+        quantized = isinstance(weight, QuantizedWeight)
+        if backend in defs.INLINE_BACKENDS and not quantized:  # plain PyTorch, inputs validated: its kernel directly
+            y2d, h = defs.kernel("linear_forward", backend)(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling,
+                                                            dropout_p, seed)
+        else:
+            y2d, h = defs.linear_forward(backend, x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p,
+                                         seed)
         # a quantized W is saved as its packed tensors (the format on ctx): never a dequantized copy
-        ctx.quant_format = weight.without_tensors() if isinstance(weight, QuantizedWeight) else None
+        ctx.quant_format = weight.without_tensors() if quantized else None
         weights = weight.tensors() if ctx.quant_format is not None else (weight,)
         ctx.save_for_backward(x, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights)
         ctx.scaling = scaling
@@ -48,15 +53,19 @@ class KasaLinearFunction(torch.autograd.Function):
         weight = weights[0] if ctx.quant_format is None else ctx.quant_format.with_tensors(weights)
         need = ctx.needs_input_grad
         needs = (need[0], need[3], need[4], need[5])
-        args = (ctx.backend, grad_y.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight, lora_A,
-                lora_diag, lora_B, h, ctx.scaling, ctx.dropout_p, seed, needs)
+        args = (grad_y.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight, lora_A, lora_diag, lora_B, h,
+                ctx.scaling, ctx.dropout_p, seed, needs)
+        if ctx.backend in defs.INLINE_BACKENDS and ctx.quant_format is None:  # as in forward
+            backward = defs.kernel("linear_backward", ctx.backend)
+        else:
+            backward = functools.partial(defs.linear_backward, ctx.backend)
         # a backward called inside an autocast block runs with autocast on; the op runs with it off, as forward does
         device_type = grad_y.device.type
         if autocasting(device_type):
             with torch.autocast(device_type, enabled=False):
-                dx, da, dd, db = defs.linear_backward(*args)
+                dx, da, dd, db = backward(*args)
         else:
-            dx, da, dd, db = defs.linear_backward(*args)
+            dx, da, dd, db = backward(*args)
         if dx is not None:
             dx = dx.view(x.shape)
             if dx.dtype != x.dtype:
@@ -65,20 +74,13 @@ class KasaLinearFunction(torch.autograd.Function):
             da, dd, db = _add_folded_regularizer(
                 ctx.folded_reg, folded_grad_scale, ctx.backend, lora_A, lora_diag, lora_B, da, dd, db
             )
-        return (
-            dx,
-            None,
-            None,
-            _cast(da, lora_A.dtype),
-            _cast(dd, lora_diag.dtype),
-            _cast(db, lora_B.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        if da is not None and da.dtype != lora_A.dtype:
+            da = da.to(lora_A.dtype)
+        if dd is not None and dd.dtype != lora_diag.dtype:
+            dd = dd.to(lora_diag.dtype)
+        if db is not None and db.dtype != lora_B.dtype:
+            db = db.to(lora_B.dtype)
+        return dx, None, None, da, dd, db, None, None, None, None, None, None
 
 
 @dataclasses.dataclass
