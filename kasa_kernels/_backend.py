@@ -132,7 +132,8 @@ def check_name(requested) -> None:
 
 def resolve(requested: str, device: torch.device) -> str:
     """The backend name to run on `device`, for a requested name ('auto' reads KASA_KERNELS_BACKEND first)."""
-    if type(requested) is str and requested != "auto" and not torch.compiler.is_compiling():  # resolved before: one lookup
+    # a name resolved before: one lookup
+    if type(requested) is str and requested != "auto" and not torch.compiler.is_compiling():
         hit = _RESOLVED.get((requested, device.type, device.index))
         if hit is not None:
             return hit

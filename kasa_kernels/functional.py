@@ -101,8 +101,9 @@ def _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, back
         for name, t in base + (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
             if t is not None and t.device != device:
                 raise ValueError(f"{name}: expected x's device {device}, got {_describe(t)}")
-    if torch.is_grad_enabled() and ((not quantized and weight.requires_grad) or (bias is not None and bias.requires_grad)):
-        name = "weight" if not quantized and weight.requires_grad else "bias"
+    weight_trains = not quantized and weight.requires_grad
+    if torch.is_grad_enabled() and (weight_trains or (bias is not None and bias.requires_grad)):
+        name = "weight" if weight_trains else "bias"
         raise ValueError(
             f"{name}: the base layer is frozen in KaSA and gets no gradient, but {name}.requires_grad is True; "
             f"call {name}.requires_grad_(False) (inject() and KasaLinear do this)"
