@@ -362,6 +362,21 @@ def test_c_mask_kernels_are_bit_identical_to_eager(name, pair):
     assert calls, "the C kernel did not run"
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_c_wide_dropout_backward_is_bit_identical_to_eager(x_dtype):
+    # a 16-bit layer on a CPU without 16-bit GEMMs forms dx in fp32 (torch_linear._wide): dx and t fp32, x 16-bit
+    from kasa_kernels.ops import cpu_mask, rng
+
+    _require_c_kernels()
+    for rows, cols, strided in MASK_CASES:
+        dx, t, x, seed, thr = _kernel_args("dropout_backward_", x_dtype, rows, cols, strided, torch.float32)
+        dx = dx.float()
+        assert cpu_mask.dropout_backward_(dx.clone(), t.clone(), x, seed, thr) is not None  # the C kernel ran
+        got = rng.run_fused("dropout_backward_", (dx.clone(), t.clone(), x, seed, thr))
+        want = rng._EAGER["dropout_backward_"](dx.clone(), t.clone(), x, seed, thr)
+        assert all(g.dtype == w.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_c_mask_kernel_signed_zeros_and_nans_match_eager():
     # a dropped element adds +0 (so -0 + 0 = +0, as torch's add_ gives), a kept NaN stays NaN, a dropped one is 0
     from kasa_kernels.ops import rng
@@ -545,6 +560,36 @@ def test_both_cpu_paths_match_reference(monkeypatch, lowp_gemm, dtype, p):
     assert precision.operand_dtype(x) == (dtype if lowp_gemm and dtype == torch.bfloat16 else torch.float32)
     check_against_reference(make_case((3, 13), 64, 96, 8, dtype, torch.float32), p=p)
     check_against_reference(make_case((2, 11), 33, 21, 3, dtype, dtype, noncontig=True), p=p)
+
+
+@pytest.mark.parametrize("lowp_gemm", [True, False], ids=["lowp-gemm", "no-lowp-gemm"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_no_16_bit_gemm_where_the_cpu_has_no_kernels_for_it(monkeypatch, lowp_gemm, dtype, p):
+    # torch's fallback 16-bit GEMM is 4-6x slower than fp32 on such CPUs (torch_linear._wide): every GEMM of the
+    # layer takes fp32 operands there, and where the CPU has 16-bit GEMM kernels the base GEMMs keep x's dtype
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kasa_kernels.ops import precision
+
+    monkeypatch.setitem(precision._CPU_LOWP_GEMM, dtype, lowp_gemm)
+    x, w, b, a, d, bb = make_case((3, 13), 64, 96, 8, dtype, torch.float32)[:6]
+    for t in (x, a, d, bb):
+        t.requires_grad_(True)
+    gemms = []
+
+    class Gemms(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("mm", "addmm", "addmm_", "linear"):
+                gemms.append({t.dtype for t in args if isinstance(t, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+
+    with Gemms():
+        y = kk.kasa_linear(x, w, b, a, d, bb, 2.0, dropout_p=p, backend="torch")
+        y.backward(torch.ones_like(y))
+    assert len(gemms) >= 8
+    sixteen_bit = [g for g in gemms if dtype in g]
+    assert (sixteen_bit == []) if not lowp_gemm else (len(sixteen_bit) >= 2), gemms
 
 
 @pytest.mark.parametrize("lowp_gemm", [True, False], ids=["lowp-gemm", "no-lowp-gemm"])
