@@ -54,7 +54,32 @@ def check_dropout(p, name: str = "dropout_p") -> float:
     return p
 
 
+def _linear_args_ok(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend_name: str) -> bool:
+    """True when every check of _check_linear_args passes for a tensor weight and a Python float scaling, in one
+    expression: a small layer's call is short enough on CPU for the checks' steps to show. False sends the call
+    through _check_linear_args, which finds the argument to name (or accepts what this leaves to it)."""
+    T = torch.Tensor
+    if not (type(scaling) is float and isinstance(x, T) and isinstance(weight, T) and isinstance(lora_A, T)
+            and isinstance(lora_diag, T) and isinstance(lora_B, T) and (bias is None or isinstance(bias, T))):
+        return False
+    dtype, device = x.dtype, x.device
+    if weight.dim() != 2 or lora_A.dim() != 2 or x.dim() < 1:
+        return False
+    n, k = weight.shape
+    r = lora_A.shape[0]
+    return (x.shape[-1] == k and lora_A.shape[1] == k and r >= 1 and lora_diag.shape == (r,)
+            and lora_B.shape == (n, r) and (bias is None or (bias.shape == (n,) and bias.dtype == dtype
+                                                              and bias.device == device and not bias.requires_grad))
+            and (dtype in _ACT_DTYPES or (dtype in _TORCH_ONLY_DTYPES and backend_name == "torch"))
+            and weight.dtype == dtype and lora_A.dtype in (dtype, torch.float32)
+            and lora_diag.dtype in (dtype, torch.float32) and lora_B.dtype in (dtype, torch.float32)
+            and weight.device == device and lora_A.device == device and lora_diag.device == device
+            and lora_B.device == device and not weight.requires_grad and math.isfinite(scaling))
+
+
 def _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend_name: str) -> None:
+    if _linear_args_ok(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend_name):
+        return
     quantized = isinstance(weight, QuantizedWeight)
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
         _require_tensor(name, t)

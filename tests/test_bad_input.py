@@ -104,6 +104,19 @@ def test_kasa_linear_rejects_wrong_types(arg, value, match):
         _call(**{arg: value})
 
 
+def test_fp64_is_refused_for_every_backend_but_torch():
+    # fp64 is the torch backend's alone (gradcheck); the fused ones take fp32, fp16, bf16. The checks are called
+    # directly: on this machine only the torch backend resolves.
+    from kasa_kernels.functional import _check_linear_args
+
+    kw = _args(torch.float64)
+    args = [kw[k] for k in ("x", "weight", "bias", "lora_A", "lora_diag", "lora_B", "scaling")]
+    _check_linear_args(*args, "torch")
+    for backend in ("triton", "cuda"):
+        with pytest.raises(TypeError, match=rf"^x: expected dtype in .* for backend '{backend}'"):
+            _check_linear_args(*args, backend)
+
+
 def test_kasa_linear_rejects_adapter_dtype_that_is_neither_x_nor_fp32():
     kw = _args(torch.bfloat16)
     kw["lora_A"] = torch.randn(R, K, dtype=torch.float16)

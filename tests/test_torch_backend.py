@@ -364,7 +364,7 @@ def test_c_mask_kernels_are_bit_identical_to_eager(name, pair):
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_c_wide_dropout_backward_is_bit_identical_to_eager(x_dtype):
-    # a 16-bit layer on a CPU without 16-bit GEMMs forms dx in fp32 (torch_linear._wide): dx and t fp32, x 16-bit
+    # a 16-bit layer on a CPU without 16-bit GEMMs forms dx in fp32 (torch_linear.py, "wide"): dx, t fp32, x 16-bit
     from kasa_kernels.ops import cpu_mask, rng
 
     _require_c_kernels()
@@ -566,7 +566,7 @@ def test_both_cpu_paths_match_reference(monkeypatch, lowp_gemm, dtype, p):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_no_16_bit_gemm_where_the_cpu_has_no_kernels_for_it(monkeypatch, lowp_gemm, dtype, p):
-    # torch's fallback 16-bit GEMM is 4-6x slower than fp32 on such CPUs (torch_linear._wide): every GEMM of the
+    # torch's fallback 16-bit GEMM is 4-6x slower than fp32 on such CPUs (torch_linear.py, "wide"): every GEMM of the
     # layer takes fp32 operands there, and where the CPU has 16-bit GEMM kernels the base GEMMs keep x's dtype
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -13,15 +13,16 @@ bytes (kasa-bench traffic counts them per aten op; tests/test_traffic.py holds i
   in that dtype, so an fp32 H would only be written, cast and read again (on CUDA, 2.5 MiB at P in bf16, more than
   unsloth_style's whole margin: kasa-bench traffic). The values are the same either way: the bf16 H is the one
   rounding of the fp32 sum that an fp32 H was cast to before each use.
-- s and d are folded into B (an N x r product written straight in the operand dtype), the dropout scale 1/(1-p) into
-  A, so the M x r work is the products themselves; dB and dd come from the one N x r product G^T H:
-  dB = s (G^T H) d, dd = s colsum(B * (G^T H)).
+- d is folded into B (an N x r product written straight in the operand dtype) and s into the forward GEMM's alpha
+  (into B as well in backward), the dropout scale 1/(1-p) into A, so the M x r work is the products themselves;
+  dB and dd come from the one N x r product s G^T H (s on its GEMM's alpha): dB = (s G^T H) d,
+  dd = colsum(B * (s G^T H)).
 - The mask is used through ops/rng.py's kernels, one fused kernel each (inductor's on CUDA, ops/cpu_mask.c's on
   CPU): forward masks x once; backward masks dx's rank-r term and x (for dA) in one pass. Masked values are exact
   (no scale).
 - The base GEMMs and the M x N output stay in x's dtype, and each rank-r term is added into its GEMM's output in
   place by addmm_ (with dropout, dx's term gH A is formed, then masked and added in one pass). On CPUs without bf16
-  GEMM kernels a bf16/fp16 layer runs its base GEMMs in fp32 as well (_wide), and rounds Y and dx once at the end.
+  GEMM kernels a bf16/fp16 layer runs its base GEMMs in fp32 as well ("wide"), and rounds Y and dx once at the end.
 """
 from __future__ import annotations
 
@@ -44,35 +45,37 @@ def _factor_a(lora_A: torch.Tensor, scale: float, dtype: torch.dtype, acc: torch
     return cast(cast(lora_A, acc) * scale, dtype)
 
 
-def _factor_b(lora_B: torch.Tensor, lora_diag: torch.Tensor, scaling: float, dtype: torch.dtype, acc: torch.dtype):
-    """(s d (r,) in the accumulation dtype, B diag(s d) (N, r) in the operand dtype, rounded once). Where the operand
-    dtype is narrower, the product is written in it (out=), which reads B once and writes the small result once
-    instead of writing a wider product and casting it."""
-    ds = (lora_diag if lora_diag.dtype == acc else lora_diag.to(acc)) * scaling
+def _factor_b(lora_B: torch.Tensor, lora_diag: torch.Tensor, scaling: Optional[float], dtype: torch.dtype,
+              acc: torch.dtype) -> torch.Tensor:
+    """B diag(s d) (N, r) in the operand dtype, rounded once; scaling None leaves s out (forward puts it on its GEMM's
+    alpha instead). Where the operand dtype is narrower, the product is written in it (out=), which reads B once and
+    writes the small result once instead of writing a wider product and casting it."""
+    d = lora_diag if lora_diag.dtype == acc else lora_diag.to(acc)
+    if scaling is not None:
+        d = d * scaling
     b = lora_B if lora_B.dtype == acc else lora_B.to(acc)
     if dtype == acc:
-        return ds, b * ds
-    return ds, torch.mul(b, ds, out=torch.empty(lora_B.shape, dtype=dtype, device=lora_B.device))
+        return b * d
+    return torch.mul(b, d, out=torch.empty(lora_B.shape, dtype=dtype, device=lora_B.device))
 
 
-def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
-    """out += left @ right for a rank-r left (M, r) and right (r, cols) in the operand dtype, inside the GEMM
+def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float = 1.0) -> None:
+    """out += alpha * left @ right for a rank-r left (M, r) and right (r, cols) in the operand dtype, inside the GEMM
     (addmm_); an fp16 out takes its terms after precision.fp16_rebalance. (out is never a 16-bit tensor on a device
-    without 16-bit GEMMs: there the base GEMM runs in fp32, see _wide.)"""
+    without 16-bit GEMMs: there the base GEMM runs in fp32, see "wide" below.)"""
     if left.dtype != out.dtype:
         if out.dtype == torch.float16:
             left, right = fp16_rebalance(left, right)
         left, right = cast(left, out.dtype), cast(right, out.dtype)
-    out.addmm_(left, right)
+    out.addmm_(left, right, alpha=alpha)
 
 
-def _wide(x2d: torch.Tensor, dt: torch.dtype) -> bool:
-    """Whether a bf16/fp16 layer runs its base GEMMs in fp32 too: on a CPU without GEMM kernels in its dtype
-    (precision.PATHS), where torch's fallback 16-bit GEMM is 4-6x slower than converting W to fp32, multiplying and
-    rounding once (1 thread, 2-core AMD EPYC, 2026-12-01: 1024 x 768 x 768 in 152 ms against 32 ms; 512 x 2048 x 2048
-    in 469 ms against 100). The values are those of the 16-bit GEMM, which also sums in fp32 and rounds once, up to
-    the order of the sum. Costs a transient fp32 copy of W (N x K x 4 bytes) per GEMM, nothing saved."""
-    return dt != x2d.dtype and not lowp_gemm_native(x2d)
+# "wide": a bf16/fp16 layer runs its base GEMMs in fp32 too on a CPU without GEMM kernels in its dtype
+# (precision.PATHS), where torch's fallback 16-bit GEMM is 4-6x slower than converting W to fp32, multiplying and
+# rounding once (1 thread, 2-core AMD EPYC, 2026-12-01: 1024 x 768 x 768 in 152 ms against 32 ms; 512 x 2048 x 2048
+# in 469 ms against 100). The values are those of the 16-bit GEMM, which also sums in fp32 and rounds once, up to the
+# order of the sum. Costs a transient fp32 copy of W (N x K x 4 bytes) per GEMM, nothing saved. It is the case
+# exactly when the operand dtype differs from x's and the device lacks x's GEMMs.
 
 
 # The two kernels below are what every KaSA layer on the torch backend runs per call, so each is one function with
@@ -95,21 +98,24 @@ def linear_forward(
     """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) in the operand
     dtype: x's own where the device has fast GEMMs in it, else fp32; fp64 for fp64)."""
     acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
-    wide = _wide(x2d, dt)
+    wide = dt != x2d.dtype and not lowp_gemm_native(x2d)
     # H = keep(x) (A / (1-p))^T, summed in fp32 by every BLAS, rounded once to the operand dtype
     if dropout_p > 0.0:
         h = masked(x2d, seed, dropout_p, dt) @ _factor_a(lora_A, keep_scale(dropout_p), dt, acc).t()
         x_op = x2d.to(dt) if wide else x2d
     else:
         x_op = x2d if x2d.dtype == dt else x2d.to(dt)
-        h = x_op @ _factor_a(lora_A, 1.0, dt, acc).t()
-    bd = _factor_b(lora_B, lora_diag, scaling, dt, acc)[1]
+        h = x_op @ (lora_A if lora_A.dtype == dt else lora_A.to(dt)).t()
+    bd = _factor_b(lora_B, lora_diag, None, dt, acc)  # B diag(d); s rides on the GEMM's alpha
     if wide:  # Y in fp32, its rank-r term added inside the GEMM, rounded once to x's dtype
         y = F.linear(x_op, weight.to(dt), None if bias is None else bias.to(dt))
-        y.addmm_(h, bd.t())
+        y.addmm_(h, bd.t(), alpha=scaling)
         return y.to(x2d.dtype), h
     y = F.linear(x2d, weight, bias)
-    _add_lowrank_(y, h, bd.t())
+    if y.dtype == dt:  # (the common case without a helper call)
+        y.addmm_(h, bd.t(), alpha=scaling)
+    else:
+        _add_lowrank_(y, h, bd.t(), scaling)
     return y, h
 
 
@@ -132,37 +138,54 @@ def linear_backward(
     dx is in x's dtype; dA, dd, dB are in the accumulation dtype (the autograd layer casts them)."""
     need_dx, need_da, need_dd, need_db = needs
     acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
-    wide = _wide(x2d, dt)
+    wide = dt != x2d.dtype and not lowp_gemm_native(x2d)
     g = grad_y if grad_y.dtype == dt else grad_y.to(dt)
-    ds, bd = _factor_b(lora_B, lora_diag, scaling, dt, acc)
+    bd = _factor_b(lora_B, lora_diag, scaling, dt, acc)
     gh = g @ bd if need_dx or need_da else None  # gH = G B diag(s d), (M, r)
+    sums32 = mm_sums_to_fp32(g)
     dd = db = None
     if need_dd or need_db:
-        # G^T H (N, r): fp32 sums where torch.mm has out_dtype (CUDA), else in the operand dtype, rounded once. Its
-        # readers take it as it comes (db's product promotes to fp32) instead of a cast copy: on cpu-bf16-gemm at P
-        # the copy was the 1/256 of a pass by which the backend moved more than unsloth_style (kasa-bench traffic).
-        gth = rank_r_mm(g.t(), h, acc) if mm_sums_to_fp32(g) else g.t() @ h
+        # s G^T H (N, r): fp32 sums where torch.mm has out_dtype (CUDA), else in the operand dtype with s applied
+        # inside the GEMM (alpha; beta = 0 leaves bd unread), rounded once. Its readers take it as it comes (db's
+        # product promotes to fp32) instead of a cast copy: on cpu-bf16-gemm at P the copy was the 1/256 of a pass by
+        # which the backend moved more than unsloth_style (kasa-bench traffic).
+        # The fp32-sum form has no alpha: there s goes on the r-sized factors instead (a pass over the N x r product
+        # would be 0.008 of a pass more than unsloth_style at P).
+        s_after = None
+        if sums32:
+            gth, s_after = rank_r_mm(g.t(), h, acc), scaling
+        else:
+            gth = torch.addmm(bd, g.t(), h, beta=0.0, alpha=scaling)
         if need_db:
-            db = gth * ds
-        if need_dd:  # the diagonal of B^T (G^T H): one pass over B and G^T H, the r x r product is tiny
-            dd = torch.mm(cast(lora_B, gth.dtype).t(), gth).diagonal().to(acc) * scaling
+            d = cast(lora_diag, acc)
+            db = gth * (d if s_after is None else d * s_after)
+        if need_dd:  # the diagonal of B^T (s G^T H): one pass over B and G^T H, the r x r product is tiny
+            dd = cast(torch.mm(cast(lora_B, gth.dtype).t(), gth).diagonal(), acc)
+            if s_after is not None:
+                dd = dd * s_after
     dx = x_kept = None
     if need_dx:
         dx = g @ weight.to(dt) if wide else grad_y @ weight  # wide: in fp32, rounded once after the rank-r term
-        a = _factor_a(lora_A, keep_scale(dropout_p), dt, acc)
         if dropout_p == 0.0:
-            _add_lowrank_(dx, gh, a)
+            a = lora_A if lora_A.dtype == dt else lora_A.to(dt)
+            if dx.dtype == dt:  # (the common case without a helper call: this runs once per layer and step)
+                dx.addmm_(gh, a)
+            else:
+                _add_lowrank_(dx, gh, a)
         elif need_da:  # one mask for dx's rank-r term and for dA's input; the term's buffer then holds keep(x)
+            a = _factor_a(lora_A, keep_scale(dropout_p), dt, acc)
             dx, x_kept = dropout_backward_(dx, gh @ a, x2d, seed, dropout_p)
         else:
-            add_masked_(dx, gh @ a, seed, dropout_p)
+            add_masked_(dx, gh @ _factor_a(lora_A, keep_scale(dropout_p), dt, acc), seed, dropout_p)
         if wide:
             dx = dx.to(x2d.dtype)
     da = None
     if need_da:
         if x_kept is None:
-            x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else cast(x2d, dt)
-        da = rank_r_mm(gh.t(), x_kept, acc)
+            x_kept = masked(x2d, seed, dropout_p, dt) if dropout_p > 0.0 else x2d if x2d.dtype == dt else x2d.to(dt)
+        da = rank_r_mm(gh.t(), x_kept, acc) if sums32 else gh.t() @ x_kept  # (rank_r_mm's two cases, one known)
+        if da.dtype != acc:
+            da = da.to(acc)
         if dropout_p > 0.0:
             da *= keep_scale(dropout_p)
     return dx, da, dd, db
