@@ -439,6 +439,18 @@ def test_c_mask_build_failure_falls_back_to_the_torch_forms(monkeypatch, tmp_pat
     assert torch.equal(rng.masked(x, seed, 0.25), want)
 
 
+def test_c_mask_build_uses_the_temp_directory_when_the_cache_cannot_be_made(monkeypatch, tmp_path):
+    from kasa_kernels.ops import cpu_mask
+
+    _require_c_kernels()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(cpu_mask, "_lib", None)
+    monkeypatch.setattr(cpu_mask, "_error", None)
+    monkeypatch.setenv(cpu_mask.CACHE_ENV, str(blocker / "cache"))  # under a file: mkdir fails
+    assert cpu_mask.available(), cpu_mask._error
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["masked", "add_masked_", "dropout_backward_"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
