@@ -187,9 +187,11 @@ def kernels_run_by(runner: Callable):
 
 def kernel_path(t: torch.Tensor) -> str:
     """'fused' where a mask kernel on `t` (its largest operand) runs as one compiled kernel, else 'eager'."""
+    if torch.compiler.is_compiling():  # first: dynamo must not trace into cpu_mask.available()'s build
+        return "eager"
     kind = device_kind(t)
     fused = kind == "cuda" or (kind == "cpu" and (t.numel() >= CPU_FUSED_MIN_ELEMENTS or cpu_mask.available()))
-    if not fused or torch.compiler.is_compiling():
+    if not fused:
         return "eager"
     if _RUNNER.value is not None:
         return "fused"
