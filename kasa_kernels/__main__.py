@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import platform
 import sys
+import warnings
 
 import torch
 
@@ -66,6 +67,13 @@ def main(argv=None) -> int:
     print(f"kasa_kernels {__version__}")
     for line in _versions():
         print(line)
+    from .ops import cpu_mask
+
+    with warnings.catch_warnings():  # the build's warning is printed below, as the reason
+        warnings.simplefilter("ignore")
+        built = cpu_mask.available()
+    print("CPU dropout-mask kernels: " + ("C (ops/cpu_mask.c, built)" if built else
+                                           f"torch forms (ops/cpu_mask.c did not build: {cpu_mask.build_error()})"))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     ok_all = True
     for device in devices:

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -76,13 +77,14 @@ def _compile(out: Path) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang)")
-    if not os.access(out.parent, os.W_OK):
-        raise PermissionError(f"{out.parent} is not writable")
     base = [cc, "-O3", "-march=native", "-fPIC", "-shared", *cxx_defines(), str(SOURCE)]
     errors = []
     for extra in (["-fopenmp"], []):  # OpenMP when the compiler has it, else one thread
         tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        proc = subprocess.run(base + extra + ["-o", str(tmp)], capture_output=True, text=True, timeout=300)
+        try:
+            proc = subprocess.run(base + extra + ["-o", str(tmp)], capture_output=True, text=True, timeout=300)
+        except OSError as e:  # the compiler itself would not start
+            raise RuntimeError(f"{cc} could not run: {e}") from e
         if proc.returncode == 0:
             os.replace(tmp, out)  # atomic: a concurrent process loads either nothing or a whole library
             return
@@ -109,12 +111,14 @@ def _build() -> dict:
     if not path.exists():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _compile(path)
-        except OSError:  # a read-only or missing home: this user's directory under the system's temp directory
+            writable = os.access(path.parent, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:  # a read-only or missing home: this user's directory under the system's temp directory
             path = Path(tempfile.gettempdir()) / f"kasa_kernels-{os.getuid()}" / path.name
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _compile(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            _compile(path)
     lib = ctypes.CDLL(str(path))
     check = lib.kasa_mask_hash
     check.argtypes, check.restype = (ctypes.c_uint64, _U32, _U32), _U32
@@ -150,6 +154,11 @@ def available() -> bool:
                 warnings.warn(f"kasa_kernels: building the CPU dropout-mask kernels (ops/cpu_mask.c) failed "
                               f"({_error}); using their torch forms, which give the same mask more slowly")
     return _lib is not None
+
+
+def build_error() -> Optional[str]:
+    """Why the C kernels did not build (None when they did, or before the first available())."""
+    return _error
 
 
 def _words(seed: torch.Tensor, threshold: int):
