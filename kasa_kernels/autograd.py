@@ -61,7 +61,7 @@ class KasaLinearFunction(torch.autograd.Function):
             backward = functools.partial(defs.linear_backward, ctx.backend)
         # a backward called inside an autocast block runs with autocast on; the op runs with it off, as forward does
         device_type = grad_y.device.type
-        if autocasting(device_type):
+        if torch.is_autocast_enabled(device_type) if device_type in AUTOCAST_DEVICES else autocasting(device_type):
             with torch.autocast(device_type, enabled=False):
                 dx, da, dd, db = backward(*args)
         else:
@@ -122,12 +122,12 @@ def autocasting(device_type: str) -> bool:
     # torch 2.11 (the GPU machines' torch) cannot trace is_autocast_available: a graph break under fullgraph=True.
     # A traced device is a real one (cuda, cpu, ...), and all of those have autocast. cpu and cuda are asked directly:
     # this runs twice per layer call, and each Python call it saves shows in a small layer's time.
-    if device_type in _AUTOCAST_DEVICES or torch.compiler.is_compiling():
+    if device_type in AUTOCAST_DEVICES or torch.compiler.is_compiling():
         return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda")
+AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def autocast_inputs(x, weight, bias):

@@ -13,7 +13,7 @@ import torch
 
 from . import _backend
 from ._layers import adapter_entries, check_adapter_names, group_by, module_roots, regularizer_weights
-from .autograd import (FoldedRegularizer, autocast_inputs, autocasting, kasa_linear_autograd,
+from .autograd import (AUTOCAST_DEVICES, FoldedRegularizer, autocast_inputs, autocasting, kasa_linear_autograd,
                        kasa_regularizer_autograd)
 from .ops.quant_weight import QuantizedWeight
 from .ops.quant_weight import check as check_quantized
@@ -171,13 +171,17 @@ def kasa_linear(
     folded_regularizer: a FoldedRegularizer (from fold_regularizer) whose gradient of this layer's regularizer term
     backward adds to the adapter gradients; None for none.
     """
-    _require_tensor("x", x)
-    name = _backend.resolve(backend, x.device)
-    autocast = autocasting(x.device.type)
+    # (the common cases take no helper call: a small layer's call on CPU is short enough for each one to show)
+    if not isinstance(x, torch.Tensor):
+        _require_tensor("x", x)
+    device = x.device
+    name = _backend.resolve(backend, device)
+    autocast = torch.is_autocast_enabled(device.type) if device.type in AUTOCAST_DEVICES else autocasting(device.type)
     if autocast:  # passes anything not a tensor through, for the checks below
         x, weight, bias = autocast_inputs(x, weight, bias)
-    _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name)
-    p = check_dropout(dropout_p)
+    if not _linear_args_ok(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name):
+        _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name)
+    p = dropout_p if type(dropout_p) is float and 0.0 <= dropout_p < 1.0 else check_dropout(dropout_p)
     if not training:
         p = 0.0
     if folded_regularizer is not None and not isinstance(folded_regularizer, FoldedRegularizer):

@@ -78,6 +78,16 @@ def _add_lowrank_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, al
 # exactly when the operand dtype differs from x's and the device lacks x's GEMMs.
 
 
+def _dtypes(x2d: torch.Tensor):
+    """(accumulation dtype, operand dtype, wide) for x2d: precision's rules, with fp32 and fp64 (x's own dtype for
+    both, never wide) answered without a call."""
+    xd = x2d.dtype
+    if xd == torch.float32 or xd == torch.float64:
+        return xd, xd, False
+    dt = operand_dtype(x2d)
+    return accumulation_dtype(x2d), dt, dt != xd and not lowp_gemm_native(x2d)
+
+
 # The two kernels below are what every KaSA layer on the torch backend runs per call, so each is one function with
 # its small steps inline: on a CPU a small layer's time is mostly Python between aten calls, and with the caches
 # cold from the layer before it (as in training; kasa-bench flushes them) every further helper call showed.
@@ -97,8 +107,7 @@ def linear_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Y = x W^T + b + s ((dropout(x) A^T) d) B^T for x2d (M, K). Returns (Y in x's dtype, H (M, r) in the operand
     dtype: x's own where the device has fast GEMMs in it, else fp32; fp64 for fp64)."""
-    acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
-    wide = dt != x2d.dtype and not lowp_gemm_native(x2d)
+    acc, dt, wide = _dtypes(x2d)
     # H = keep(x) (A / (1-p))^T, summed in fp32 by every BLAS, rounded once to the operand dtype
     if dropout_p > 0.0:
         h = masked(x2d, seed, dropout_p, dt) @ _factor_a(lora_A, keep_scale(dropout_p), dt, acc).t()
@@ -137,12 +146,11 @@ def linear_backward(
 
     dx is in x's dtype; dA, dd, dB are in the accumulation dtype (the autograd layer casts them)."""
     need_dx, need_da, need_dd, need_db = needs
-    acc, dt = accumulation_dtype(x2d), operand_dtype(x2d)
-    wide = dt != x2d.dtype and not lowp_gemm_native(x2d)
+    acc, dt, wide = _dtypes(x2d)
     g = grad_y if grad_y.dtype == dt else grad_y.to(dt)
     bd = _factor_b(lora_B, lora_diag, scaling, dt, acc)
     gh = g @ bd if need_dx or need_da else None  # gH = G B diag(s d), (M, r)
-    sums32 = mm_sums_to_fp32(g)
+    sums32 = g.dtype == torch.bfloat16 and mm_sums_to_fp32(g)
     dd = db = None
     if need_dd or need_db:
         # s G^T H (N, r): fp32 sums where torch.mm has out_dtype (CUDA), else in the operand dtype with s applied
@@ -157,10 +165,12 @@ def linear_backward(
         else:
             gth = torch.addmm(bd, g.t(), h, beta=0.0, alpha=scaling)
         if need_db:
-            d = cast(lora_diag, acc)
+            d = lora_diag if lora_diag.dtype == acc else lora_diag.to(acc)
             db = gth * (d if s_after is None else d * s_after)
         if need_dd:  # the diagonal of B^T (s G^T H): one pass over B and G^T H, the r x r product is tiny
-            dd = cast(torch.mm(cast(lora_B, gth.dtype).t(), gth).diagonal(), acc)
+            dd = torch.mm((lora_B if lora_B.dtype == gth.dtype else lora_B.to(gth.dtype)).t(), gth).diagonal()
+            if dd.dtype != acc:
+                dd = dd.to(acc)
             if s_after is not None:
                 dd = dd * s_after
     dx = x_kept = None
