@@ -57,7 +57,9 @@ def check_dropout(p, name: str = "dropout_p") -> float:
 def _linear_args_ok(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend_name: str) -> bool:
     """True when every check of _check_linear_args passes for a tensor weight and a Python float scaling, in one
     expression: a small layer's call is short enough on CPU for the checks' steps to show. False sends the call
-    through _check_linear_args, which finds the argument to name (or accepts what this leaves to it)."""
+    through _check_linear_args, which finds the argument to name (or accepts what this leaves to it). Traceable:
+    under torch.compile(dynamic=True) scaling is symbolic, and the finiteness test is a comparison (math.isfinite
+    would break the graph)."""
     T = torch.Tensor
     if not (type(scaling) is float and isinstance(x, T) and isinstance(weight, T) and isinstance(lora_A, T)
             and isinstance(lora_diag, T) and isinstance(lora_B, T) and (bias is None or isinstance(bias, T))):
@@ -74,7 +76,7 @@ def _linear_args_ok(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend
             and weight.dtype == dtype and lora_A.dtype in (dtype, torch.float32)
             and lora_diag.dtype in (dtype, torch.float32) and lora_B.dtype in (dtype, torch.float32)
             and weight.device == device and lora_A.device == device and lora_diag.device == device
-            and lora_B.device == device and not weight.requires_grad and math.isfinite(scaling))
+            and lora_B.device == device and not weight.requires_grad and -math.inf < scaling < math.inf)
 
 
 def _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend_name: str) -> None:
