@@ -414,6 +414,12 @@ def test_c_mask_kernels_refuse_what_they_do_not_cover():
     assert cpu_mask.masked(x, seed[:1], thr, torch.float32) is None  # a malformed seed: the torch form raises
     assert cpu_mask.add_masked_(x.t(), x.t(), seed, thr) is None  # a written tensor that is not contiguous
     assert cpu_mask.dropout_backward_(x, x.clone(), x[:, :5], seed, thr) is None  # shapes that differ
+    # written tensors that share storage with each other or with a read one (the loops take restrict pointers)
+    dx, t = torch.randn(6, 10), torch.randn(6, 10)
+    assert cpu_mask.add_masked_(dx, dx, seed, thr) is None
+    assert cpu_mask.dropout_backward_(dx, dx, x, seed, thr) is None
+    assert cpu_mask.dropout_backward_(dx, t, t, seed, thr) is None
+    assert cpu_mask.dropout_backward_(dx, t, x, seed, thr) is not None  # apart: the C kernel runs
     # each of them still runs, through the torch form
     want = rng._masked(x.half(), seed, thr, torch.float16)
     assert torch.equal(rng.run_fused("masked", (x.half(), seed, thr, torch.float16)), want)

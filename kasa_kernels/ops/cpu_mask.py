@@ -46,8 +46,8 @@ _SIGNATURES = {
 }
 
 _lock = threading.Lock()
-_lib: dict | None = None  # (kernel, x code, operand code) -> ctypes function, once built
-_error: str | None = None  # why the build failed, once it did
+_lib: Optional[dict] = None  # (kernel, dtype codes of its tensors) -> ctypes function, once built
+_error: Optional[str] = None  # why the build failed, once it did
 
 
 def _cpu_signature() -> str:
@@ -176,6 +176,14 @@ def _usable(seed, *tensors) -> bool:
             and all(t.device.type == "cpu" and t.dim() == 2 for t in tensors))
 
 
+def _apart(written, *others) -> bool:
+    """Whether no written tensor shares storage with another one: the C loops take their pointers as restrict (and a
+    written tensor read elsewhere in the same pass would be read half-updated). The torch backend's buffers always
+    are apart; anything else goes to the torch form."""
+    mine = [t.untyped_storage().data_ptr() for t in written]
+    return len(set(mine)) == len(mine) and not set(mine) & {t.untyped_storage().data_ptr() for t in others}
+
+
 def _bump(*written: torch.Tensor) -> None:
     # written through a raw pointer: tell autograd, as an in-place op would, so a tensor saved for backward and
     # changed here is caught
@@ -183,7 +191,7 @@ def _bump(*written: torch.Tensor) -> None:
         torch.autograd.graph.increment_version(t)
 
 
-def masked(x2d: torch.Tensor, seed: torch.Tensor, threshold: int, dtype: torch.dtype) -> torch.Tensor | None:
+def masked(x2d: torch.Tensor, seed: torch.Tensor, threshold: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """rng._masked in one C pass; None where this module has no kernel for the inputs."""
     fn = _fn("masked", x2d.dtype, dtype)
     if fn is None or not _usable(seed, x2d):
@@ -194,10 +202,11 @@ def masked(x2d: torch.Tensor, seed: torch.Tensor, threshold: int, dtype: torch.d
     return out
 
 
-def add_masked_(out: torch.Tensor, t: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.Tensor | None:
+def add_masked_(out: torch.Tensor, t: torch.Tensor, seed: torch.Tensor, threshold: int) -> Optional[torch.Tensor]:
     """rng._add_masked_ in one C pass; None where this module has no kernel for the inputs."""
     fn = _fn("add_masked", out.dtype, t.dtype)
-    if fn is None or not _usable(seed, out, t) or out.shape != t.shape or not out.is_contiguous():
+    if (fn is None or not _usable(seed, out, t) or out.shape != t.shape or not out.is_contiguous()
+            or not _apart((out,), t)):
         return None
     rows, cols = t.shape
     fn(out.data_ptr(), *out.stride(), t.data_ptr(), *t.stride(), rows, cols, *_words(seed, threshold),
@@ -210,7 +219,7 @@ def dropout_backward_(dx: torch.Tensor, t: torch.Tensor, x2d: torch.Tensor, seed
     """rng._dropout_backward_ in one C pass; None where this module has no kernel for the inputs."""
     fn = _fn("dropout_bwd", dx.dtype, t.dtype, x2d.dtype)
     if (fn is None or not _usable(seed, dx, t, x2d) or not dx.shape == t.shape == x2d.shape
-            or not (dx.is_contiguous() and t.is_contiguous())):
+            or not (dx.is_contiguous() and t.is_contiguous()) or not _apart((dx, t), x2d)):
         return None
     rows, cols = t.shape
     fn(dx.data_ptr(), *dx.stride(), t.data_ptr(), *t.stride(), x2d.data_ptr(), *x2d.stride(), rows, cols,
