@@ -80,8 +80,8 @@ def _linear_args_ok(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend
 
 
 def _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend_name: str) -> None:
-    if _linear_args_ok(x, weight, bias, lora_A, lora_diag, lora_B, scaling, backend_name):
-        return
+    """Every check of the arguments, raising with the argument's name (kasa_linear runs it where _linear_args_ok
+    does not pass: a quantized base, a symbolic scaling, or an error to name)."""
     quantized = isinstance(weight, QuantizedWeight)
     for name, t in (("x", x), ("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
         _require_tensor(name, t)

@@ -107,12 +107,14 @@ def test_kasa_linear_rejects_wrong_types(arg, value, match):
 def test_fp64_is_refused_for_every_backend_but_torch():
     # fp64 is the torch backend's alone (gradcheck); the fused ones take fp32, fp16, bf16. The checks are called
     # directly: on this machine only the torch backend resolves.
-    from kasa_kernels.functional import _check_linear_args
+    from kasa_kernels.functional import _check_linear_args, _linear_args_ok
 
     kw = _args(torch.float64)
     args = [kw[k] for k in ("x", "weight", "bias", "lora_A", "lora_diag", "lora_B", "scaling")]
+    assert _linear_args_ok(*args, "torch")  # kasa_linear's fast path passes it
     _check_linear_args(*args, "torch")
     for backend in ("triton", "cuda"):
+        assert not _linear_args_ok(*args, backend)  # the fast path sends it to the checks that name it
         with pytest.raises(TypeError, match=rf"^x: expected dtype in .* for backend '{backend}'"):
             _check_linear_args(*args, backend)
 
