@@ -12,7 +12,6 @@ Policy:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Sequence
 
 import torch
@@ -29,16 +28,10 @@ class KasaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg,
                 folded_grad_scale):
-        x2d = x.reshape(-1, x.shape[-1])
-        quantized = isinstance(weight, QuantizedWeight)
-        if backend in defs.INLINE_BACKENDS and not quantized:  # plain PyTorch, inputs validated: its kernel directly
-            y2d, h = defs.kernel("linear_forward", backend)(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling,
-                                                            dropout_p, seed)
-        else:
-            y2d, h = defs.linear_forward(backend, x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p,
-                                         seed)
+        y2d, h = defs.linear_forward(backend, x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_diag, lora_B,
+                                     scaling, dropout_p, seed)
         # a quantized W is saved as its packed tensors (the format on ctx): never a dequantized copy
-        ctx.quant_format = weight.without_tensors() if quantized else None
+        ctx.quant_format = weight.without_tensors() if isinstance(weight, QuantizedWeight) else None
         weights = weight.tensors() if ctx.quant_format is not None else (weight,)
         ctx.save_for_backward(x, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights)
         ctx.scaling = scaling
@@ -53,19 +46,15 @@ class KasaLinearFunction(torch.autograd.Function):
         weight = weights[0] if ctx.quant_format is None else ctx.quant_format.with_tensors(weights)
         need = ctx.needs_input_grad
         needs = (need[0], need[3], need[4], need[5])
-        args = (grad_y.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight, lora_A, lora_diag, lora_B, h,
-                ctx.scaling, ctx.dropout_p, seed, needs)
-        if ctx.backend in defs.INLINE_BACKENDS and ctx.quant_format is None:  # as in forward
-            backward = defs.kernel("linear_backward", ctx.backend)
-        else:
-            backward = functools.partial(defs.linear_backward, ctx.backend)
+        args = (ctx.backend, grad_y.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight, lora_A,
+                lora_diag, lora_B, h, ctx.scaling, ctx.dropout_p, seed, needs)
         # a backward called inside an autocast block runs with autocast on; the op runs with it off, as forward does
         device_type = grad_y.device.type
-        if torch.is_autocast_enabled(device_type) if device_type in AUTOCAST_DEVICES else autocasting(device_type):
+        if autocasting(device_type):
             with torch.autocast(device_type, enabled=False):
-                dx, da, dd, db = backward(*args)
+                dx, da, dd, db = defs.linear_backward(*args)
         else:
-            dx, da, dd, db = backward(*args)
+            dx, da, dd, db = defs.linear_backward(*args)
         if dx is not None:
             dx = dx.view(x.shape)
             if dx.dtype != x.dtype:
@@ -121,13 +110,13 @@ def autocasting(device_type: str) -> bool:
     # Devices without autocast (meta, ...) make is_autocast_enabled raise, so eager code asks first. Dynamo in
     # torch 2.11 (the GPU machines' torch) cannot trace is_autocast_available: a graph break under fullgraph=True.
     # A traced device is a real one (cuda, cpu, ...), and all of those have autocast. cpu and cuda are asked directly:
-    # this runs twice per layer call, and each Python call it saves shows in a small layer's time.
-    if device_type in AUTOCAST_DEVICES or torch.compiler.is_compiling():
+    # this runs twice per layer call, and each step it saves shows in a small layer's time.
+    if device_type in _AUTOCAST_DEVICES or torch.compiler.is_compiling():
         return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
-AUTOCAST_DEVICES = ("cpu", "cuda")
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def autocast_inputs(x, weight, bias):

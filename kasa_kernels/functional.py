@@ -13,7 +13,7 @@ import torch
 
 from . import _backend
 from ._layers import adapter_entries, check_adapter_names, group_by, module_roots, regularizer_weights
-from .autograd import (AUTOCAST_DEVICES, FoldedRegularizer, autocast_inputs, autocasting, kasa_linear_autograd,
+from .autograd import (FoldedRegularizer, autocast_inputs, autocasting, kasa_linear_autograd,
                        kasa_regularizer_autograd)
 from .ops.quant_weight import QuantizedWeight
 from .ops.quant_weight import check as check_quantized
@@ -115,19 +115,13 @@ def _check_linear_args(x, weight, bias, lora_A, lora_diag, lora_B, scaling, back
         raise TypeError(f"weight: expected x's dtype {dtype}, got {_describe(weight)}")
     if bias is not None and bias.dtype != dtype:
         raise TypeError(f"bias: expected x's dtype {dtype}, got {_describe(bias)}")
-    # the common case in one test each (a layer's call is short enough on CPU for these checks to show); the loops
-    # below find the argument to name when it fails
-    adapter_dtypes = (dtype, torch.float32)
-    if not (lora_A.dtype in adapter_dtypes and lora_diag.dtype in adapter_dtypes and lora_B.dtype in adapter_dtypes):
-        for name, t in (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
-            if t.dtype not in adapter_dtypes:
-                raise TypeError(f"{name}: expected x's dtype {dtype} or torch.float32, got {_describe(t)}")
-    if not (lora_A.device == device and lora_diag.device == device and lora_B.device == device
-            and (quantized or weight.device == device) and (bias is None or bias.device == device)):
-        base = (("bias", bias),) if quantized else (("weight", weight), ("bias", bias))
-        for name, t in base + (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
-            if t is not None and t.device != device:
-                raise ValueError(f"{name}: expected x's device {device}, got {_describe(t)}")
+    for name, t in (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
+        if t.dtype not in (dtype, torch.float32):
+            raise TypeError(f"{name}: expected x's dtype {dtype} or torch.float32, got {_describe(t)}")
+    base = (("bias", bias),) if quantized else (("weight", weight), ("bias", bias))
+    for name, t in base + (("lora_A", lora_A), ("lora_diag", lora_diag), ("lora_B", lora_B)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected x's device {device}, got {_describe(t)}")
     weight_trains = not quantized and weight.requires_grad
     if torch.is_grad_enabled() and (weight_trains or (bias is not None and bias.requires_grad)):
         name = "weight" if weight_trains else "bias"
@@ -178,7 +172,7 @@ def kasa_linear(
         _require_tensor("x", x)
     device = x.device
     name = _backend.resolve(backend, device)
-    autocast = torch.is_autocast_enabled(device.type) if device.type in AUTOCAST_DEVICES else autocasting(device.type)
+    autocast = autocasting(device.type)
     if autocast:  # passes anything not a tensor through, for the checks below
         x, weight, bias = autocast_inputs(x, weight, bias)
     if not _linear_args_ok(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name):

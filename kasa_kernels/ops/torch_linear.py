@@ -121,10 +121,7 @@ def linear_forward(
         y.addmm_(h, bd.t(), alpha=scaling)
         return y.to(x2d.dtype), h
     y = F.linear(x2d, weight, bias)
-    if y.dtype == dt:  # (the common case without a helper call)
-        y.addmm_(h, bd.t(), alpha=scaling)
-    else:
-        _add_lowrank_(y, h, bd.t(), scaling)
+    _add_lowrank_(y, h, bd.t(), scaling)
     return y, h
 
 
@@ -177,11 +174,7 @@ def linear_backward(
     if need_dx:
         dx = g @ weight.to(dt) if wide else grad_y @ weight  # wide: in fp32, rounded once after the rank-r term
         if dropout_p == 0.0:
-            a = lora_A if lora_A.dtype == dt else lora_A.to(dt)
-            if dx.dtype == dt:  # (the common case without a helper call: this runs once per layer and step)
-                dx.addmm_(gh, a)
-            else:
-                _add_lowrank_(dx, gh, a)
+            _add_lowrank_(dx, gh, lora_A if lora_A.dtype == dt else lora_A.to(dt))
         elif need_da:  # one mask for dx's rank-r term and for dA's input; the term's buffer then holds keep(x)
             a = _factor_a(lora_A, keep_scale(dropout_p), dt, acc)
             dx, x_kept = dropout_backward_(dx, gh @ a, x2d, seed, dropout_p)
