@@ -131,14 +131,22 @@ def check_name(requested) -> None:
 
 
 def resolve(requested: str, device: torch.device) -> str:
-    """The backend name to run on `device`, for a requested name ('auto' reads KASA_KERNELS_BACKEND first)."""
-    # a name resolved before: one lookup
-    if type(requested) is str and requested != "auto" and not torch.compiler.is_compiling():
-        hit = _RESOLVED.get((requested, device.type, device.index))
+    """The backend name to run on `device`, for a requested name ('auto' reads KASA_KERNELS_BACKEND first).
+
+    Eager calls remember the answer per (requested name, device) until clear_cache(): after the first call a layer's
+    resolution is one lookup (a small layer's call on a CPU is mostly Python, and each step shows)."""
+    if type(requested) is str and not torch.compiler.is_compiling():  # (torch.compile traces _resolve, a constant)
+        hit = _BY_DEVICE.get((requested, device))
         if hit is not None:
             return hit
+        check_name(requested)
+        name = _BY_DEVICE[(requested, device)] = _resolve(requested, device.type, device.index)
+        return name
     check_name(requested)
     return _resolve(requested, device.type, device.index)
+
+
+_BY_DEVICE: Dict[Tuple[str, torch.device], str] = {}
 
 
 # torch.compile calls this once while tracing and treats the answer as a constant: no graph break for the probing,
@@ -182,3 +190,4 @@ def _resolve(requested: str, device_type: str, device_index: Optional[int]) -> s
 def clear_cache() -> None:
     """Forget resolved choices (after changing KASA_KERNELS_BACKEND or TRITON_INTERPRET at run time)."""
     _RESOLVED.clear()
+    _BY_DEVICE.clear()

@@ -4,7 +4,7 @@ Policy:
 - Under autocast, x, W and b are cast to the autocast dtype, as F.linear would; the adapters keep their dtype
   (fp32 adapters beside bf16/fp16 activations are the PEFT default). The op itself then runs with autocast off.
 - The output is in x's dtype; every gradient is returned in its parameter's dtype.
-- Saved for backward: x as the caller passed it (no reshaped copy), the parameters, H (M x r: fp32 from the fused
+- Saved for backward: x as a 2-D view (no copy), the parameters, H (M x r: fp32 from the fused
   backends, the rank-r operand dtype from the torch backend, bf16 for bf16 layers where GEMMs in it are native) and
   the dropout seed. Nothing of size M x N or M x K. A quantized base W (ops/quant_weight.QuantizedWeight) is saved
   as its packed tensors: no dequantized copy is kept.
@@ -12,6 +12,7 @@ Policy:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -25,40 +26,54 @@ def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
 
 
 class KasaLinearFunction(torch.autograd.Function):
+    # A 2-D x (or output gradient) is used as it is, not through a view op: on a CPU a small layer's call is mostly
+    # host time, and each aten call shows in it (as does each step between this layer and the kernel: on an inline
+    # backend the kernel is called directly, see defs.inline_kernel).
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_diag, lora_B, seed, scaling, dropout_p, backend, folded_reg,
                 folded_grad_scale):
-        y2d, h = defs.linear_forward(backend, x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_diag, lora_B,
-                                     scaling, dropout_p, seed)
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        quantized = isinstance(weight, QuantizedWeight)
+        fwd = None if quantized else defs.inline_kernel("linear_forward", backend)
+        if fwd is not None:
+            y2d, h = fwd(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed)
+        else:
+            y2d, h = defs.linear_forward(backend, x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p,
+                                         seed)
         # a quantized W is saved as its packed tensors (the format on ctx): never a dequantized copy
-        ctx.quant_format = weight.without_tensors() if isinstance(weight, QuantizedWeight) else None
-        weights = weight.tensors() if ctx.quant_format is not None else (weight,)
-        ctx.save_for_backward(x, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights)
+        ctx.quant_format = weight.without_tensors() if quantized else None
+        weights = weight.tensors() if quantized else (weight,)
+        ctx.save_for_backward(x2d, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights)
+        ctx.x_shape = None if x2d is x else x.shape  # dx's shape, where it is not x2d's
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.backend = backend
         ctx.folded_reg = folded_reg
-        return y2d.view(*x.shape[:-1], weight.shape[0])
+        return y2d if x2d is x else y2d.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights = ctx.saved_tensors
-        weight = weights[0] if ctx.quant_format is None else ctx.quant_format.with_tensors(weights)
+        x2d, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights = ctx.saved_tensors
+        quant = ctx.quant_format
+        weight = weights[0] if quant is None else quant.with_tensors(weights)
         need = ctx.needs_input_grad
         needs = (need[0], need[3], need[4], need[5])
-        args = (ctx.backend, grad_y.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight, lora_A,
-                lora_diag, lora_B, h, ctx.scaling, ctx.dropout_p, seed, needs)
+        g = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, grad_y.shape[-1])
+        bwd = None if quant is not None else defs.inline_kernel("linear_backward", ctx.backend)
+        args = (g, x2d, weight, lora_A, lora_diag, lora_B, h, ctx.scaling, ctx.dropout_p, seed, needs)
+        if bwd is None:
+            bwd = functools.partial(defs.linear_backward, ctx.backend)
         # a backward called inside an autocast block runs with autocast on; the op runs with it off, as forward does
-        device_type = grad_y.device.type
-        if autocasting(device_type):
-            with torch.autocast(device_type, enabled=False):
-                dx, da, dd, db = defs.linear_backward(*args)
+        if torch._C._is_any_autocast_enabled() and autocasting(grad_y.device.type):
+            with torch.autocast(grad_y.device.type, enabled=False):
+                dx, da, dd, db = bwd(*args)
         else:
-            dx, da, dd, db = defs.linear_backward(*args)
+            dx, da, dd, db = bwd(*args)
         if dx is not None:
-            dx = dx.view(x.shape)
-            if dx.dtype != x.dtype:
-                dx = dx.to(x.dtype)
+            if ctx.x_shape is not None:
+                dx = dx.view(ctx.x_shape)
+            if dx.dtype != x2d.dtype:
+                dx = dx.to(x2d.dtype)
         if ctx.folded_reg is not None and any(needs[1:]):
             da, dd, db = _add_folded_regularizer(
                 ctx.folded_reg, folded_grad_scale, ctx.backend, lora_A, lora_diag, lora_B, da, dd, db
@@ -107,10 +122,13 @@ def _add_folded_regularizer(folded_reg, grad_scale, backend, lora_A, lora_diag, 
 
 
 def autocasting(device_type: str) -> bool:
+    # torch._C._is_any_autocast_enabled answers for every device type at once, in one call (dynamo folds it to a
+    # constant as it does is_autocast_enabled); the callers on the hot path ask it before reading a device type.
     # Devices without autocast (meta, ...) make is_autocast_enabled raise, so eager code asks first. Dynamo in
     # torch 2.11 (the GPU machines' torch) cannot trace is_autocast_available: a graph break under fullgraph=True.
-    # A traced device is a real one (cuda, cpu, ...), and all of those have autocast. cpu and cuda are asked directly:
-    # this runs twice per layer call, and each step it saves shows in a small layer's time.
+    # A traced device is a real one (cuda, cpu, ...), and all of those have autocast.
+    if not torch._C._is_any_autocast_enabled():
+        return False
     if device_type in _AUTOCAST_DEVICES or torch.compiler.is_compiling():
         return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)

@@ -13,7 +13,7 @@ import torch
 
 from . import _backend
 from ._layers import adapter_entries, check_adapter_names, group_by, module_roots, regularizer_weights
-from .autograd import (FoldedRegularizer, autocast_inputs, autocasting, kasa_linear_autograd,
+from .autograd import (FoldedRegularizer, KasaLinearFunction, autocast_inputs, autocasting, kasa_linear_autograd,
                        kasa_regularizer_autograd)
 from .ops.quant_weight import QuantizedWeight
 from .ops.quant_weight import check as check_quantized
@@ -172,7 +172,7 @@ def kasa_linear(
         _require_tensor("x", x)
     device = x.device
     name = _backend.resolve(backend, device)
-    autocast = autocasting(device.type)
+    autocast = torch._C._is_any_autocast_enabled() and autocasting(device.type)
     if autocast:  # passes anything not a tensor through, for the checks below
         x, weight, bias = autocast_inputs(x, weight, bias)
     if not _linear_args_ok(x, weight, bias, lora_A, lora_diag, lora_B, scaling, name):
@@ -189,6 +189,9 @@ def kasa_linear(
     seed = make_seed(dropout_seed, x.device) if (p > 0.0 or dropout_seed is not None) else None
     if p == 0.0:
         seed = None
+    if folded_regularizer is None and not autocast:  # kasa_linear_autograd's common case, one call nearer
+        return KasaLinearFunction.apply(x, weight, bias, lora_A, lora_diag, lora_B, seed, float(scaling), p, name,
+                                        None, None)
     return kasa_linear_autograd(
         x, weight, bias, lora_A, lora_diag, lora_B, seed, float(scaling), p, name, folded_regularizer, autocast
     )

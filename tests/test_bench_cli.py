@@ -258,3 +258,33 @@ def test_cpu_subset_leaves_slow_bf16_cases_out_only_without_bf16_gemm_kernels(mo
     else:  # the bf16 cases beyond the small layer take hours there; fp32 and the small bf16 layer stay
         assert default == [c for c in explicit if c.dtype == "fp32" or c.tag == "cpu-small"]
         assert {c.dtype for c in default} == {"fp32", "bf16"} and len(default) == 8
+
+
+def test_interleaved_rounds_shuffle_the_order_and_keep_each_providers_samples(monkeypatch):
+    """Every round calls each provider once, in a new order (no provider keeps a position), and each sample lands
+    in its own provider's list: with a fake clock that provider j advances by j + 1 units, every sample of j reads
+    j + 1 units. Fixed seed: the same orders in every run."""
+    from kasa_kernels.bench import timing
+
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def provider(j):
+        def fn():
+            calls.append(j)
+            clock[0] += j + 1.0
+        return fn
+
+    n, reps = 4, 40
+    timer = timing.Timer(torch.device("cpu"), flush=False)
+    out = timer.run_interleaved([provider(j) for j in range(n)], [None] * n, reps)
+    assert [len(s) for s in out] == [reps] * n
+    assert all(s == [(j + 1.0) * 1e3] * reps for j, s in enumerate(out))
+    rounds = [calls[i * n:(i + 1) * n] for i in range(reps)]
+    assert all(sorted(r) == list(range(n)) for r in rounds)
+    firsts = {r[0] for r in rounds}
+    assert firsts == set(range(n))  # each provider opens some round
+    assert len({tuple(r) for r in rounds}) > n
+    assert timing._round_orders(n, reps) == timing._round_orders(n, reps)
+    assert "random order" in timer.method

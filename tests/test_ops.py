@@ -36,6 +36,40 @@ def test_every_backend_registers_its_kernels(backend):
         assert callable(defs.kernel(op, backend)), (op, backend)
 
 
+@pytest.mark.parametrize("backend", _backend.NAMES)
+def test_inline_kernel_is_the_registered_kernel_on_inline_backends_only(backend):
+    """The autograd layer calls an inline backend's kernels directly and routes every other backend through the
+    custom ops (whose fake implementations torch.compile traces)."""
+    _backend.load(backend)
+    for op in ("linear_forward", "linear_backward"):
+        got = defs.inline_kernel(op, backend)
+        if backend in defs.INLINE_BACKENDS:
+            assert got is defs.kernel(op, backend)
+        else:
+            assert got is None
+
+
+def test_resolve_remembers_per_device_until_clear_cache(monkeypatch):
+    """Eager resolution is one lookup after the first call, per (name, device); clear_cache() forgets, so a changed
+    KASA_KERNELS_BACKEND is read again."""
+    cpu = torch.device("cpu")
+    _backend.clear_cache()
+    try:
+        assert _backend.resolve("torch", cpu) == "torch"
+        assert _backend._BY_DEVICE[("torch", cpu)] == "torch"
+        monkeypatch.setenv(_backend.ENV_VAR, "nope")
+        assert _backend.resolve("torch", cpu) == "torch"  # a named backend never reads the variable
+        _backend.clear_cache()
+        assert not _backend._BY_DEVICE
+        with pytest.raises(ValueError, match=_backend.ENV_VAR):
+            _backend.resolve("auto", cpu)
+        with pytest.raises(TypeError, match="backend: expected a string"):
+            _backend.resolve(["torch"], cpu)
+    finally:
+        monkeypatch.delenv(_backend.ENV_VAR)
+        _backend.clear_cache()
+
+
 def test_missing_kernel_names_the_backend_and_the_op():
     with pytest.raises(NotImplementedError, match="backend 'nope' has no linear_forward kernel"):
         defs.kernel("linear_forward", "nope")

@@ -155,6 +155,26 @@ def test_autocast_behaves_like_f_linear():
     assert (y.double() - want).abs().max() <= 4 * 2**-8 * want.abs().max()
 
 
+def test_backward_inside_autocast_runs_as_outside():
+    """A backward called inside an autocast block runs the op with autocast off, as forward does: the fp32 layer's
+    gradients are the ones a backward outside the block gives, bit for bit (with autocast on, its GEMMs would round
+    to bf16). Also for a 3-D x, whose gradient comes back in x's shape."""
+    torch.manual_seed(0)
+    w, a, d, b = torch.randn(16, 24), torch.randn(4, 24), torch.randn(4), torch.randn(16, 4)
+    x = torch.randn(2, 5, 24)
+    dy = torch.randn(2, 5, 16)
+    grads = []
+    for inside in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, d, b)]
+        y = kk.kasa_linear(leaves[0], w, None, *leaves[1:], 2.0, backend="torch")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            y.backward(dy)
+        grads.append([t.grad for t in leaves])
+    assert grads[1][0].shape == x.shape
+    for g0, g1 in zip(*grads):
+        assert g1.dtype == torch.float32 and torch.equal(g0, g1)
+
+
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager(monkeypatch):
     import torch._inductor.config as inductor_config

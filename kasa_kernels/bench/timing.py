@@ -1,13 +1,15 @@
 """Timing: interleaved providers, cache flush between calls, median and 20/80 percentiles, peak memory.
 
 On CUDA each call is bracketed by CUDA events (the method of triton.testing.do_bench, with the providers of a case
-interleaved call by call so clock and thermal drift hit all of them alike); a 256 MB buffer is zeroed before every
-call so no provider finds its operands in L2. On CPU the same loop uses time.perf_counter and a smaller flush buffer.
+interleaved call by call so clock and thermal drift hit all of them alike, in a new order each round, drawn from a
+fixed seed: a provider that always ran first, or always after a given other, would carry that position's cost in
+every sample); a 256 MB buffer is zeroed before every call so no provider finds its operands in L2. On CPU the same loop uses time.perf_counter and a smaller flush buffer.
 Gradients are reset to None outside the timed region, as do_bench's grad_to_none does.
 """
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 import weakref
@@ -38,6 +40,21 @@ def quantiles(samples_ms: Sequence[float]) -> Dict[str, float]:
     return {"ms_median": statistics.median(s), "ms_p20": q(0.2), "ms_p80": q(0.8)}
 
 
+ORDER_SEED = 20261201
+
+
+def _round_orders(n: int, reps: int) -> List[List[int]]:
+    """reps permutations of range(n), from a generator of its own with a fixed seed (torch's and Python's global
+    generators are left alone)."""
+    rnd = random.Random(ORDER_SEED)
+    orders = []
+    for _ in range(reps):
+        order = list(range(n))
+        rnd.shuffle(order)
+        orders.append(order)
+    return orders
+
+
 class Timer:
     """Times zero-argument callables on one device. `prepare` (untimed) runs before each timed call."""
 
@@ -49,7 +66,7 @@ class Timer:
         self.method = (
             ("CUDA events" if self.is_cuda else "time.perf_counter")
             + (f", {nbytes >> 20} MB cache flush before every call" if flush else ", no cache flush")
-            + ", providers interleaved call by call"
+            + ", providers interleaved call by call in a seeded random order each round"
         )
 
     def sync(self) -> None:
@@ -79,13 +96,16 @@ class Timer:
         prepares: Sequence[Optional[Callable[[], None]]],
         reps: int,
     ) -> List[List[float]]:
-        """reps timed calls of each fn, in the order fn0, fn1, ..., fn0, fn1, ...; per-call times in ms."""
+        """reps timed calls of each fn: rounds of one call each, in an order shuffled every round (the same orders in
+        every run: the generator's seed is fixed); per-call times in ms, in the order of fns."""
         out: List[List[float]] = [[] for _ in fns]
+        rounds = _round_orders(len(fns), reps)
         if self.is_cuda:
             events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                        for _ in range(reps)] for _ in fns]
             for i in range(reps):
-                for j, (fn, prep) in enumerate(zip(fns, prepares)):
+                for j in rounds[i]:
+                    fn, prep = fns[j], prepares[j]
                     if prep is not None:
                         prep()
                     self._flush()
@@ -97,8 +117,9 @@ class Timer:
             for j in range(len(fns)):
                 out[j] = [s.elapsed_time(e) for s, e in events[j]]
             return out
-        for _ in range(reps):
-            for j, (fn, prep) in enumerate(zip(fns, prepares)):
+        for order in rounds:
+            for j in order:
+                fn, prep = fns[j], prepares[j]
                 if prep is not None:
                     prep()
                 self._flush()

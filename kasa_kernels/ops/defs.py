@@ -60,6 +60,15 @@ def kernel(op: str, backend: str) -> Callable:
     return fn
 
 
+def inline_kernel(op: str, backend: str) -> Optional[Callable]:
+    """`op`'s kernel on an inline backend, for a caller that has validated every argument as the entry points below
+    would (kasa_kernels.autograd, whose arguments come through kasa_kernels.functional: p a float in [0, 1), seed
+    given exactly when p > 0, a tensor W); None for the other backends, which run behind the custom ops. Nothing
+    then runs between the autograd layer and the kernel's aten calls: a small layer's call on a CPU is mostly
+    Python, and each step shows."""
+    return _KERNELS.get((op, backend)) if backend in INLINE_BACKENDS else None
+
+
 def _dropout_args(dropout_p: float, seed: Optional[Tensor]) -> Tuple[float, Optional[Tensor]]:
     """(p, seed) as the kernels take them: the seed only when p > 0, and required then. kasa_kernels.functional has
     validated both for users; this guards direct callers of the ops, whose kernels would otherwise read a missing seed

@@ -13,9 +13,9 @@ bytes (kasa-bench traffic counts them per aten op; tests/test_traffic.py holds i
   in that dtype, so an fp32 H would only be written, cast and read again (on CUDA, 2.5 MiB at P in bf16, more than
   unsloth_style's whole margin: kasa-bench traffic). The values are the same either way: the bf16 H is the one
   rounding of the fp32 sum that an fp32 H was cast to before each use.
-- d is folded into B (an N x r product written straight in the operand dtype) and s into the forward GEMM's alpha
-  (into B as well in backward), the dropout scale 1/(1-p) into A, so the M x r work is the products themselves;
-  dB and dd come from the one N x r product s G^T H (s on its GEMM's alpha): dB = (s G^T H) d,
+- d is folded into B (an N x r product written straight in the operand dtype), s into the alpha of the GEMMs that
+  take B diag(d) or H (forward's rank-r term, backward's gH and G^T H), the dropout scale 1/(1-p) into A, so the
+  M x r work is the products themselves; dB and dd come from the one N x r product s G^T H: dB = (s G^T H) d,
   dd = colsum(B * (s G^T H)).
 - The mask is used through ops/rng.py's kernels, one fused kernel each (inductor's on CUDA, ops/cpu_mask.c's on
   CPU): forward masks x once; backward masks dx's rank-r term and x (for dA) in one pass. Masked values are exact
@@ -45,14 +45,11 @@ def _factor_a(lora_A: torch.Tensor, scale: float, dtype: torch.dtype, acc: torch
     return cast(cast(lora_A, acc) * scale, dtype)
 
 
-def _factor_b(lora_B: torch.Tensor, lora_diag: torch.Tensor, scaling: Optional[float], dtype: torch.dtype,
-              acc: torch.dtype) -> torch.Tensor:
-    """B diag(s d) (N, r) in the operand dtype, rounded once; scaling None leaves s out (forward puts it on its GEMM's
-    alpha instead). Where the operand dtype is narrower, the product is written in it (out=), which reads B once and
-    writes the small result once instead of writing a wider product and casting it."""
+def _factor_b(lora_B: torch.Tensor, lora_diag: torch.Tensor, dtype: torch.dtype, acc: torch.dtype) -> torch.Tensor:
+    """B diag(d) (N, r) in the operand dtype, rounded once (s rides on the GEMMs' alpha instead). Where the operand
+    dtype is narrower, the product is written in it (out=), which reads B once and writes the small result once
+    instead of writing a wider product and casting it."""
     d = lora_diag if lora_diag.dtype == acc else lora_diag.to(acc)
-    if scaling is not None:
-        d = d * scaling
     b = lora_B if lora_B.dtype == acc else lora_B.to(acc)
     if dtype == acc:
         return b * d
@@ -115,7 +112,7 @@ def linear_forward(
     else:
         x_op = x2d if x2d.dtype == dt else x2d.to(dt)
         h = x_op @ (lora_A if lora_A.dtype == dt else lora_A.to(dt)).t()
-    bd = _factor_b(lora_B, lora_diag, None, dt, acc)  # B diag(d); s rides on the GEMM's alpha
+    bd = _factor_b(lora_B, lora_diag, dt, acc)  # B diag(d); s rides on the GEMM's alpha
     if wide:  # Y in fp32, its rank-r term added inside the GEMM, rounded once to x's dtype
         y = F.linear(x_op, weight.to(dt), None if bias is None else bias.to(dt))
         y.addmm_(h, bd.t(), alpha=scaling)
@@ -145,8 +142,9 @@ def linear_backward(
     need_dx, need_da, need_dd, need_db = needs
     acc, dt, wide = _dtypes(x2d)
     g = grad_y if grad_y.dtype == dt else grad_y.to(dt)
-    bd = _factor_b(lora_B, lora_diag, scaling, dt, acc)
-    gh = g @ bd if need_dx or need_da else None  # gH = G B diag(s d), (M, r)
+    bd = _factor_b(lora_B, lora_diag, dt, acc)  # B diag(d); s rides on the GEMMs' alpha
+    # gH = s G B diag(d), (M, r); beta = 0 leaves h (there for its shape) unread
+    gh = torch.addmm(h, g, bd, beta=0.0, alpha=scaling) if need_dx or need_da else None
     sums32 = g.dtype == torch.bfloat16 and mm_sums_to_fp32(g)
     dd = db = None
     if need_dd or need_db:
@@ -164,10 +162,14 @@ def linear_backward(
         if need_db:
             d = lora_diag if lora_diag.dtype == acc else lora_diag.to(acc)
             db = gth * (d if s_after is None else d * s_after)
-        if need_dd:  # the diagonal of B^T (s G^T H): one pass over B and G^T H, the r x r product is tiny
-            dd = torch.mm((lora_B if lora_B.dtype == gth.dtype else lora_B.to(gth.dtype)).t(), gth).diagonal()
-            if dd.dtype != acc:
-                dd = dd.to(acc)
+        if need_dd:  # the diagonal of B^T (s G^T H), one pass over B and G^T H
+            b = lora_B if lora_B.dtype == gth.dtype else lora_B.to(gth.dtype)
+            if gth.dtype == dt == acc:  # a column-wise dot product, written contiguous (2 aten calls, not 5)
+                dd = torch.linalg.vecdot(b, gth, dim=0)
+            else:  # the r x r product sums in fp32 and rounds once (and moves fewer bytes: kasa-bench traffic)
+                dd = torch.mm(b.t(), gth).diagonal()
+                if dd.dtype != acc:
+                    dd = dd.to(acc)
             if s_after is not None:
                 dd = dd * s_after
     dx = x_kept = None
