@@ -72,8 +72,9 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():  # the build's warning is printed below, as the reason
         warnings.simplefilter("ignore")
         built = cpu_mask.available()
-    print("CPU dropout-mask kernels: " + ("C (ops/cpu_mask.c, built)" if built else
-                                           f"torch forms (ops/cpu_mask.c did not build: {cpu_mask.build_error()})"))
+    print("CPU kernels (dropout masks, rank-r dY pass): " + (
+        "C (ops/cpu_mask.c, ops/cpu_rank.c, built)" if built else
+        f"torch forms (ops/cpu_mask.c, ops/cpu_rank.c did not build: {cpu_mask.build_error()})"))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     ok_all = True
     for device in devices:

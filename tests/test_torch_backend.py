@@ -6,7 +6,7 @@ import torch
 
 import kasa_kernels as kk
 import kasa_reference as ref
-from helpers import LINEAR_NAMES, check_against_reference, make_case
+from helpers import LINEAR_NAMES, assert_within_ref, check_against_reference, make_case
 from kasa_kernels.ops.rng import keep_mask, make_seed
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -182,10 +182,13 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch):
     from kasa_kernels.ops import cpu_mask
 
     torch.manual_seed(0)
-    layer = kk.KasaLinear(40, 24, r=4, dropout=0.1, backend="torch")
+    # G of 512 x 256 elements: eager backward takes ops/cpu_rank.c's pass (from DY_MIN_ELEMENTS), which tracing must
+    # not reach either
+    layer = kk.KasaLinear(40, 256, r=4, dropout=0.1, backend="torch")
     with torch.no_grad():
         layer.lora_B.normal_()
-    x = torch.randn(3, 5, 40)
+    x = torch.randn(4, 128, 40)
+    assert x.numel() // 40 * 256 >= cpu_mask.DY_MIN_ELEMENTS
 
     def step(module):
         torch.manual_seed(11)
@@ -197,7 +200,10 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch):
             p.grad = None
         return [y.detach()] + grads
 
-    eager = step(layer)
+    # the eager reference takes backward's GEMMs, as the compiled graph does (cpu_rank.c's pass sums in another order)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_mask, "DY_MIN_ELEMENTS", 1 << 62)
+        eager = step(layer)
     # as in a process whose first layer call is compiled: the C mask kernels not loaded yet (tracing must not reach
     # their build)
     monkeypatch.setattr(cpu_mask, "_lib", None)
@@ -462,13 +468,87 @@ def test_c_mask_build_failure_falls_back_to_the_torch_forms(monkeypatch, tmp_pat
     monkeypatch.setattr(cpu_mask, "_error", None)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv(cpu_mask.CACHE_ENV, str(tmp_path / "cache"))
-    with pytest.warns(UserWarning, match="building the CPU dropout-mask kernels"):
+    with pytest.warns(UserWarning, match="building the CPU kernels"):
         assert not cpu_mask.available()
     assert not cpu_mask.available()  # once: no second warning, no second build
     x, seed = torch.randn(6, 10), make_seed(5, torch.device("cpu"))
     assert rng.kernel_path(x) == "eager"  # small: the torch form runs eagerly, as before the C kernels existed
     want = rng._masked(x, seed, rng.compare_threshold(0.25), x.dtype)
     assert torch.equal(rng.masked(x, seed, 0.25), want)
+    assert cpu_mask.dy_pass(torch.randn(6, 5), torch.randn(5, 4), torch.randn(6, 4), 1.0) is None  # the GEMMs run
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("r", [4, 16, 32])
+def test_c_dy_pass_is_the_two_gemms_within_their_error(threads, r):
+    """ops/cpu_rank.c's (s G Bd, s G^T H) against fp64, within twice the fp32 GEMMs' own error: G a strided view
+    (rows wider than N), an odd M (a lone last row), one thread and two (per-thread partial sums of G^T H)."""
+    from kasa_kernels.ops import cpu_mask
+
+    _require_c_kernels()
+    gen = torch.Generator().manual_seed(r)
+    m, n, s = 515, 300, 0.75
+    g = torch.randn(m, n + 7, generator=gen)[:, 3:n + 3]
+    bd, h = torch.randn(n, r, generator=gen), torch.randn(m, r, generator=gen)
+    assert g.numel() >= cpu_mask.DY_MIN_ELEMENTS and g.stride(0) == n + 7
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gh, gth = cpu_mask.dy_pass(g, bd, h, s)
+    finally:
+        torch.set_num_threads(old)
+    g64, bd64, h64 = g.double(), bd.double(), h.double()
+    assert_within_ref("gh", gh, s * g64 @ bd64, torch.addmm(h, g, bd, beta=0.0, alpha=s), torch.float32)
+    assert_within_ref("gth", gth, s * g64.t() @ h64, torch.addmm(bd, g.t(), h, beta=0.0, alpha=s), torch.float32)
+
+
+def test_c_dy_pass_declines_what_it_does_not_cover():
+    """None (the GEMMs run) for: a rank without an instantiation, a G below DY_MIN_ELEMENTS, rows not contiguous,
+    fp64, meta tensors, a dispatch mode (the traffic counter's, fake tensors)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kasa_kernels.ops import cpu_mask
+
+    _require_c_kernels()
+    m, n = 512, 256
+
+    def args(r=16, **kw):
+        g = kw.get("g", torch.randn(m, n))
+        return g, torch.randn(g.shape[1], r, dtype=g.dtype), torch.randn(g.shape[0], r, dtype=g.dtype), 1.0
+
+    assert cpu_mask.dy_pass(*args()) is not None
+    assert cpu_mask.dy_pass(*args(r=5)) is None
+    assert cpu_mask.dy_pass(*args(g=torch.randn(m // 4, n))) is None
+    assert cpu_mask.dy_pass(*args(g=torch.randn(n, m).t())) is None
+    assert cpu_mask.dy_pass(*args(g=torch.randn(m, n, dtype=torch.float64))) is None
+    assert cpu_mask.dy_pass(*args(g=torch.randn(m, n, device="meta"))) is None
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert cpu_mask.dy_pass(*args()) is None
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_layer_with_the_c_dy_pass_matches_the_reference(monkeypatch, p):
+    """The whole layer where backward takes gH and s G^T H from ops/cpu_rank.c (G of 2^17 elements or more), within
+    the reference's bound, and the pass ran."""
+    from kasa_kernels.ops import cpu_mask
+
+    _require_c_kernels()
+    ran = []
+    real = cpu_mask.dy_pass
+
+    def spy(*a):
+        out = real(*a)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu_mask, "dy_pass", spy)
+    check_against_reference(make_case((4, 130), 96, 256, 16, torch.float32, torch.float32), p=p)
+    assert ran == [True]
 
 
 def test_c_mask_build_uses_the_temp_directory_when_the_cache_cannot_be_made(monkeypatch, tmp_path):

@@ -3,8 +3,9 @@
 On CUDA each call is bracketed by CUDA events (the method of triton.testing.do_bench, with the providers of a case
 interleaved call by call so clock and thermal drift hit all of them alike, in a new order each round, drawn from a
 fixed seed: a provider that always ran first, or always after a given other, would carry that position's cost in
-every sample); a 256 MB buffer is zeroed before every call so no provider finds its operands in L2. On CPU the same loop uses time.perf_counter and a smaller flush buffer.
-Gradients are reset to None outside the timed region, as do_bench's grad_to_none does.
+every sample); a 256 MB buffer is zeroed before every call so no provider finds its operands in L2. On CPU the same
+loop uses time.perf_counter and a smaller flush buffer. Gradients are reset to None outside the timed region, as
+do_bench's grad_to_none does.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The dropout-mask kernels on CPU tensors as compiled C (ops/cpu_mask.c), called through ctypes.
+"""The torch backend's C kernels on CPU tensors, called through ctypes: the dropout-mask kernels (ops/cpu_mask.c)
+and the rank-r pass over the output gradient (ops/cpu_rank.c, dy_pass below), built into one library.
 
 ops/rng.py runs its three mask kernels as one fused pass each. On CUDA inductor compiles them; on CPU its compiled
 kernel is fast, but each call also goes through torch.compile's guards and wrappers: masked() of a 256 x 256 fp32
@@ -10,7 +11,8 @@ where that cannot be written), and called with the tensors' pointers and strides
 contiguous; read ones may have any strides.
 
 If no C compiler works, the build fails once with a warning and rng.py keeps its torch forms (inductor-compiled
-for large tensors, eager below). Unsupported dtype combinations return None, and rng.py runs its torch form.
+for large tensors, eager below), torch_linear.py its GEMMs. Unsupported inputs return None, and the caller runs
+the torch form.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch
 
 from .rng_constants import MASK32, cxx_defines
 
-SOURCE = Path(__file__).with_name("cpu_mask.c")
+SOURCES = (Path(__file__).with_name("cpu_mask.c"), Path(__file__).with_name("cpu_rank.c"))
 CACHE_ENV = "KASA_KERNELS_CACHE"
 _CODES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 # (x's dtype, the operand dtype): the pairs cpu_mask.c instantiates, the ones the torch backend uses
@@ -77,7 +79,7 @@ def _compile(out: Path) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang)")
-    base = [cc, "-O3", "-march=native", "-fPIC", "-shared", *cxx_defines(), str(SOURCE)]
+    base = [cc, "-O3", "-march=native", "-fPIC", "-shared", *cxx_defines(), *(str(p) for p in SOURCES)]
     errors = []
     for extra in (["-fopenmp"], []):  # OpenMP when the compiler has it, else one thread
         tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -105,7 +107,7 @@ def _spec_hash(i: int, s0: int, s1: int) -> int:
 
 
 def _build() -> dict:
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES)
     key = hashlib.sha256(source + " ".join(cxx_defines()).encode() + _cpu_signature().encode()).hexdigest()[:16]
     path = _cache_dir() / f"cpu_mask-{key}.so"
     if not path.exists():
@@ -135,6 +137,9 @@ def _build() -> dict:
             fn = getattr(lib, f"kasa_{kernel}_{name}")
             fn.argtypes, fn.restype = argtypes, None
             fns[(kernel,) + key] = fn
+    fn = lib.kasa_dy_pass_f32
+    fn.argtypes, fn.restype = (_P, _I64, _I64, _I64, _P, _P, _I64, ctypes.c_float, _P, _P, _P, _INT), _INT
+    fns[("dy_pass", "f32")] = fn
     return fns
 
 
@@ -151,8 +156,9 @@ def available() -> bool:
                 _lib = _build()
             except Exception as e:  # noqa: BLE001  (no compiler, a read-only cache, a failed check: torch forms)
                 _error = f"{type(e).__name__}: {e}"
-                warnings.warn(f"kasa_kernels: building the CPU dropout-mask kernels (ops/cpu_mask.c) failed "
-                              f"({_error}); using their torch forms, which give the same mask more slowly")
+                warnings.warn(f"kasa_kernels: building the CPU kernels (ops/cpu_mask.c, ops/cpu_rank.c) failed "
+                              f"({_error}); using their torch forms, which give the same mask and products more "
+                              "slowly")
     return _lib is not None
 
 
@@ -229,3 +235,38 @@ def dropout_backward_(dx: torch.Tensor, t: torch.Tensor, x2d: torch.Tensor, seed
 
 
 KERNELS = {"masked": masked, "add_masked_": add_masked_, "dropout_backward_": dropout_backward_}
+
+
+# rank-r widths ops/cpu_rank.c is instantiated for
+DY_RANKS = (4, 8, 16, 32)
+# rows of G per thread below which another thread is not worth starting
+DY_ROWS_PER_THREAD = 64
+# G's size below which the two GEMMs run instead: the call's own cost (three Python-level steps, two allocations
+# and ctypes) ate the gain at 256 x 256 and left it at 384 x 384 (a cold-cache call, 1 thread, 2-core AMD EPYC,
+# 2026-12-01: 170 against 172 us at 256^2, 294 against 322 at 384^2, 569 against 745 at 512^2)
+DY_MIN_ELEMENTS = 1 << 17
+
+
+def dy_pass(g: torch.Tensor, bd: torch.Tensor, h: torch.Tensor, scaling: float):
+    """(s G Bd, s G^T H) for fp32 G (M, N), Bd (N, r), H (M, r) in one read of G (ops/cpu_rank.c); None where it does
+    not run: under torch.compile or a dispatch mode (the traffic counter, fake tensors), off the CPU, for another
+    dtype or rank, a G smaller than DY_MIN_ELEMENTS or whose rows are not contiguous, or when the library did not
+    build."""
+    if torch.compiler.is_compiling():  # first: dynamo must not trace into the build or the ctypes call
+        return None
+    f32 = torch.float32
+    if not (g.is_cpu and g.dtype == f32 and g.numel() >= DY_MIN_ELEMENTS and bd.dtype == f32 and h.dtype == f32
+            and g.dim() == 2 and torch._C._len_torch_dispatch_stack() == 0 and available()):
+        return None
+    rows, cols = g.shape
+    r = bd.shape[1]
+    if (r not in DY_RANKS or g.stride(1) != 1 or bd.shape != (cols, r) or h.shape != (rows, r) or not bd.is_cpu
+            or not h.is_cpu or not bd.is_contiguous() or not h.is_contiguous()):
+        return None
+    threads = max(1, min(torch.get_num_threads(), rows // DY_ROWS_PER_THREAD))
+    gh = torch.empty((rows, r), dtype=f32)
+    gth = torch.empty((cols, r), dtype=f32)
+    scratch = torch.empty(((threads - 1) * cols * r,), dtype=f32) if threads > 1 else None
+    _lib[("dy_pass", "f32")](g.data_ptr(), rows, cols, g.stride(0), bd.data_ptr(), h.data_ptr(), r, scaling,
+                             gh.data_ptr(), gth.data_ptr(), None if scratch is None else scratch.data_ptr(), threads)
+    return gh, gth

@@ -31,6 +31,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import cpu_mask
 from .defs import register_kernel
 from .precision import (accumulation_dtype, cast, fp16_rebalance, lowp_gemm_native, mm_sums_to_fp32, operand_dtype,
                         rank_r_mm)
@@ -143,8 +144,14 @@ def linear_backward(
     acc, dt, wide = _dtypes(x2d)
     g = grad_y if grad_y.dtype == dt else grad_y.to(dt)
     bd = _factor_b(lora_B, lora_diag, dt, acc)  # B diag(d); s rides on the GEMMs' alpha
-    # gH = s G B diag(d), (M, r); beta = 0 leaves h (there for its shape) unread
-    gh = torch.addmm(h, g, bd, beta=0.0, alpha=scaling) if need_dx or need_da else None
+    # both rank-r products of G from one read of it, where ops/cpu_rank.c runs (fp32 on CPU): (gH, s G^T H)
+    both = (need_dx or need_da) and (need_dd or need_db)
+    pair = cpu_mask.dy_pass(g, bd, h, scaling) if both and dt == torch.float32 else None
+    gh = gth = None
+    if pair is not None:
+        gh, gth = pair
+    elif need_dx or need_da:  # gH = s G B diag(d), (M, r); beta = 0 leaves h (there for its shape) unread
+        gh = torch.addmm(h, g, bd, beta=0.0, alpha=scaling)
     sums32 = g.dtype == torch.bfloat16 and mm_sums_to_fp32(g)
     dd = db = None
     if need_dd or need_db:
@@ -157,7 +164,7 @@ def linear_backward(
         s_after = None
         if sums32:
             gth, s_after = rank_r_mm(g.t(), h, acc), scaling
-        else:
+        elif gth is None:
             gth = torch.addmm(bd, g.t(), h, beta=0.0, alpha=scaling)
         if need_db:
             d = lora_diag if lora_diag.dtype == acc else lora_diag.to(acc)
