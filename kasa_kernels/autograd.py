@@ -34,7 +34,7 @@ class KasaLinearFunction(torch.autograd.Function):
                 folded_grad_scale):
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         quantized = isinstance(weight, QuantizedWeight)
-        fwd = None if quantized else defs.inline_kernel("linear_forward", backend)
+        fwd = None if quantized else defs.INLINE["linear_forward"].get(backend)  # defs.inline_kernel
         if fwd is not None:
             y2d, h = fwd(x2d, weight, bias, lora_A, lora_diag, lora_B, scaling, dropout_p, seed)
         else:
@@ -59,7 +59,7 @@ class KasaLinearFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         needs = (need[0], need[3], need[4], need[5])
         g = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, grad_y.shape[-1])
-        bwd = None if quant is not None else defs.inline_kernel("linear_backward", ctx.backend)
+        bwd = None if quant is not None else defs.INLINE["linear_backward"].get(ctx.backend)  # defs.inline_kernel
         args = (g, x2d, weight, lora_A, lora_diag, lora_B, h, ctx.scaling, ctx.dropout_p, seed, needs)
         if bwd is None:
             bwd = functools.partial(defs.linear_backward, ctx.backend)

@@ -38,6 +38,9 @@ OPS = ("linear_forward", "linear_backward", "regularizer", "base_gemm", "qlinear
 INLINE_BACKENDS = ("torch",)
 
 _KERNELS: Dict[Tuple[str, str], Callable] = {}
+# op -> {inline backend: its kernel}: what inline_kernel answers, read by the autograd layer directly (one dict
+# lookup per call)
+INLINE: Dict[str, Dict[str, Callable]] = {op: {} for op in OPS}
 
 
 def register_kernel(op: str, backend: str) -> Callable[[Callable], Callable]:
@@ -47,6 +50,8 @@ def register_kernel(op: str, backend: str) -> Callable[[Callable], Callable]:
 
     def register(fn: Callable) -> Callable:
         _KERNELS[(op, backend)] = fn
+        if backend in INLINE_BACKENDS:
+            INLINE[op][backend] = fn
         return fn
 
     return register
@@ -65,8 +70,8 @@ def inline_kernel(op: str, backend: str) -> Optional[Callable]:
     would (kasa_kernels.autograd, whose arguments come through kasa_kernels.functional: p a float in [0, 1), seed
     given exactly when p > 0, a tensor W); None for the other backends, which run behind the custom ops. Nothing
     then runs between the autograd layer and the kernel's aten calls: a small layer's call on a CPU is mostly
-    Python, and each step shows."""
-    return _KERNELS.get((op, backend)) if backend in INLINE_BACKENDS else None
+    Python, and each step shows (the autograd layer reads INLINE[op] itself, the same answer without this call)."""
+    return INLINE[op].get(backend)
 
 
 def _dropout_args(dropout_p: float, seed: Optional[Tensor]) -> Tuple[float, Optional[Tensor]]:
