@@ -4,7 +4,7 @@ Policy:
 - Under autocast, x, W and b are cast to the autocast dtype, as F.linear would; the adapters keep their dtype
   (fp32 adapters beside bf16/fp16 activations are the PEFT default). The op itself then runs with autocast off.
 - The output is in x's dtype; every gradient is returned in its parameter's dtype.
-- Saved for backward: x as a 2-D view (no copy), the parameters, H (M x r: fp32 from the fused
+- Saved for backward: x as the caller passed it (no reshaped copy), the parameters, H (M x r: fp32 from the fused
   backends, the rank-r operand dtype from the torch backend, bf16 for bf16 layers where GEMMs in it are native) and
   the dropout seed. Nothing of size M x N or M x K. A quantized base W (ops/quant_weight.QuantizedWeight) is saved
   as its packed tensors: no dequantized copy is kept.
@@ -43,8 +43,8 @@ class KasaLinearFunction(torch.autograd.Function):
         # a quantized W is saved as its packed tensors (the format on ctx): never a dequantized copy
         ctx.quant_format = weight.without_tensors() if quantized else None
         weights = weight.tensors() if quantized else (weight,)
-        ctx.save_for_backward(x2d, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights)
-        ctx.x_shape = None if x2d is x else x.shape  # dx's shape, where it is not x2d's
+        # x itself, not x2d: where reshape had to copy (a strided 3-D x), saving x2d would keep an M x K copy
+        ctx.save_for_backward(x, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights)
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.backend = backend
@@ -53,7 +53,8 @@ class KasaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2d, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights = ctx.saved_tensors
+        x, lora_A, lora_diag, lora_B, h, seed, folded_grad_scale, *weights = ctx.saved_tensors
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         quant = ctx.quant_format
         weight = weights[0] if quant is None else quant.with_tensors(weights)
         need = ctx.needs_input_grad
@@ -70,10 +71,10 @@ class KasaLinearFunction(torch.autograd.Function):
         else:
             dx, da, dd, db = bwd(*args)
         if dx is not None:
-            if ctx.x_shape is not None:
-                dx = dx.view(ctx.x_shape)
-            if dx.dtype != x2d.dtype:
-                dx = dx.to(x2d.dtype)
+            if x2d is not x:
+                dx = dx.view(x.shape)
+            if dx.dtype != x.dtype:
+                dx = dx.to(x.dtype)
         if ctx.folded_reg is not None and any(needs[1:]):
             da, dd, db = _add_folded_regularizer(
                 ctx.folded_reg, folded_grad_scale, ctx.backend, lora_A, lora_diag, lora_B, da, dd, db

@@ -131,6 +131,14 @@ def test_saves_no_activation_sized_tensor():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         kk.kasa_linear(xw, w, None, a, d, bb, 2.0, backend="torch")
     assert not any(t.numel() == m * k and t.data_ptr() != xw.data_ptr() for t in saved)
+    # nor for a 3-D x that reshape has to copy into the 2-D operand (the copy is the op's, never kept)
+    saved.clear()
+    x3 = torch.randn(k, 8, m // 8).permute(1, 2, 0).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y3 = kk.kasa_linear(x3, w, None, a, d, bb, 2.0, backend="torch")
+    assert not any(t.numel() == m * k and t.data_ptr() != x3.data_ptr() for t in saved)
+    y3.sum().backward()
+    assert x3.grad.shape == x3.shape
 
 
 def test_frozen_base_weight_is_refused_when_trainable():
