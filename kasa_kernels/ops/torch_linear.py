@@ -20,6 +20,9 @@ bytes (kasa-bench traffic counts them per aten op; tests/test_traffic.py holds i
 - The mask is used through ops/rng.py's kernels, one fused kernel each (inductor's on CUDA, ops/cpu_mask.c's on
   CPU): forward masks x once; backward masks dx's rank-r term and x (for dA) in one pass. Masked values are exact
   (no scale).
+- On CPU, for an fp32 G of 2^17 elements or more, backward's two rank-r products of G (gH and s G^T H) come from
+  one C pass that reads G once (ops/cpu_rank.c, through cpu_mask.dy_pass): BLAS runs these thin shapes far below
+  its GEMM rate. Elsewhere (smaller G, other dtypes, under torch.compile or a dispatch mode) they are two GEMMs.
 - The base GEMMs and the M x N output stay in x's dtype, and each rank-r term is added into its GEMM's output in
   place by addmm_ (with dropout, dx's term gH A is formed, then masked and added in one pass). On CPUs without bf16
   GEMM kernels a bf16/fp16 layer runs its base GEMMs in fp32 as well ("wide"), and rounds Y and dx once at the end.
