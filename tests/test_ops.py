@@ -53,12 +53,15 @@ def test_resolve_remembers_per_device_until_clear_cache(monkeypatch):
     """Eager resolution is one lookup after the first call, per (name, device); clear_cache() forgets, so a changed
     KASA_KERNELS_BACKEND is read again."""
     cpu = torch.device("cpu")
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     _backend.clear_cache()
     try:
         assert _backend.resolve("torch", cpu) == "torch"
-        assert _backend._BY_DEVICE[("torch", cpu)] == "torch"
+        assert _backend.resolve("auto", cpu) == "torch"
+        assert _backend._BY_DEVICE[("torch", cpu)] == _backend._BY_DEVICE[("auto", cpu)] == "torch"
         monkeypatch.setenv(_backend.ENV_VAR, "nope")
         assert _backend.resolve("torch", cpu) == "torch"  # a named backend never reads the variable
+        assert _backend.resolve("auto", cpu) == "torch"  # auto read it at its first call on this device
         _backend.clear_cache()
         assert not _backend._BY_DEVICE
         with pytest.raises(ValueError, match=_backend.ENV_VAR):
@@ -66,7 +69,7 @@ def test_resolve_remembers_per_device_until_clear_cache(monkeypatch):
         with pytest.raises(TypeError, match="backend: expected a string"):
             _backend.resolve(["torch"], cpu)
     finally:
-        monkeypatch.delenv(_backend.ENV_VAR)
+        monkeypatch.delenv(_backend.ENV_VAR, raising=False)
         _backend.clear_cache()
 
 
