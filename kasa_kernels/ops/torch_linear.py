@@ -170,13 +170,11 @@ def linear_backward(
         elif gth is None:
             gth = torch.addmm(bd, g.t(), h, beta=0.0, alpha=scaling)
         if need_db:
-            d = lora_diag if lora_diag.dtype == acc else lora_diag.to(acc)
+            d = cast(lora_diag, acc)
             db = gth * (d if s_after is None else d * s_after)
         if need_dd:  # the diagonal of B^T (s G^T H): one pass over B and G^T H, the r x r product is tiny
             # (a column-wise dot product would write and read an N x r product: 0.06 of a pass at 512 x 2048 fp32)
-            dd = torch.mm((lora_B if lora_B.dtype == gth.dtype else lora_B.to(gth.dtype)).t(), gth).diagonal()
-            if dd.dtype != acc:
-                dd = dd.to(acc)
+            dd = cast(torch.mm(cast(lora_B, gth.dtype).t(), gth).diagonal(), acc)
             if s_after is not None:
                 dd = dd * s_after
     dx = x_kept = None
