@@ -5,9 +5,10 @@
  *
  * for an fp32 G (M x N, row stride ldg, unit column stride). The torch form is two GEMMs that each read G, and
  * BLAS libraries run these rank-r shapes far below their GEMM rate: at r = 16, 1 thread, on a 2-core AMD EPYC
- * (2026-12-01, caches flushed before each call), MKL's two took 1.7-2.3 ms at M = 1024, N = 768 and 3.3-3.6 ms at
- * M = 512, N = 2048, where this pass took 1.0-1.1 and 1.4-1.6 ms. Below 2^17 elements of G the call's own cost
- * eats the gain, and ops/cpu_mask.py runs the GEMMs there.
+ * (2026-12-01/02, caches flushed before each call), MKL's two took 1.7-2.3 ms at M = 1024, N = 768 and 3.0-3.6 ms
+ * at M = 512, N = 2048, where this pass took 1.1-1.25 and 1.6-1.75 ms (cpu_mask.dy_pass's whole call, its Python
+ * and allocations included). Below 2^17 elements of G the call's own cost eats the gain, and ops/cpu_mask.py runs
+ * the GEMMs there.
  *
  * Rows go two at a time: each G element is read once, for both its row's gh (R FMAs against Bd's row) and its
  * column's gth (R FMAs against H's row), and gth's row is loaded and stored once per two rows of G. R is a
