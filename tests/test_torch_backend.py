@@ -539,11 +539,14 @@ def test_c_dy_pass_declines_what_it_does_not_cover():
         assert cpu_mask.dy_pass(*args()) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_layer_with_the_c_dy_pass_matches_the_reference(monkeypatch, p):
-    """The whole layer where backward takes gH and s G^T H from ops/cpu_rank.c (G of 2^17 elements or more), within
-    the reference's bound, and the pass ran."""
+def test_layer_with_the_c_dy_pass_matches_the_reference(monkeypatch, p, dtype):
+    """The whole layer where backward takes gH and s G^T H from ops/cpu_rank.c (G of 2^17 elements or more, an odd
+    M), within the reference's bound, and the pass ran wherever the rank-r operands are fp32: fp32 and fp16 layers,
+    and bf16 ones on a CPU without bf16 GEMM kernels (with them, bf16 operands take the GEMMs)."""
     from kasa_kernels.ops import cpu_mask
+    from kasa_kernels.ops.precision import operand_dtype
 
     _require_c_kernels()
     ran = []
@@ -555,8 +558,9 @@ def test_layer_with_the_c_dy_pass_matches_the_reference(monkeypatch, p):
         return out
 
     monkeypatch.setattr(cpu_mask, "dy_pass", spy)
-    check_against_reference(make_case((4, 130), 96, 256, 16, torch.float32, torch.float32), p=p)
-    assert ran == [True]
+    case = make_case((5, 105), 96, 256, 16, dtype, torch.float32)
+    check_against_reference(case, p=p)
+    assert ran == ([True] if operand_dtype(case[0]) == torch.float32 else [])
 
 
 def test_c_mask_build_uses_the_temp_directory_when_the_cache_cannot_be_made(monkeypatch, tmp_path):
