@@ -483,66 +483,73 @@ def test_c_mask_build_failure_falls_back_to_the_torch_forms(monkeypatch, tmp_pat
     assert rng.kernel_path(x) == "eager"  # small: the torch form runs eagerly, as before the C kernels existed
     want = rng._masked(x, seed, rng.compare_threshold(0.25), x.dtype)
     assert torch.equal(rng.masked(x, seed, 0.25), want)
-    assert cpu_mask.dy_pass(torch.randn(6, 5), torch.randn(5, 4), torch.randn(6, 4), 1.0) is None  # the GEMMs run
+    g = torch.randn(256, 128)  # over DY_MIN_ELEMENTS: without the library, the GEMMs run
+    assert cpu_mask.dy_grads(g, torch.randn(128, 4), torch.randn(4), torch.randn(256, 4), 1.0) is None
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("r", [4, 16, 32])
-def test_c_dy_pass_is_the_two_gemms_within_their_error(threads, r):
-    """ops/cpu_rank.c's (s G Bd, s G^T H) against fp64, within twice the fp32 GEMMs' own error: G a strided view
-    (rows wider than N), an odd M (a lone last row), one thread and two (per-thread partial sums of G^T H)."""
+def test_c_dy_grads_are_the_torch_form_within_its_error(threads, r):
+    """ops/cpu_rank.c's (gH, dB, dd) against fp64, within twice the error of the torch form it replaces (its GEMMs,
+    B diag(d) and the diagonal of B^T (s G^T H)): G a strided view (rows wider than N), an odd M (a lone last row),
+    one thread and two (per-thread partial sums of dB and dd)."""
     from kasa_kernels.ops import cpu_mask
 
     _require_c_kernels()
     gen = torch.Generator().manual_seed(r)
     m, n, s = 515, 300, 0.75
     g = torch.randn(m, n + 7, generator=gen)[:, 3:n + 3]
-    bd, h = torch.randn(n, r, generator=gen), torch.randn(m, r, generator=gen)
+    b, d, h = torch.randn(n, r, generator=gen), torch.randn(r, generator=gen), torch.randn(m, r, generator=gen)
     assert g.numel() >= cpu_mask.DY_MIN_ELEMENTS and g.stride(0) == n + 7
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        gh, gth = cpu_mask.dy_pass(g, bd, h, s)
+        gh, db, dd = cpu_mask.dy_grads(g, b, d, h, s)
     finally:
         torch.set_num_threads(old)
-    g64, bd64, h64 = g.double(), bd.double(), h.double()
-    assert_within_ref("gh", gh, s * g64 @ bd64, torch.addmm(h, g, bd, beta=0.0, alpha=s), torch.float32)
-    assert_within_ref("gth", gth, s * g64.t() @ h64, torch.addmm(bd, g.t(), h, beta=0.0, alpha=s), torch.float32)
+    g64, b64, d64, h64 = g.double(), b.double(), d.double(), h.double()
+    bd = b * d
+    gth = torch.addmm(bd, g.t(), h, beta=0.0, alpha=s)
+    assert_within_ref("gh", gh, s * g64 @ (b64 * d64), torch.addmm(h, g, bd, beta=0.0, alpha=s), torch.float32)
+    assert_within_ref("db", db, s * g64.t() @ h64 * d64, gth * d, torch.float32)
+    assert_within_ref("dd", dd, (b64 * (s * g64.t() @ h64)).sum(0), torch.mm(b.t(), gth).diagonal(), torch.float32)
 
 
-def test_c_dy_pass_declines_what_it_does_not_cover():
-    """None (the GEMMs run) for: a rank without an instantiation, a G below DY_MIN_ELEMENTS, rows not contiguous,
-    fp64, meta tensors, a dispatch mode (the traffic counter's, fake tensors)."""
+def test_c_dy_grads_decline_what_they_do_not_cover():
+    """None (the torch form runs) for: a rank without an instantiation, a G below DY_MIN_ELEMENTS, rows not
+    contiguous, fp64, bf16 adapters, meta tensors, a dispatch mode (the traffic counter's, fake tensors)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from kasa_kernels.ops import cpu_mask
 
     _require_c_kernels()
-    m, n = 512, 256
+    m, n = 256, 128
 
     def args(r=16, **kw):
         g = kw.get("g", torch.randn(m, n))
-        return g, torch.randn(g.shape[1], r, dtype=g.dtype), torch.randn(g.shape[0], r, dtype=g.dtype), 1.0
+        b = kw.get("b", torch.randn(g.shape[1], r, dtype=g.dtype))
+        return g, b, torch.randn(r, dtype=g.dtype), torch.randn(g.shape[0], r, dtype=g.dtype), 1.0
 
-    assert cpu_mask.dy_pass(*args()) is not None
-    assert cpu_mask.dy_pass(*args(r=5)) is None
-    assert cpu_mask.dy_pass(*args(g=torch.randn(m // 4, n))) is None
-    assert cpu_mask.dy_pass(*args(g=torch.randn(n, m).t())) is None
-    assert cpu_mask.dy_pass(*args(g=torch.randn(m, n, dtype=torch.float64))) is None
-    assert cpu_mask.dy_pass(*args(g=torch.randn(m, n, device="meta"))) is None
+    assert cpu_mask.dy_grads(*args()) is not None
+    assert cpu_mask.dy_grads(*args(r=5)) is None
+    assert cpu_mask.dy_grads(*args(g=torch.randn(m // 4, n))) is None
+    assert cpu_mask.dy_grads(*args(g=torch.randn(n, m).t())) is None
+    assert cpu_mask.dy_grads(*args(g=torch.randn(m, n, dtype=torch.float64))) is None
+    assert cpu_mask.dy_grads(*args(b=torch.randn(n, 16, dtype=torch.bfloat16))) is None
+    assert cpu_mask.dy_grads(*args(g=torch.randn(m, n, device="meta"))) is None
 
     class Passthrough(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
     with Passthrough():
-        assert cpu_mask.dy_pass(*args()) is None
+        assert cpu_mask.dy_grads(*args()) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_layer_with_the_c_dy_pass_matches_the_reference(monkeypatch, p, dtype):
-    """The whole layer where backward takes gH and s G^T H from ops/cpu_rank.c (G of 2^17 elements or more, an odd
+def test_layer_with_the_c_dy_grads_matches_the_reference(monkeypatch, p, dtype):
+    """The whole layer where backward takes gH, dB and dd from ops/cpu_rank.c (G of DY_MIN_ELEMENTS or more, an odd
     M), within the reference's bound, and the pass ran wherever the rank-r operands are fp32: fp32 and fp16 layers,
     and bf16 ones on a CPU without bf16 GEMM kernels (with them, bf16 operands take the GEMMs)."""
     from kasa_kernels.ops import cpu_mask
@@ -550,14 +557,14 @@ def test_layer_with_the_c_dy_pass_matches_the_reference(monkeypatch, p, dtype):
 
     _require_c_kernels()
     ran = []
-    real = cpu_mask.dy_pass
+    real = cpu_mask.dy_grads
 
     def spy(*a):
         out = real(*a)
         ran.append(out is not None)
         return out
 
-    monkeypatch.setattr(cpu_mask, "dy_pass", spy)
+    monkeypatch.setattr(cpu_mask, "dy_grads", spy)
     case = make_case((5, 105), 96, 256, 16, dtype, torch.float32)
     check_against_reference(case, p=p)
     assert ran == ([True] if operand_dtype(case[0]) == torch.float32 else [])

@@ -1,5 +1,5 @@
 """The torch backend's C kernels on CPU tensors, called through ctypes: the dropout-mask kernels (ops/cpu_mask.c)
-and the rank-r pass over the output gradient (ops/cpu_rank.c, dy_pass below), built into one library.
+and the rank-r pass over the output gradient (ops/cpu_rank.c, dy_grads below), built into one library.
 
 ops/rng.py runs its three mask kernels as one fused pass each. On CUDA inductor compiles them; on CPU its compiled
 kernel is fast, but each call also goes through torch.compile's guards and wrappers: masked() of a 256 x 256 fp32
@@ -137,9 +137,9 @@ def _build() -> dict:
             fn = getattr(lib, f"kasa_{kernel}_{name}")
             fn.argtypes, fn.restype = argtypes, None
             fns[(kernel,) + key] = fn
-    fn = lib.kasa_dy_pass_f32
-    fn.argtypes, fn.restype = (_P, _I64, _I64, _I64, _P, _P, _I64, ctypes.c_float, _P, _P, _P, _INT), _INT
-    fns[("dy_pass", "f32")] = fn
+    fn = lib.kasa_dy_grads_f32
+    fn.argtypes, fn.restype = (_P, _I64, _I64, _I64, _P, _P, _P, _I64, ctypes.c_float, _P, _P, _P, _P, _INT), _INT
+    fns[("dy_grads", "f32")] = fn
     return fns
 
 
@@ -241,32 +241,37 @@ KERNELS = {"masked": masked, "add_masked_": add_masked_, "dropout_backward_": dr
 DY_RANKS = (4, 8, 16, 32)
 # rows of G per thread below which another thread is not worth starting
 DY_ROWS_PER_THREAD = 64
-# G's size below which the two GEMMs run instead: the call's own cost (three Python-level steps, two allocations
-# and ctypes) ate the gain at 256 x 256 and left it at 384 x 384 (a cold-cache call, 1 thread, 2-core AMD EPYC,
-# 2026-12-01: 170 against 172 us at 256^2, 294 against 322 at 384^2, 569 against 745 at 512^2)
-DY_MIN_ELEMENTS = 1 << 17
+# G's size below which the torch form runs instead: there the call's own cost (Python, three allocations, ctypes)
+# matches what it saves. Whole fp32 layer steps (forward + backward, r = 16, 1 thread, caches flushed, pass on against
+# off in a random order; 2-core AMD EPYC, 2026-12-02): 0.966 against 0.994 of unsloth_style's time at 256^2, level
+# (631 against 637 us) at 128^2, level at 64^2 and 32^2.
+DY_MIN_ELEMENTS = 1 << 14
 
 
-def dy_pass(g: torch.Tensor, bd: torch.Tensor, h: torch.Tensor, scaling: float):
-    """(s G Bd, s G^T H) for fp32 G (M, N), Bd (N, r), H (M, r) in one read of G (ops/cpu_rank.c); None where it does
-    not run: under torch.compile or a dispatch mode (the traffic counter, fake tensors), off the CPU, for another
-    dtype or rank, a G smaller than DY_MIN_ELEMENTS or whose rows are not contiguous, or when the library did not
-    build."""
+def dy_grads(g: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor, h: torch.Tensor, scaling: float):
+    """(gH, dB, dd) = (s (G B) diag(d), s G^T (H diag(d)), s colsum((G B) * H)) for fp32 G (M, N), B (N, r), d (r,),
+    H (M, r), from one read of G (ops/cpu_rank.c); None where it does not run: under torch.compile or a dispatch
+    mode (the traffic counter, fake tensors), off the CPU, for another dtype or rank, a G smaller than
+    DY_MIN_ELEMENTS or whose rows are not contiguous, or when the library did not build."""
     if torch.compiler.is_compiling():  # first: dynamo must not trace into the build or the ctypes call
         return None
     f32 = torch.float32
-    if not (g.is_cpu and g.dtype == f32 and g.numel() >= DY_MIN_ELEMENTS and bd.dtype == f32 and h.dtype == f32
-            and g.dim() == 2 and torch._C._len_torch_dispatch_stack() == 0 and available()):
+    if not (g.is_cpu and g.dtype == f32 and g.numel() >= DY_MIN_ELEMENTS and lora_B.dtype == f32
+            and lora_diag.dtype == f32 and h.dtype == f32 and g.dim() == 2
+            and torch._C._len_torch_dispatch_stack() == 0 and available()):
         return None
     rows, cols = g.shape
-    r = bd.shape[1]
-    if (r not in DY_RANKS or g.stride(1) != 1 or bd.shape != (cols, r) or h.shape != (rows, r) or not bd.is_cpu
-            or not h.is_cpu or not bd.is_contiguous() or not h.is_contiguous()):
+    r = h.shape[-1]
+    if (r not in DY_RANKS or g.stride(1) != 1 or lora_B.shape != (cols, r) or h.shape != (rows, r)
+            or lora_diag.shape != (r,) or not (lora_B.is_cpu and lora_diag.is_cpu and h.is_cpu)
+            or not (lora_B.is_contiguous() and lora_diag.is_contiguous() and h.is_contiguous())):
         return None
     threads = max(1, min(torch.get_num_threads(), rows // DY_ROWS_PER_THREAD))
     gh = torch.empty((rows, r), dtype=f32)
-    gth = torch.empty((cols, r), dtype=f32)
-    scratch = torch.empty(((threads - 1) * cols * r,), dtype=f32) if threads > 1 else None
-    _lib[("dy_pass", "f32")](g.data_ptr(), rows, cols, g.stride(0), bd.data_ptr(), h.data_ptr(), r, scaling,
-                             gh.data_ptr(), gth.data_ptr(), None if scratch is None else scratch.data_ptr(), threads)
-    return gh, gth
+    db = torch.empty((cols, r), dtype=f32)
+    dd = torch.empty((r,), dtype=f32)
+    scratch = torch.empty(((threads - 1) * (cols + 1) * r,), dtype=f32) if threads > 1 else None
+    _lib[("dy_grads", "f32")](g.data_ptr(), rows, cols, g.stride(0), lora_B.data_ptr(), lora_diag.data_ptr(),
+                              h.data_ptr(), r, scaling, gh.data_ptr(), db.data_ptr(), dd.data_ptr(),
+                              None if scratch is None else scratch.data_ptr(), threads)
+    return gh, db, dd

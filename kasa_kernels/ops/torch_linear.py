@@ -20,9 +20,10 @@ bytes (kasa-bench traffic counts them per aten op; tests/test_traffic.py holds i
 - The mask is used through ops/rng.py's kernels, one fused kernel each (inductor's on CUDA, ops/cpu_mask.c's on
   CPU): forward masks x once; backward masks dx's rank-r term and x (for dA) in one pass. Masked values are exact
   (no scale).
-- On CPU, for an fp32 G of 2^17 elements or more, backward's two rank-r products of G (gH and s G^T H) come from
-  one C pass that reads G once (ops/cpu_rank.c, through cpu_mask.dy_pass): BLAS runs these thin shapes far below
-  its GEMM rate. Elsewhere (smaller G, other dtypes, under torch.compile or a dispatch mode) they are two GEMMs.
+- On CPU, for an fp32 G of 2^14 elements or more (and fp32 adapters), backward's gH, dB and dd come from one C pass
+  that reads G once (ops/cpu_rank.c, through cpu_mask.dy_grads), with d on the r-wide rows as the fused backends
+  apply it: it replaces two GEMMs (BLAS runs these thin shapes far below its GEMM rate) and five small aten calls.
+  Elsewhere (smaller G, other dtypes, under torch.compile or a dispatch mode) they are the torch form below.
 - The base GEMMs and the M x N output stay in x's dtype, and each rank-r term is added into its GEMM's output in
   place by addmm_ (with dropout, dx's term gH A is formed, then masked and added in one pass). On CPUs without bf16
   GEMM kernels a bf16/fp16 layer runs its base GEMMs in fp32 as well ("wide"), and rounds Y and dx once at the end.
@@ -146,37 +147,38 @@ def linear_backward(
     need_dx, need_da, need_dd, need_db = needs
     acc, dt, wide = _dtypes(x2d)
     g = grad_y if grad_y.dtype == dt else grad_y.to(dt)
-    bd = _factor_b(lora_B, lora_diag, dt, acc)  # B diag(d); s rides on the GEMMs' alpha
-    # both rank-r products of G from one read of it, where ops/cpu_rank.c runs (fp32 on CPU): (gH, s G^T H)
+    # the three rank-r gradients of G from one read of it, where ops/cpu_rank.c runs (fp32 on CPU)
     both = (need_dx or need_da) and (need_dd or need_db)
-    pair = cpu_mask.dy_pass(g, bd, h, scaling) if both and dt == torch.float32 else None
-    gh = gth = None
-    if pair is not None:
-        gh, gth = pair
-    elif need_dx or need_da:  # gH = s G B diag(d), (M, r); beta = 0 leaves h (there for its shape) unread
-        gh = torch.addmm(h, g, bd, beta=0.0, alpha=scaling)
+    grads = cpu_mask.dy_grads(g, lora_B, lora_diag, h, scaling) if both and dt == torch.float32 else None
     sums32 = g.dtype == torch.bfloat16 and mm_sums_to_fp32(g)
-    dd = db = None
-    if need_dd or need_db:
-        # s G^T H (N, r): fp32 sums where torch.mm has out_dtype (CUDA), else in the operand dtype with s applied
-        # inside the GEMM (alpha; beta = 0 leaves bd unread), rounded once. Its readers take it as it comes (db's
-        # product promotes to fp32) instead of a cast copy: on cpu-bf16-gemm at P the copy was the 1/256 of a pass by
-        # which the backend moved more than unsloth_style (kasa-bench traffic).
-        # The fp32-sum form has no alpha: there s goes on the r-sized factors instead (a pass over the N x r product
-        # would be 0.008 of a pass more than unsloth_style at P).
-        s_after = None
-        if sums32:
-            gth, s_after = rank_r_mm(g.t(), h, acc), scaling
-        elif gth is None:
-            gth = torch.addmm(bd, g.t(), h, beta=0.0, alpha=scaling)
-        if need_db:
-            d = cast(lora_diag, acc)
-            db = gth * (d if s_after is None else d * s_after)
-        if need_dd:  # the diagonal of B^T (s G^T H): one pass over B and G^T H, the r x r product is tiny
-            # (a column-wise dot product would write and read an N x r product: 0.06 of a pass at 512 x 2048 fp32)
-            dd = cast(torch.mm(cast(lora_B, gth.dtype).t(), gth).diagonal(), acc)
-            if s_after is not None:
-                dd = dd * s_after
+    if grads is not None:
+        gh, db, dd = grads
+        db, dd = db if need_db else None, dd if need_dd else None
+    else:
+        gh = dd = db = None
+        bd = _factor_b(lora_B, lora_diag, dt, acc)  # B diag(d); s rides on the GEMMs' alpha
+        if need_dx or need_da:  # gH = s G B diag(d), (M, r); beta = 0 leaves h (there for its shape) unread
+            gh = torch.addmm(h, g, bd, beta=0.0, alpha=scaling)
+        if need_dd or need_db:
+            # s G^T H (N, r): fp32 sums where torch.mm has out_dtype (CUDA), else in the operand dtype with s applied
+            # inside the GEMM (alpha; beta = 0 leaves bd unread), rounded once. Its readers take it as it comes (db's
+            # product promotes to fp32) instead of a cast copy: on cpu-bf16-gemm at P the copy was the 1/256 of a
+            # pass by which the backend moved more than unsloth_style (kasa-bench traffic).
+            # The fp32-sum form has no alpha: there s goes on the r-sized factors instead (a pass over the N x r
+            # product would be 0.008 of a pass more than unsloth_style at P).
+            s_after = None
+            if sums32:
+                gth, s_after = rank_r_mm(g.t(), h, acc), scaling
+            else:
+                gth = torch.addmm(bd, g.t(), h, beta=0.0, alpha=scaling)
+            if need_db:
+                d = cast(lora_diag, acc)
+                db = gth * (d if s_after is None else d * s_after)
+            if need_dd:  # the diagonal of B^T (s G^T H): one pass over B and G^T H, the r x r product is tiny
+                # (a column-wise dot product would write and read an N x r product: 0.06 of a pass at 512 x 2048)
+                dd = cast(torch.mm(cast(lora_B, gth.dtype).t(), gth).diagonal(), acc)
+                if s_after is not None:
+                    dd = dd * s_after
     dx = x_kept = None
     if need_dx:
         dx = g @ weight.to(dt) if wide else grad_y @ weight  # wide: in fp32, rounded once after the rank-r term
