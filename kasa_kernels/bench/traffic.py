@@ -17,9 +17,10 @@ the counter launches their eager form with counting off and counts the kernel by
 given read once, every tensor it returns written once (cpu_mask.c's loops do exactly that; inductor generates one
 kernel for each, which tests/test_traffic.py checks on CPU, and the GPU suite on CUDA). Where a device runs them
 eagerly (small CPU tensors without a C compiler), their eager ops are counted one by one.
-On CPU the torch backend's backward also takes gH and s G^T H from one C pass over G (ops/cpu_rank.c: fp32 G of
-2^17 elements or more, so fp32 layers, and 16-bit layers on CPUs without 16-bit GEMMs). The counter counts the two
-GEMMs it replaces, which read G twice: on those paths the count is one read of G (M x N fp32) above what runs.
+On CPU the torch backend's backward also takes gH, dB and dd from one C pass over G (ops/cpu_rank.c: fp32 G of
+2^14 elements or more, so fp32 layers, and 16-bit layers on CPUs without 16-bit GEMMs). The counter counts the torch
+form it replaces (two GEMMs that read G twice, B diag(d), dB's product, dd's r x r product): on those paths the count
+is one read of G (M x N fp32) and a few N x r passes above what runs.
 
 Opaque: ops outside aten (the fused backends' kasa_kernels::* custom ops) cannot be looked into. They are listed by
 name and the provider gets no total; no figure is invented for them. torch_compile runs inductor's generated kernels,
