@@ -2,6 +2,7 @@
 devices side by side. unsloth_style is a baseline we publish numbers against, so it is held to kasa_reference."""
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -288,3 +289,73 @@ def test_interleaved_rounds_shuffle_the_order_and_keep_each_providers_samples(mo
     assert len({tuple(r) for r in rounds}) > n
     assert timing._round_orders(n, reps) == timing._round_orders(n, reps)
     assert "random order" in timer.method
+
+
+def test_paired_ratio_is_the_median_per_round_ratio_with_an_order_statistic_interval():
+    """The median of num_i / den_i over rounds, and the sign test's 95 % interval (order statistics k and n + 1 - k,
+    k = floor(n/2 - 0.98 sqrt(n))): for the ratios 0.01 ... 1.00 in any round order, 0.505 within [0.40, 0.61]. A
+    drift shared by both calls of a round cancels: with the machine's speed varying 2x across rounds and the true
+    ratio 0.95 within 1 %, the interval is inside 0.94-0.96. Too few rounds, unpaired lists: no figure."""
+    from kasa_kernels.bench.timing import PAIRED_MIN_ROUNDS, paired_ratio
+
+    rnd = random.Random(3)
+    ratios = [(i + 1) / 100 for i in range(100)]
+    rnd.shuffle(ratios)
+    den = [1.0 + rnd.random() for _ in ratios]
+    got = paired_ratio([r * d for r, d in zip(ratios, den)], den)
+    assert got["ratio"] == pytest.approx(0.505) and got["lo"] == pytest.approx(0.40) and got["hi"] == pytest.approx(0.61)
+    drift = [1.0 + rnd.random() for _ in range(200)]  # the machine's speed, per round
+    num = [0.95 * d * (1 + 0.01 * (2 * rnd.random() - 1)) for d in drift]
+    got = paired_ratio(num, drift)
+    assert 0.94 < got["lo"] <= got["ratio"] <= got["hi"] < 0.96
+    assert paired_ratio(num[:PAIRED_MIN_ROUNDS - 1], drift[:PAIRED_MIN_ROUNDS - 1]) is None
+    assert paired_ratio(num, drift[:-1]) is None
+    assert paired_ratio(num, [0.0] + drift[1:]) is None
+
+
+def test_run_pairs_every_provider_of_a_mode_with_the_others(tmp_path, monkeypatch):
+    """Each row carries its per-round ratio against every other provider timed in the same case and mode, this
+    provider over the other: with timings where provider j takes (j + 1) units times a drift shared by each round,
+    every pair's ratio is exactly (j + 1) / (k + 1), the two directions reciprocal, the interval collapsed on it."""
+    from kasa_kernels.bench import timing
+
+    def fake(self, fns, prepares, reps):
+        for f, p in zip(fns, prepares):  # the calls still run, once each
+            if p is not None:
+                p()
+            f()
+        return [[(j + 1.0) * (1.0 + i % 3) for i in range(reps)] for j in range(len(fns))]
+
+    monkeypatch.setattr(timing.Timer, "run_interleaved", fake)
+    out = tmp_path / "paired.json"
+    rc = main(["run", "--shape", "24,40,32,4", "--dropout", "0", "--no-whole-model", "--modes", "full",
+               "--providers", "torch_eager,unsloth_style,frozen_linear", "--out", str(out),
+               "--rep-ms", "2", "--min-reps", "7", "--max-reps", "7", "--warmup", "1", "--quiet"])
+    assert rc == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"torch_eager", "unsloth_style", "frozen_linear"}
+    units = {name: row["ms_median"] / 2.0 for name, row in rows.items()}  # the median round has drift 2
+    assert sorted(units.values()) == [1.0, 2.0, 3.0]
+    for name, row in rows.items():
+        assert set(row["paired"]) == set(rows) - {name}
+        for other, pr in row["paired"].items():
+            want = units[name] / units[other]
+            assert pr["ratio"] == pytest.approx(want) and pr["lo"] == pytest.approx(want)
+            assert pr["hi"] == pytest.approx(want)
+
+
+def test_report_prints_the_paired_interval_beside_the_speedup(results, tmp_path):
+    """The peer table shows peer / ours with the round-by-round interval in brackets where the file has one, and the
+    bare ratio for files made before "paired" existed."""
+    path, data = results
+    fake = {"ratio": 0.8, "lo": 0.75, "hi": 0.85}  # ours / peer: peer / ours is 1.25 within [1.176, 1.333]
+    rows = [dict(r, paired={"peft": fake, "unsloth_style": fake}) if r["provider"] == "torch_eager" else r
+            for r in data["rows"]]
+    with_pairs = tmp_path / "with.json"
+    with_pairs.write_text(json.dumps(dict(data, rows=rows)))
+    assert main(["report", str(with_pairs), "--out-dir", str(tmp_path / "a"), "--no-plots"]) == 0
+    assert "[1.176-1.333]" in (tmp_path / "a" / "with.md").read_text()
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(dict(data, rows=[{k: v for k, v in r.items() if k != "paired"} for r in rows])))
+    assert main(["report", str(bare), "--out-dir", str(tmp_path / "b"), "--no-plots"]) == 0
+    assert "[1.176-1.333]" not in (tmp_path / "b" / "bare.md").read_text()

@@ -5,6 +5,8 @@ devices the report puts each device's own ratios next to each other (the A100-vs
     fwd / T_mm      = provider forward / cublas_linear forward
     full / T_frozen = provider forward+backward / frozen_linear forward+backward
     speedup vs peer = peer full time / ours full time (> 1: ours faster)
+    [lo-hi] beside it = 95 % interval of peer / ours taken round by round (each round times every provider once,
+                        so a slow stretch of the machine hits both; bench.timing.paired_ratio)
 """
 from __future__ import annotations
 
@@ -83,6 +85,16 @@ class Table:
         if a is None or b is None or b <= 0:
             return None
         return a / b
+
+    def paired_speedup(self, case, peer: str, ours: str, mode: str = "full") -> Optional[Tuple[float, float, float]]:
+        """peer / ours from the rounds both were timed in (run.py's "paired": the median per-round ratio and its 95 %
+        interval, inverted), or None where the file has no such entry (files made before it existed)."""
+        row = self.row(case, ours, mode)
+        pr = None if row is None else (row.get("paired") or {}).get(peer)
+        if not pr or not all(isinstance(pr.get(k), (int, float)) and math.isfinite(pr[k]) and pr[k] > 0
+                             for k in ("ratio", "lo", "hi")):
+            return None
+        return 1.0 / pr["ratio"], 1.0 / pr["hi"], 1.0 / pr["lo"]
 
     def fastest(self, case, providers: Sequence[str], mode: str = "full") -> Optional[str]:
         """The fastest of `providers` timed for this case in `mode` (ties: the first by name)."""
@@ -297,7 +309,11 @@ def _peer_table(t: Table) -> List[str]:
             continue
         cells = []
         for p in PEERS:
-            cells.append("-" if p == o else _f(t.ratio(case, p, "full", o, "full"), "{:.2f}x"))
+            cell = "-" if p == o else _f(t.ratio(case, p, "full", o, "full"), "{:.2f}x")
+            paired = None if p == o else t.paired_speedup(case, p, o)
+            if paired is not None and cell != "-":
+                cell += " [{:.3f}-{:.3f}]".format(*paired[1:])
+            cells.append(cell)
         cells.append(_f(t.ratio(case, "frozen_linear", "full", o, "full"), "{:.2f}x"))
         rows.append([_case_str(case) + (f" [{tag}]" if tag else ""), o] + cells)
     return _md_table(hdr, rows)

@@ -18,7 +18,7 @@ import torch
 from . import providers as prov
 from .shapes import Case
 from ..ops.precision import allow_tf32, device_path
-from .timing import Timer, quantiles
+from .timing import Timer, paired_ratio, quantiles
 
 SCHEMA_VERSION = 1
 
@@ -234,6 +234,8 @@ def _time_mode(case: Case, mode: str, states: Dict[str, prov.State], timer: Time
     reps = _reps(timer, fns, preps, args)
     samples = timer.run_interleaved(fns, preps, reps)
     rows = [_row(case, mode, n, states[n], s) for n, s in zip(live, samples)]
+    for j, row in enumerate(rows):  # every pair's per-round ratio (timing.paired_ratio): this provider / the other
+        row["paired"] = {live[k]: paired_ratio(samples[j], samples[k]) for k in range(len(live)) if k != j}
     del fns, preps, keep
     line = "  ".join(f"{r['provider']} {r['ms_median']:.3f}" for r in rows)
     log(f"    {mode:8s} ms: {line}  ({reps} reps)")

@@ -41,6 +41,25 @@ def quantiles(samples_ms: Sequence[float]) -> Dict[str, float]:
     return {"ms_median": statistics.median(s), "ms_p20": q(0.2), "ms_p80": q(0.8)}
 
 
+# Fewer rounds than this give no 95 % interval from order statistics (the binomial tail needs n >= 6).
+PAIRED_MIN_ROUNDS = 6
+
+
+def paired_ratio(num_ms: Sequence[float], den_ms: Sequence[float]) -> Optional[Dict[str, float]]:
+    """Two providers timed in the same rounds (sample i of each from round i): the median over rounds of
+    num_i / den_i, and a distribution-free 95 % interval for that median (the order statistics k and n + 1 - k of
+    the n ratios, k = floor(n / 2 - 0.98 sqrt(n)): the normal approximation of the sign test). A slow stretch of the
+    machine raises both calls of a round, so the per-round ratio cancels what the two medians each carry; on a noisy
+    CPU this interval is a fraction of the p20-p80 spread. None for fewer than PAIRED_MIN_ROUNDS rounds, lists of
+    different lengths (not paired), or a time that is not positive."""
+    n = len(num_ms)
+    if n < PAIRED_MIN_ROUNDS or len(den_ms) != n or min(den_ms) <= 0 or min(num_ms) <= 0:
+        return None
+    r = sorted(a / b for a, b in zip(num_ms, den_ms))
+    k = max(1, int(math.floor(n / 2 - 0.98 * math.sqrt(n))))
+    return {"ratio": statistics.median(r), "lo": r[k - 1], "hi": r[n - k]}
+
+
 ORDER_SEED = 20261201
 
 
