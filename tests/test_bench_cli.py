@@ -303,7 +303,7 @@ def test_paired_ratio_is_the_median_per_round_ratio_with_an_order_statistic_inte
     rnd.shuffle(ratios)
     den = [1.0 + rnd.random() for _ in ratios]
     got = paired_ratio([r * d for r, d in zip(ratios, den)], den)
-    assert got["ratio"] == pytest.approx(0.505) and got["lo"] == pytest.approx(0.40) and got["hi"] == pytest.approx(0.61)
+    assert got == pytest.approx({"ratio": 0.505, "lo": 0.40, "hi": 0.61})
     drift = [1.0 + rnd.random() for _ in range(200)]  # the machine's speed, per round
     num = [0.95 * d * (1 + 0.01 * (2 * rnd.random() - 1)) for d in drift]
     got = paired_ratio(num, drift)
