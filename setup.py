@@ -136,9 +136,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["kasa_kernels", "kasa_kernels.*"]) + ["kasa_reference"],
     package_dir={"kasa_reference": "python/kasa_reference"},
-    # the torch backend's CPU kernels in C (dropout masks, the rank-r dY pass), compiled at first use
-    # (kasa_kernels/ops/cpu_mask.py)
-    package_data={"kasa_kernels.ops": ["cpu_mask.c", "cpu_rank.c"]},
+    # the torch backend's CPU kernels in C (dropout masks, the rank-r dY pass, the fp32 GEMM with the rank-r term),
+    # compiled at first use (kasa_kernels/ops/cpu_mask.py)
+    package_data={"kasa_kernels.ops": ["cpu_mask.c", "cpu_rank.c", "cpu_gemm.c"]},
     install_requires=["torch>=2.4", "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     extras_require={
         "test": [

@@ -72,9 +72,14 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():  # the build's warning is printed below, as the reason
         warnings.simplefilter("ignore")
         built = cpu_mask.available()
-    print("CPU kernels (dropout masks, rank-r dY pass): " + (
-        "C (ops/cpu_mask.c, ops/cpu_rank.c, built)" if built else
-        f"torch forms (ops/cpu_mask.c, ops/cpu_rank.c did not build: {cpu_mask.build_error()})"))
+    print("CPU kernels (dropout masks, rank-r dY pass, fp32 GEMM): " + (
+        "C (ops/cpu_mask.c, cpu_rank.c, cpu_gemm.c, built)" if built else
+        f"torch forms (ops/cpu_mask.c, cpu_rank.c, cpu_gemm.c did not build: {cpu_mask.build_error()})"))
+    if built:
+        has_gemm = ("gemm", "f32") in cpu_mask._lib
+        print("  fp32 GEMM on CPU: " + (
+            ("ops/cpu_gemm.c" if cpu_mask.gemm_preferred() else "torch's (ops/cpu_gemm.c built, not preferred here)")
+            + f" (${cpu_mask.GEMM_ENV} or the CPU decides)" if has_gemm else "torch's (no AVX2 and FMA here)"))
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     ok_all = True
     for device in devices:

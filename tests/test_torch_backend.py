@@ -208,9 +208,11 @@ def test_torch_compile_fullgraph_matches_eager(monkeypatch):
             p.grad = None
         return [y.detach()] + grads
 
-    # the eager reference takes backward's GEMMs, as the compiled graph does (cpu_rank.c's pass sums in another order)
+    # the eager reference takes torch's GEMMs, as the compiled graph does (cpu_rank.c's pass and cpu_gemm.c's GEMM sum
+    # in other orders)
     with monkeypatch.context() as m:
         m.setattr(cpu_mask, "DY_MIN_ELEMENTS", 1 << 62)
+        m.setattr(cpu_mask, "GEMM_MIN_MACS", 1 << 62)
         eager = step(layer)
     # as in a process whose first layer call is compiled: the C mask kernels not loaded yet (tracing must not reach
     # their build)

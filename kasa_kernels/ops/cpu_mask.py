@@ -1,5 +1,6 @@
-"""The torch backend's C kernels on CPU tensors, called through ctypes: the dropout-mask kernels (ops/cpu_mask.c)
-and the rank-r pass over the output gradient (ops/cpu_rank.c, dy_grads below), built into one library.
+"""The torch backend's C kernels on CPU tensors, called through ctypes: the dropout-mask kernels (ops/cpu_mask.c),
+the rank-r pass over the output gradient (ops/cpu_rank.c, dy_grads below) and the fp32 GEMM with the rank-r term
+as extra k-steps (ops/cpu_gemm.c, gemm below), built into one library.
 
 ops/rng.py runs its three mask kernels as one fused pass each. On CUDA inductor compiles them; on CPU its compiled
 kernel is fast, but each call also goes through torch.compile's guards and wrappers: masked() of a 256 x 256 fp32
@@ -32,7 +33,7 @@ import torch
 
 from .rng_constants import MASK32, cxx_defines
 
-SOURCES = (Path(__file__).with_name("cpu_mask.c"), Path(__file__).with_name("cpu_rank.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_mask.c", "cpu_rank.c", "cpu_gemm.c"))
 CACHE_ENV = "KASA_KERNELS_CACHE"
 _CODES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 # (x's dtype, the operand dtype): the pairs cpu_mask.c instantiates, the ones the torch backend uses
@@ -140,6 +141,12 @@ def _build() -> dict:
     fn = lib.kasa_dy_grads_f32
     fn.argtypes, fn.restype = (_P, _I64, _I64, _I64, _P, _P, _P, _I64, ctypes.c_float, _P, _P, _P, _P, _INT), _INT
     fns[("dy_grads", "f32")] = fn
+    if lib.kasa_gemm_f32_available():
+        fn = lib.kasa_gemm_f32
+        fn.argtypes = (_I64, _I64, _I64, _P, _I64, _I64, _P, _I64, _I64, _P, _I64, _P, _I64, _I64, _P, _I64, _I64,
+                       ctypes.c_float, _P, _I64, _INT)
+        fn.restype = _INT
+        fns[("gemm", "f32")] = fn
     return fns
 
 
@@ -156,9 +163,9 @@ def available() -> bool:
                 _lib = _build()
             except Exception as e:  # noqa: BLE001  (no compiler, a read-only cache, a failed check: torch forms)
                 _error = f"{type(e).__name__}: {e}"
-                warnings.warn(f"kasa_kernels: building the CPU kernels (ops/cpu_mask.c, ops/cpu_rank.c) failed "
-                              f"({_error}); using their torch forms, which give the same mask and products more "
-                              "slowly")
+                warnings.warn(f"kasa_kernels: building the CPU kernels (ops/cpu_mask.c, cpu_rank.c, cpu_gemm.c) "
+                              f"failed ({_error}); using their torch forms, which give the same mask and products "
+                              "more slowly")
     return _lib is not None
 
 
@@ -275,3 +282,90 @@ def dy_grads(g: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor, h: 
                               h.data_ptr(), r, scaling, gh.data_ptr(), db.data_ptr(), dd.data_ptr(),
                               None if scratch is None else scratch.data_ptr(), threads)
     return gh, db, dd
+
+
+# ops/cpu_gemm.c: the fp32 GEMM with the rank-r term as extra k-steps
+GEMM_ENV = "KASA_KERNELS_CPU_GEMM"
+# the widest rank-r term cpu_gemm.c packs (GM_MAX_R)
+GEMM_MAX_RANK = 64
+# M * N * K below which torch's GEMM runs instead: there the call's own cost (Python, ctypes, two allocations) is
+# what the packed kernel saves
+GEMM_MIN_MACS = 1 << 25
+_gemm_preferred: Optional[bool] = None
+
+
+def gemm_preferred() -> bool:
+    """Whether the torch backend's fp32 GEMMs on CPU run ops/cpu_gemm.c rather than torch's (MKL's) GEMM.
+
+    $KASA_KERNELS_CPU_GEMM=1 or 0 says so; unset, it is the CPUs where it was measured faster: AMD x86 CPUs with AVX2
+    and FMA (measured on a Zen 3 EPYC; MKL runs its AVX2 path there). On Intel CPUs MKL has AVX-512 and AMX paths
+    that an AVX2 kernel does not reach, and elsewhere the kernel is not built."""
+    global _gemm_preferred
+    if _gemm_preferred is None:
+        env = os.environ.get(GEMM_ENV, "").strip()
+        if env in ("0", "1"):
+            _gemm_preferred = env == "1"
+        elif env:
+            raise ValueError(f"${GEMM_ENV} must be 0 or 1, got {env!r}")
+        else:
+            vendor = flags = ""
+            try:
+                with open("/proc/cpuinfo") as f:
+                    for line in f:
+                        if line.startswith("vendor_id") and not vendor:
+                            vendor = line.split(":", 1)[1].strip()
+                        elif line.startswith("flags") and not flags:
+                            flags = line.split(":", 1)[1]
+                        if vendor and flags:
+                            break
+            except OSError:
+                pass
+            words = set(flags.split())
+            _gemm_preferred = vendor == "AuthenticAMD" and {"avx2", "fma"} <= words
+    return _gemm_preferred
+
+
+def gemm_wanted(x: torch.Tensor, rows: int, cols: int, depth: int) -> bool:
+    """Whether the torch backend runs its fp32 GEMM (rows x depth by depth x cols) as gemm(): on a CPU that prefers
+    it (gemm_preferred), eagerly, large enough, with the library built."""
+    return (x.is_cpu and rows * cols * depth >= GEMM_MIN_MACS and not torch.compiler.is_compiling()
+            and gemm_preferred() and available() and ("gemm", "f32") in _lib)
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, left: Optional[torch.Tensor] = None,
+         right: Optional[torch.Tensor] = None, alpha: float = 1.0) -> Optional[torch.Tensor]:
+    """a @ b (+ bias) (+ alpha * left @ right) for fp32 CPU tensors a (M, K), b (K, N), bias (N,), left (M, r), right
+    (r, N), any strides, as one packed GEMM with the rank-r term as r more k-steps (ops/cpu_gemm.c). Returns a new
+    contiguous (M, N) tensor, or None where it does not run: under torch.compile or a dispatch mode, off the CPU,
+    another dtype, empty or mismatched shapes, r over GEMM_MAX_RANK, or no library (not built, or a CPU without AVX2
+    and FMA)."""
+    if torch.compiler.is_compiling():  # first: dynamo must not trace into the build or the ctypes call
+        return None
+    if not available() or torch._C._len_torch_dispatch_stack() != 0:
+        return None
+    fn = _lib.get(("gemm", "f32"))
+    ext = left is not None
+    tensors = (a, b) + ((bias,) if bias is not None else ()) + ((left, right) if ext else ())
+    if fn is None or (right is not None) != ext or not all(
+            t.is_cpu and t.dtype == torch.float32 for t in tensors):
+        return None
+    if a.dim() != 2 or b.dim() != 2:
+        return None
+    (rows, depth), cols = a.shape, b.shape[1]
+    r = left.shape[-1] if ext else 0
+    if (rows == 0 or cols == 0 or depth == 0 or b.shape[0] != depth
+            or (bias is not None and (bias.shape != (cols,) or not bias.is_contiguous()))
+            or (ext and (left.dim() != 2 or right.dim() != 2 or left.shape[0] != rows or right.shape != (r, cols)
+                         or not 0 < r <= GEMM_MAX_RANK))):
+        return None
+    out = torch.empty((rows, cols), dtype=torch.float32)
+    rc = fn(rows, cols, depth, a.data_ptr(), *a.stride(), b.data_ptr(), *b.stride(),
+            None if bias is None else bias.data_ptr(), r, left.data_ptr() if ext else None,
+            *(left.stride() if ext else (0, 0)), right.data_ptr() if ext else None,
+            *(right.stride() if ext else (0, 0)), alpha, out.data_ptr(), cols, torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError(f"ops/cpu_gemm.c could not allocate its packing buffers for a {rows} x {depth} x {cols} "
+                          "GEMM")
+    if rc != 0:  # arguments the checks above let through: a bug here, not the caller's
+        raise RuntimeError(f"ops/cpu_gemm.c refused a {rows} x {depth} x {cols} GEMM (rank {r}): return code {rc}")
+    return out

@@ -27,6 +27,11 @@ bytes (kasa-bench traffic counts them per aten op; tests/test_traffic.py holds i
 - The base GEMMs and the M x N output stay in x's dtype, and each rank-r term is added into its GEMM's output in
   place by addmm_ (with dropout, dx's term gH A is formed, then masked and added in one pass). On CPUs without bf16
   GEMM kernels a bf16/fp16 layer runs its base GEMMs in fp32 as well ("wide"), and rounds Y and dx once at the end.
+- On CPUs where ops/cpu_gemm.c measured faster than torch's GEMM (cpu_mask.gemm_preferred: AMD x86 with AVX2, or
+  $KASA_KERNELS_CPU_GEMM=1), the fp32 base GEMMs of cpu_mask.GEMM_MIN_MACS multiply-adds or more (the wide path's
+  included) are that packed GEMM instead, with the rank-r term as r more k-steps: forward's Y takes its bias and
+  s H (B diag(d))^T inside, backward's dx its gH A where there is no dropout to mask it. That is the structure of
+  the fused GPU kernels, and it spares the addmm_'s second pass over the M x N output.
 """
 from __future__ import annotations
 
@@ -118,6 +123,11 @@ def linear_forward(
         x_op = x2d if x2d.dtype == dt else x2d.to(dt)
         h = x_op @ (lora_A if lora_A.dtype == dt else lora_A.to(dt)).t()
     bd = _factor_b(lora_B, lora_diag, dt, acc)  # B diag(d); s rides on the GEMM's alpha
+    if dt == torch.float32 and cpu_mask.gemm_wanted(x2d, x2d.shape[0], weight.shape[0], x2d.shape[1]):
+        # one packed GEMM with the rank-r term as r more k-steps (ops/cpu_gemm.c): no second pass over Y
+        y = cpu_mask.gemm(x_op, weight.to(dt).t(), None if bias is None else bias.to(dt), h, bd.t(), scaling)
+        if y is not None:
+            return (y.to(x2d.dtype) if wide else y), h
     if wide:  # Y in fp32, its rank-r term added inside the GEMM, rounded once to x's dtype
         y = F.linear(x_op, weight.to(dt), None if bias is None else bias.to(dt))
         y.addmm_(h, bd.t(), alpha=scaling)
@@ -181,9 +191,18 @@ def linear_backward(
                     dd = dd * s_after
     dx = x_kept = None
     if need_dx:
-        dx = g @ weight.to(dt) if wide else grad_y @ weight  # wide: in fp32, rounded once after the rank-r term
-        if dropout_p == 0.0:
-            _add_lowrank_(dx, gh, lora_A if lora_A.dtype == dt else lora_A.to(dt))
+        a_op = None if dropout_p > 0.0 else lora_A if lora_A.dtype == dt else lora_A.to(dt)
+        term_in = False  # whether dx already holds its rank-r term
+        if dt == torch.float32 and cpu_mask.gemm_wanted(g, g.shape[0], weight.shape[1], g.shape[1]):
+            # ops/cpu_gemm.c's packed GEMM; without dropout, dx's rank-r term rides along as r more k-steps
+            dx = cpu_mask.gemm(g, weight.to(dt), left=None if a_op is None else gh, right=a_op)
+            term_in = dx is not None and a_op is not None
+        if dx is None:
+            dx = g @ weight.to(dt) if wide else grad_y @ weight  # wide: in fp32, rounded once after the rank-r term
+        if term_in:
+            pass
+        elif dropout_p == 0.0:
+            _add_lowrank_(dx, gh, a_op)
         elif need_da:  # one mask for dx's rank-r term and for dA's input; the term's buffer then holds keep(x)
             a = _factor_a(lora_A, keep_scale(dropout_p), dt, acc)
             dx, x_kept = dropout_backward_(dx, gh @ a, x2d, seed, dropout_p)
