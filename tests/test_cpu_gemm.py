@@ -205,6 +205,7 @@ def test_gemm_preference_follows_the_environment(monkeypatch):
         monkeypatch.setattr(cpu_mask, "_gemm_preferred", None)
         monkeypatch.setenv(cpu_mask.GEMM_ENV, value)
         assert cpu_mask.gemm_preferred() is want
+        assert cpu_mask._gemm_forced is want
     monkeypatch.setattr(cpu_mask, "_gemm_preferred", None)
     monkeypatch.setenv(cpu_mask.GEMM_ENV, "yes")
     with pytest.raises(ValueError, match=r"KASA_KERNELS_CPU_GEMM must be 0 or 1, got 'yes'"):
@@ -215,6 +216,29 @@ def test_gemm_preference_follows_the_environment(monkeypatch):
         info = f.read()
     amd_avx2 = "AuthenticAMD" in info and " avx2" in info and " fma" in info
     assert cpu_mask.gemm_preferred() is amd_avx2
+    assert not cpu_mask._gemm_forced
+
+
+def test_gemm_is_wanted_only_where_it_was_measured(monkeypatch):
+    """Preferred by the CPU: large enough products, at up to GEMM_MAX_THREADS torch threads; asked for by the
+    environment: at any thread count; never on meta tensors (the traffic counter) or below GEMM_MIN_MACS."""
+    cpu_mask = _require_gemm()
+    x = torch.empty(1)
+    big = round(cpu_mask.GEMM_MIN_MACS ** (1 / 3)) + 1
+    monkeypatch.setattr(cpu_mask, "_gemm_preferred", True)
+    monkeypatch.setattr(cpu_mask, "_gemm_forced", False)
+    with _threads(1):
+        assert cpu_mask.gemm_wanted(x, big, big, big)
+        assert not cpu_mask.gemm_wanted(x, big, big, 1)
+        assert not cpu_mask.gemm_wanted(x.to("meta"), big, big, big)
+    with _threads(cpu_mask.GEMM_MAX_THREADS + 1):
+        assert not cpu_mask.gemm_wanted(x, big, big, big)
+        monkeypatch.setattr(cpu_mask, "_gemm_forced", True)
+        assert cpu_mask.gemm_wanted(x, big, big, big)
+    monkeypatch.setattr(cpu_mask, "_gemm_preferred", False)
+    monkeypatch.setattr(cpu_mask, "_gemm_forced", False)
+    with _threads(1):
+        assert not cpu_mask.gemm_wanted(x, big, big, big)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -230,6 +254,7 @@ def test_layer_on_the_c_gemm_matches_the_reference(monkeypatch, p, dtype, bias):
 
     _require_gemm()
     monkeypatch.setattr(cpu_mask, "_gemm_preferred", True)
+    monkeypatch.setattr(cpu_mask, "_gemm_forced", True)  # at any thread count
     monkeypatch.setattr(cpu_mask, "GEMM_MIN_MACS", 0)
     ran = []
     real = cpu_mask.gemm

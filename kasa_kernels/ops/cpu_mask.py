@@ -288,23 +288,30 @@ def dy_grads(g: torch.Tensor, lora_B: torch.Tensor, lora_diag: torch.Tensor, h: 
 GEMM_ENV = "KASA_KERNELS_CPU_GEMM"
 # the widest rank-r term cpu_gemm.c packs (GM_MAX_R)
 GEMM_MAX_RANK = 64
-# M * N * K below which torch's GEMM runs instead: there the call's own cost (Python, ctypes, two allocations) is
-# what the packed kernel saves
-GEMM_MIN_MACS = 1 << 25
+# M * N * K below which torch's GEMM runs instead: at 64^3 and 128^3 MKL's small-matrix path beats packing (and
+# this call's Python and ctypes, about 12 us); at 256^3 the two are level warm and this is 8-12 % faster with the
+# caches flushed (whole fp32 layer steps at 256^3, 1 thread, flushed, paired with it off: level at p = 0, 4 % faster
+# at p = 0.1; 2-core AMD EPYC, 2026-12-02)
+GEMM_MIN_MACS = 1 << 24
+# torch threads above which torch's GEMM runs unless $KASA_KERNELS_CPU_GEMM=1: 1 and 2 threads are what was
+# measured (a 2-core machine); with many threads MKL splits the product in two dimensions, this kernel in one
+GEMM_MAX_THREADS = 2
 _gemm_preferred: Optional[bool] = None
+_gemm_forced = False
 
 
 def gemm_preferred() -> bool:
     """Whether the torch backend's fp32 GEMMs on CPU run ops/cpu_gemm.c rather than torch's (MKL's) GEMM.
 
     $KASA_KERNELS_CPU_GEMM=1 or 0 says so; unset, it is the CPUs where it was measured faster: AMD x86 CPUs with AVX2
-    and FMA (measured on a Zen 3 EPYC; MKL runs its AVX2 path there). On Intel CPUs MKL has AVX-512 and AMX paths
-    that an AVX2 kernel does not reach, and elsewhere the kernel is not built."""
-    global _gemm_preferred
+    and FMA (measured on a Zen 3 EPYC; MKL runs its AVX2 path there), at up to GEMM_MAX_THREADS torch threads
+    (gemm_wanted checks those per call). On Intel CPUs MKL has AVX-512 and AMX paths that an AVX2 kernel does not
+    reach, and elsewhere the kernel is not built."""
+    global _gemm_preferred, _gemm_forced
     if _gemm_preferred is None:
         env = os.environ.get(GEMM_ENV, "").strip()
         if env in ("0", "1"):
-            _gemm_preferred = env == "1"
+            _gemm_preferred = _gemm_forced = env == "1"
         elif env:
             raise ValueError(f"${GEMM_ENV} must be 0 or 1, got {env!r}")
         else:
@@ -327,9 +334,11 @@ def gemm_preferred() -> bool:
 
 def gemm_wanted(x: torch.Tensor, rows: int, cols: int, depth: int) -> bool:
     """Whether the torch backend runs its fp32 GEMM (rows x depth by depth x cols) as gemm(): on a CPU that prefers
-    it (gemm_preferred), eagerly, large enough, with the library built."""
+    it (gemm_preferred) at up to GEMM_MAX_THREADS threads (any number where the environment asks for it), eagerly,
+    large enough, with the library built."""
     return (x.is_cpu and rows * cols * depth >= GEMM_MIN_MACS and not torch.compiler.is_compiling()
-            and gemm_preferred() and available() and ("gemm", "f32") in _lib)
+            and gemm_preferred() and (_gemm_forced or torch.get_num_threads() <= GEMM_MAX_THREADS)
+            and available() and ("gemm", "f32") in _lib)
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, left: Optional[torch.Tensor] = None,

@@ -27,11 +27,12 @@ bytes (kasa-bench traffic counts them per aten op; tests/test_traffic.py holds i
 - The base GEMMs and the M x N output stay in x's dtype, and each rank-r term is added into its GEMM's output in
   place by addmm_ (with dropout, dx's term gH A is formed, then masked and added in one pass). On CPUs without bf16
   GEMM kernels a bf16/fp16 layer runs its base GEMMs in fp32 as well ("wide"), and rounds Y and dx once at the end.
-- On CPUs where ops/cpu_gemm.c measured faster than torch's GEMM (cpu_mask.gemm_preferred: AMD x86 with AVX2, or
-  $KASA_KERNELS_CPU_GEMM=1), the fp32 base GEMMs of cpu_mask.GEMM_MIN_MACS multiply-adds or more (the wide path's
-  included) are that packed GEMM instead, with the rank-r term as r more k-steps: forward's Y takes its bias and
-  s H (B diag(d))^T inside, backward's dx its gH A where there is no dropout to mask it. That is the structure of
-  the fused GPU kernels, and it spares the addmm_'s second pass over the M x N output.
+- On CPUs where ops/cpu_gemm.c measured faster than torch's GEMM (cpu_mask.gemm_preferred: AMD x86 with AVX2 at
+  up to two torch threads, or $KASA_KERNELS_CPU_GEMM=1), the fp32 base GEMMs of cpu_mask.GEMM_MIN_MACS
+  multiply-adds or more (the wide path's included) are that packed GEMM instead, with the rank-r term as r more
+  k-steps: forward's Y takes its bias and s H (B diag(d))^T inside, backward's dx its gH A where there is no
+  dropout to mask it. That is the structure of the fused GPU kernels, and it spares the addmm_'s second pass over
+  the M x N output.
 """
 from __future__ import annotations
 
