@@ -200,10 +200,9 @@ def linear_backward(
             term_in = dx is not None and a_op is not None
         if dx is None:
             dx = g @ weight.to(dt) if wide else grad_y @ weight  # wide: in fp32, rounded once after the rank-r term
-        if term_in:
-            pass
-        elif dropout_p == 0.0:
-            _add_lowrank_(dx, gh, a_op)
+        if dropout_p == 0.0:
+            if not term_in:
+                _add_lowrank_(dx, gh, a_op)
         elif need_da:  # one mask for dx's rank-r term and for dA's input; the term's buffer then holds keep(x)
             a = _factor_a(lora_A, keep_scale(dropout_p), dt, acc)
             dx, x_kept = dropout_backward_(dx, gh @ a, x2d, seed, dropout_p)
