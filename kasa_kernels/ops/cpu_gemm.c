@@ -23,13 +23,14 @@
  * the per-round ratios; 2-core AMD EPYC, Zen 3, 2026-12-02; a diagnostic, not a results file), x W^T / G W:
  *   1 thread:  0.89 / 0.95 at 256^3, 0.95 / 0.83 at 1024 x 768 x 768, 0.86 / 0.96 at 512 x 2048 x 2048;
  *   2 threads: 0.87 / 0.90, 0.93 / 0.93, 0.96 / 0.94.
- * In the cache the micro-kernel ran at 85-90 % of the core's FMA peak (90 GFLOP/s, measured), MKL at 75-85 %. Small
+ * In the cache the micro-kernel ran at 85-90 % of the core's FMA peak (90 GFLOP/s, measured), MKL at 60-85 %. Small
  * products are MKL's: at 64^3 and 128^3 (warm, with the rank-r term) this took 32 and 83 us against 21 and 70, the
  * packing and the call's own cost being a larger share there (cpu_mask.GEMM_MIN_MACS).
  *
- * Threads split C's MR-row panels evenly, each taking its contiguous share in blocks of at most MC rows (it packs its
- * own A block), and share the packed B block, which they pack together. The packing buffers, (KC + r) x min(N, NC) floats for B and MC x (KC + r) per thread
- * for A (2.3 MB at most for r = 16 and one thread), are one block per calling thread, kept for its next call.
+ * Threads split C's MR-row panels evenly, each taking its contiguous share in blocks of at most MC rows (it packs
+ * its own A block), and share the packed B block, which they pack together. The packing buffers, (KC + r) x
+ * min(N, NC) floats for B and MC x (KC + r) per thread for A (2.3 MB at most for r = 16 and one thread; allocated a
+ * quarter larger, so that it seldom grows), are one block per calling thread, kept for its next call.
  *
  * Built with ops/cpu_mask.c and ops/cpu_rank.c into one library by ops/cpu_mask.py, which calls it through ctypes
  * (cpu_mask.gemm). Without AVX2 and FMA (another architecture, an old x86) kasa_gemm_f32_available() returns 0
@@ -100,9 +101,8 @@ static void pack_a(int64_t mc, int64_t kc, const float* a, int64_t sa0, int64_t 
     }
     for (; k < kc; k++, dst += GM_MR)
       for (int64_t i = 0; i < GM_MR; i++) dst[i] = i < mr ? src[i * sa0 + k * sa1] : 0.f;
-    const float* ls = l + p * sl0;
-    for (int64_t k = 0; k < r; k++, dst += GM_MR)
-      for (int64_t i = 0; i < GM_MR; i++) dst[i] = i < mr ? alpha * ls[i * sl0 + k * sl1] : 0.f;
+    for (int64_t e = 0; e < r; e++, dst += GM_MR)
+      for (int64_t i = 0; i < GM_MR; i++) dst[i] = i < mr ? alpha * l[(p + i) * sl0 + e * sl1] : 0.f;
   }
 }
 
@@ -129,9 +129,8 @@ static void pack_b_panel(int64_t q, int64_t nc, int64_t kc, const float* b, int6
   }
   for (; k < kc; k++)
     for (int64_t j = 0; j < GM_NR; j++) dst[k * GM_NR + j] = j < nr ? src[k * sb0 + j * sb1] : 0.f;
-  const float* rs = rr + q * sr1;
   for (int64_t e = 0; e < r; e++)
-    for (int64_t j = 0; j < GM_NR; j++) dst[(kc + e) * GM_NR + j] = j < nr ? rs[e * sr0 + j * sr1] : 0.f;
+    for (int64_t j = 0; j < GM_NR; j++) dst[(kc + e) * GM_NR + j] = j < nr ? rr[e * sr0 + (q + j) * sr1] : 0.f;
 }
 
 /* c[0..mr) x [0..nr) (row stride ldc) = (accumulate ? c : bias) + a-panel x b-panel over `steps` k-steps. */
