@@ -76,17 +76,7 @@ def main(argv=None) -> int:
         "C (ops/cpu_mask.c, cpu_rank.c, cpu_gemm.c, built)" if built else
         f"torch forms (ops/cpu_mask.c, cpu_rank.c, cpu_gemm.c did not build: {cpu_mask.build_error()})"))
     if built:
-        env = f"${cpu_mask.GEMM_ENV}"
-        if ("gemm", "f32") not in cpu_mask._lib:
-            gemm = "torch's (ops/cpu_gemm.c needs AVX2 and FMA)"
-        elif not cpu_mask.gemm_preferred():
-            gemm = f"torch's (ops/cpu_gemm.c is built but not preferred on this CPU; {env}=1 turns it on)"
-        elif cpu_mask._gemm_forced:
-            gemm = f"ops/cpu_gemm.c from 2^{cpu_mask.GEMM_MIN_MACS.bit_length() - 1} multiply-adds ({env}=1)"
-        else:
-            gemm = (f"ops/cpu_gemm.c from 2^{cpu_mask.GEMM_MIN_MACS.bit_length() - 1} multiply-adds, at up to "
-                    f"{cpu_mask.GEMM_MAX_THREADS} torch threads (this CPU; {env}=0 turns it off)")
-        print(f"  fp32 GEMM on CPU: {gemm}")
+        print(f"  fp32 GEMM on CPU: {cpu_mask.gemm_description()}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     ok_all = True
     for device in devices:

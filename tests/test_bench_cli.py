@@ -57,6 +57,10 @@ def test_schema(results):
         assert (p, "forward", 0.0) in got and (p, "full", 0.0) not in got
     skipped = {s["provider"] for s in data["skipped"]}
     assert GPU_ONLY <= skipped  # no GPU here: recorded with the reason, never silently dropped
+    # which fp32 GEMM the torch backend ran on this CPU, as `python -m kasa_kernels` says it
+    from kasa_kernels.ops import cpu_mask
+
+    assert data["backends"]["torch"]["cpu_gemm"] == cpu_mask.gemm_description()
 
 
 def test_run_counts_each_case_traffic_on_this_device_path(results, tmp_path):
@@ -101,6 +105,7 @@ def test_report_one_and_two_devices(results, tmp_path):
     assert main(["report", str(path), "--out-dir", str(tmp_path / "one")]) == 0
     md = (tmp_path / "one" / "cpu.md").read_text()
     assert "CPU run" in md and "full / T_frozen" in md and "Performance targets" in md
+    assert f"the torch backend's fp32 GEMM here: {data['backends']['torch']['cpu_gemm']}" in md
     assert (tmp_path / "one" / "cpu-headline.png").stat().st_size > 1000
     other = dict(data, device="NVIDIA GeForce RTX 3090 (fabricated for this test)", device_slug="rtx3090-test",
                  device_type="cuda")

@@ -219,6 +219,22 @@ def test_gemm_preference_follows_the_environment(monkeypatch):
     assert not cpu_mask._gemm_forced
 
 
+def test_gemm_description_says_which_gemm_runs_and_how_to_change_it(monkeypatch):
+    cpu_mask = _require_gemm()
+    monkeypatch.setattr(cpu_mask, "_gemm_preferred", True)
+    monkeypatch.setattr(cpu_mask, "_gemm_forced", False)
+    assert cpu_mask.gemm_description() == (
+        "ops/cpu_gemm.c from 2^24 multiply-adds, at up to 2 torch threads (this CPU; $KASA_KERNELS_CPU_GEMM=0 turns "
+        "it off)")
+    monkeypatch.setattr(cpu_mask, "_gemm_forced", True)
+    assert cpu_mask.gemm_description() == "ops/cpu_gemm.c from 2^24 multiply-adds ($KASA_KERNELS_CPU_GEMM=1)"
+    monkeypatch.setattr(cpu_mask, "_gemm_preferred", False)
+    monkeypatch.setattr(cpu_mask, "_gemm_forced", False)
+    assert cpu_mask.gemm_description().startswith("torch's (ops/cpu_gemm.c is built but not preferred")
+    monkeypatch.setattr(cpu_mask, "_lib", {k: v for k, v in cpu_mask._lib.items() if k != ("gemm", "f32")})
+    assert cpu_mask.gemm_description() == "torch's (ops/cpu_gemm.c needs AVX2 and FMA)"
+
+
 def test_gemm_is_wanted_only_where_it_was_measured(monkeypatch):
     """Preferred by the CPU: large enough products, at up to GEMM_MAX_THREADS torch threads; asked for by the
     environment: at any thread count; never on meta tensors (the traffic counter) or below GEMM_MIN_MACS."""

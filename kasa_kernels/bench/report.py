@@ -370,6 +370,9 @@ def _file_header(data: Dict) -> List[str]:
             f"driver {data.get('driver')}, capability {data.get('capability')}",
             f"- timing: {data.get('timing', {}).get('method', '?')}; peak memory: "
             f"{data.get('timing', {}).get('peak_mem', '?')}"]
+    cpu_gemm = data.get("backends", {}).get("torch", {}).get("cpu_gemm")
+    if cpu_gemm:  # (files from before the C GEMM have none)
+        out.append(f"- the torch backend's fp32 GEMM here: {cpu_gemm}")
     paths = sorted({e["path"] for e in data.get("traffic", [])})
     if paths:
         out.append(f"- passes: bytes read + written by the aten ops of one forward + backward (forward only for "

@@ -17,6 +17,7 @@ import torch
 
 from . import providers as prov
 from .shapes import Case
+from ..ops import cpu_mask
 from ..ops.precision import allow_tf32, device_path
 from .timing import Timer, paired_ratio, quantiles
 
@@ -406,6 +407,8 @@ def _results(env: Dict, command: str, now: _dt.datetime, device: torch.device, t
     import kasa_kernels
 
     backends = {k: {"usable": v.available, "reason": v.reason} for k, v in kasa_kernels.backends(device).items()}
+    if device.type == "cpu":  # which fp32 GEMM the torch backend ran: it differs from CPU to CPU
+        backends["torch"]["cpu_gemm"] = cpu_mask.gemm_description()
     return {
         "schema": SCHEMA_VERSION,
         **{k: env[k] for k in ("device", "capability", "driver", "torch", "triton", "cuda")},

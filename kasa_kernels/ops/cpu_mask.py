@@ -332,6 +332,22 @@ def gemm_preferred() -> bool:
     return _gemm_preferred
 
 
+def gemm_description() -> str:
+    """Which fp32 GEMM the torch backend runs on this CPU, from what size, at how many threads, and how to change
+    it (for `python -m kasa_kernels` and kasa-bench's results files). Builds the library if it is not yet built."""
+    env = f"${GEMM_ENV}"
+    if not available():
+        return f"torch's (the CPU kernels did not build: {build_error()})"
+    if ("gemm", "f32") not in _lib:
+        return "torch's (ops/cpu_gemm.c needs AVX2 and FMA)"
+    if not gemm_preferred():
+        return f"torch's (ops/cpu_gemm.c is built but not preferred on this CPU; {env}=1 turns it on)"
+    size = f"ops/cpu_gemm.c from 2^{GEMM_MIN_MACS.bit_length() - 1} multiply-adds"
+    if _gemm_forced:
+        return f"{size} ({env}=1)"
+    return f"{size}, at up to {GEMM_MAX_THREADS} torch threads (this CPU; {env}=0 turns it off)"
+
+
 def gemm_wanted(x: torch.Tensor, rows: int, cols: int, depth: int) -> bool:
     """Whether the torch backend runs its fp32 GEMM (rows x depth by depth x cols) as gemm(): on a CPU that prefers
     it (gemm_preferred) at up to GEMM_MAX_THREADS threads (any number where the environment asks for it), eagerly,
