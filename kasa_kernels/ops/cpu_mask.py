@@ -53,20 +53,26 @@ _lib: Optional[dict] = None  # (kernel, dtype codes of its tensors) -> ctypes fu
 _error: Optional[str] = None  # why the build failed, once it did
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: the machine and its CPU's model and flags."""
-    model = flags = ""
+def _cpuinfo(*keys) -> list:
+    """The first /proc/cpuinfo line that starts with each of `keys` (a prefix, or a tuple of prefixes), whole; ""
+    for a key no line has, and for every key where there is no /proc/cpuinfo."""
+    found = [""] * len(keys)
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and not model:
-                    model = line
-                elif line.startswith(("flags", "Features")) and not flags:
-                    flags = line
-                if model and flags:
+                for i, key in enumerate(keys):
+                    if not found[i] and line.startswith(key):
+                        found[i] = line
+                if all(found):
                     break
     except OSError:
         pass
+    return found
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and its CPU's model and flags."""
+    model, flags = _cpuinfo("model name", ("flags", "Features"))
     return platform.machine() + model + flags
 
 
@@ -315,20 +321,8 @@ def gemm_preferred() -> bool:
         elif env:
             raise ValueError(f"${GEMM_ENV} must be 0 or 1, got {env!r}")
         else:
-            vendor = flags = ""
-            try:
-                with open("/proc/cpuinfo") as f:
-                    for line in f:
-                        if line.startswith("vendor_id") and not vendor:
-                            vendor = line.split(":", 1)[1].strip()
-                        elif line.startswith("flags") and not flags:
-                            flags = line.split(":", 1)[1]
-                        if vendor and flags:
-                            break
-            except OSError:
-                pass
-            words = set(flags.split())
-            _gemm_preferred = vendor == "AuthenticAMD" and {"avx2", "fma"} <= words
+            vendor, flags = (line.partition(":")[2] for line in _cpuinfo("vendor_id", "flags"))
+            _gemm_preferred = vendor.strip() == "AuthenticAMD" and {"avx2", "fma"} <= set(flags.split())
     return _gemm_preferred
 
 
