@@ -18,11 +18,23 @@ mask, a dropped term, a scaled output) moves it by orders of magnitude more.
 The references must be finite: a NaN in ref64 or ref_lowp (e.g. a BLAS call that read poisoned padding) makes the
 check fail with that message: a NaN bound fails every comparison, and the message would blame the kernel.
 """
+import contextlib
 import math
 
 import torch
 
 SUMMATION_ULPS = 4
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch.set_num_threads(n) for the block, the previous count restored after it (the C kernels take it too)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _accumulation_dtype(dtype):

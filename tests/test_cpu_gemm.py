@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close_to_reference, check_against_reference, make_case
+from helpers import assert_close_to_reference, check_against_reference, make_case, torch_threads
 
 
 def _require_gemm():
@@ -43,18 +43,6 @@ def _check(name, got, a, b, bias=None, left=None, right=None, alpha=1.0):
     assert_close_to_reference(name, got, ref64, ref32, torch.float32, magnitude=mag)
 
 
-def _threads(n):
-    class _Ctx:
-        def __enter__(self):
-            self.old = torch.get_num_threads()
-            torch.set_num_threads(n)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.old)
-
-    return _Ctx()
-
-
 # (M, K, N, r): a single element; sizes that are no multiple of the 6 x 16 tile, the 8-wide transposes or the
 # 256-deep k-blocks (a lone last row, a last k-block of 1, 3 or 257 - 256); K over two k-blocks; N over the 2048-wide
 # column block (two column blocks, the second narrow); the widest rank; full 72-row blocks of full 256-deep k-blocks
@@ -75,7 +63,7 @@ def test_gemm_matches_torch_within_its_error(shape, threads):
     w_fwd, w_bwd = torch.randn(n, k, generator=gen), torch.randn(k, n, generator=gen)
     bias = torch.randn(n, generator=gen)
     left, right = torch.randn(m, r, generator=gen), torch.randn(r, n, generator=gen)
-    with _threads(threads):
+    with torch_threads(threads):
         for form, b in (("x W^T", w_fwd.t()), ("G W", w_bwd)):
             _check(f"{form} + b + s L R", cpu_mask.gemm(a, b, bias, left, right, 0.37), a, b, bias, left, right,
                    0.37)
@@ -243,17 +231,17 @@ def test_gemm_is_wanted_only_where_it_was_measured(monkeypatch):
     big = round(cpu_mask.GEMM_MIN_MACS ** (1 / 3)) + 1
     monkeypatch.setattr(cpu_mask, "_gemm_preferred", True)
     monkeypatch.setattr(cpu_mask, "_gemm_forced", False)
-    with _threads(1):
+    with torch_threads(1):
         assert cpu_mask.gemm_wanted(x, big, big, big)
         assert not cpu_mask.gemm_wanted(x, big, big, 1)
         assert not cpu_mask.gemm_wanted(x.to("meta"), big, big, big)
-    with _threads(cpu_mask.GEMM_MAX_THREADS + 1):
+    with torch_threads(cpu_mask.GEMM_MAX_THREADS + 1):
         assert not cpu_mask.gemm_wanted(x, big, big, big)
         monkeypatch.setattr(cpu_mask, "_gemm_forced", True)
         assert cpu_mask.gemm_wanted(x, big, big, big)
     monkeypatch.setattr(cpu_mask, "_gemm_preferred", False)
     monkeypatch.setattr(cpu_mask, "_gemm_forced", False)
-    with _threads(1):
+    with torch_threads(1):
         assert not cpu_mask.gemm_wanted(x, big, big, big)
 
 

@@ -6,7 +6,7 @@ import torch
 
 import kasa_kernels as kk
 import kasa_reference as ref
-from helpers import LINEAR_NAMES, assert_within_ref, check_against_reference, make_case
+from helpers import LINEAR_NAMES, assert_within_ref, check_against_reference, make_case, torch_threads
 from kasa_kernels.ops.rng import keep_mask, make_seed
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -503,12 +503,8 @@ def test_c_dy_grads_are_the_torch_form_within_its_error(threads, r):
     g = torch.randn(m, n + 7, generator=gen)[:, 3:n + 3]
     b, d, h = torch.randn(n, r, generator=gen), torch.randn(r, generator=gen), torch.randn(m, r, generator=gen)
     assert g.numel() >= cpu_mask.DY_MIN_ELEMENTS and g.stride(0) == n + 7
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         gh, db, dd = cpu_mask.dy_grads(g, b, d, h, s)
-    finally:
-        torch.set_num_threads(old)
     g64, b64, d64, h64 = g.double(), b.double(), d.double(), h.double()
     bd = b * d
     gth = torch.addmm(bd, g.t(), h, beta=0.0, alpha=s)
