@@ -21,8 +21,10 @@
  *
  * Timed against torch.mm (MKL 2024.2; a 64 MB cache flush before each call, the two in a random order, median of
  * the per-round ratios; 2-core AMD EPYC, Zen 3, 2026-12-02; a diagnostic, not a results file), x W^T / G W:
- *   1 thread:  0.89 / 0.95 at 256^3, 0.95 / 0.83 at 1024 x 768 x 768, 0.86 / 0.96 at 512 x 2048 x 2048;
- *   2 threads: 0.87 / 0.90, 0.93 / 0.93, 0.96 / 0.94.
+ *   1 thread:  0.89 / 0.95 at 256^3, 0.95 / 0.83 at 1024 x 768 x 768, 0.86 / 0.96 at 512 x 2048 x 2048 (the
+ *              first version, A packed by scalar loads; this one was 0.89 / 0.92 and 0.86 / 0.90 at the first
+ *              two sizes, timed with each side allocating its output);
+ *   2 threads: 0.87 / 0.90, 0.93 / 0.93, 0.96 / 0.94 (this version's thread split).
  * In the cache the micro-kernel ran at 85-90 % of the core's FMA peak (90 GFLOP/s, measured), MKL at 60-85 %. Small
  * products are MKL's: at 64^3 and 128^3 (warm, with the rank-r term) this took 32 and 83 us against 21 and 70, the
  * packing and the call's own cost being a larger share there (cpu_mask.GEMM_MIN_MACS).
